@@ -1,0 +1,77 @@
+"""The one exception hierarchy of Postvault.
+
+Every error a user or client can cause is a ``PostvaultError``; the protocol
+edges (SMTP replies, IMAP responses, the CLI) map these to their own answers.
+Messages are public text: they never carry message content, subjects,
+file names or secrets.
+"""
+
+from __future__ import annotations
+
+
+class PostvaultError(Exception):
+    """Base of every error Postvault raises on purpose."""
+
+
+class ConfigError(PostvaultError):
+    """A config file, or an environment override, is invalid.
+
+    The message names the file, the key and what was expected.
+    """
+
+
+class HomeError(PostvaultError):
+    """The home folder is missing, incomplete, or would be overwritten."""
+
+
+class TLSConfigError(PostvaultError):
+    """Certificates or keys cannot be loaded into a TLS context."""
+
+
+class CryptoError(PostvaultError):
+    """Base of encryption errors."""
+
+
+class IntegrityError(CryptoError):
+    """Sealed data failed authentication: tampered, truncated, reordered,
+    or bound to another account or message."""
+
+
+class WrongSecret(CryptoError):
+    """A password or token does not unwrap the key it was offered for."""
+
+
+class StoreError(PostvaultError):
+    """Base of store errors (accounts, mailboxes, messages)."""
+
+
+class AuthenticationFailed(StoreError):
+    """Unknown user or wrong password; deliberately does not say which."""
+
+
+class AccountExists(StoreError):
+    """An account with this address already exists."""
+
+
+class NoSuchAccount(StoreError):
+    """No account has this address."""
+
+
+class InvalidInput(StoreError):
+    """An argument is malformed (address, time zone, practice name, ...)."""
+
+
+class MailboxNotFound(StoreError):
+    """The mailbox does not exist for this account."""
+
+
+class MailboxExists(StoreError):
+    """The mailbox already exists."""
+
+
+class MessageNotFound(StoreError):
+    """No message with this UID in this mailbox."""
+
+
+class NotSignedUp(StoreError):
+    """The account is pending (invited, not signed up) and cannot log in."""
