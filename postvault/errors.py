@@ -73,5 +73,3 @@ class MessageNotFound(StoreError):
     """No message with this UID in this mailbox."""
 
 
-class NotSignedUp(StoreError):
-    """The account is pending (invited, not signed up) and cannot log in."""

@@ -1,0 +1,212 @@
+"""SQLAlchemy 2.x models: what the server keeps in its database.
+
+Invariant: no column holds message content. What is readable here is
+exactly what DESIGN.md allows: accounts, folder names, UIDs, flags, sizes,
+dates and thread membership as keyed hashes of Message-IDs. Keys appear only
+wrapped (private keys) or public.
+
+Written for SQLite (WAL) and PostgreSQL alike: portable types only, explicit
+lengths, no server-side defaults that differ between engines. Every change
+here needs an Alembic revision in ``store/migrations/versions``; a test
+checks that the migrated schema equals these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so migrations and models compare equal on
+# every engine (Alembic's recommended convention).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Random, never reused; bound into every key wrap as the owner, so a
+    # wrapped key moved to another account row fails to open.
+    key_owner: Mapped[str] = mapped_column(String(32), unique=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # member | colleague
+    state: Mapped[str] = mapped_column(String(16))  # pending | active | disabled
+    practice_name: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    mailbox_name: Mapped[str] = mapped_column(String(200))
+    notify_enabled: Mapped[bool] = mapped_column(Boolean)
+    notify_email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    password_hash: Mapped[bytes | None] = mapped_column(LargeBinary(128), nullable=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # Private key wrapped under the password-derived key (or, while pending,
+    # the invitation-token-derived key); kdf_params says how to derive it.
+    wrapped_private_key: Mapped[bytes] = mapped_column(LargeBinary(128))
+    kdf_params: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AddressBookEntry(Base):
+    """A member's contact, usually from its PMS export."""
+
+    __tablename__ = "address_book"
+    __table_args__ = (UniqueConstraint("member_id", "email"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    email: Mapped[str] = mapped_column(String(320))
+    name: Mapped[str] = mapped_column(String(200))
+    practice: Mapped[str] = mapped_column(String(200))
+    extra: Mapped[str] = mapped_column(Text)  # JSON of PMS columns we keep
+    colleague_id: Mapped[int | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Invitation(Base):
+    __tablename__ = "invitations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    colleague_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    # SHA-256 of the 256-bit token; the token itself is never stored.
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | used | revoked
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Mailbox(Base):
+    __tablename__ = "mailboxes"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    special_use: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    # RFC 3501 §2.3.1.1: UIDs strictly ascending, never reused while
+    # UIDVALIDITY stands; uidnext only ever grows.
+    uidnext: Mapped[int] = mapped_column(BigInteger)
+    highestmodseq: Mapped[int] = mapped_column(BigInteger)
+    subscribed: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Thread(Base):
+    __tablename__ = "threads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Message(Base):
+    """One sealed message content, shared by all its copies."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Random id bound into every chunk's associated data and key wrap.
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    blob_id: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # Keyed hash (HMAC-SHA256 under the server's thread key) of the
+    # Message-ID header; never the Message-ID itself.
+    mid_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True, index=True)
+    thread_id: Mapped[int | None] = mapped_column(ForeignKey("threads.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MessageCopy(Base):
+    """A message as it sits in one mailbox of one account."""
+
+    __tablename__ = "message_copies"
+    __table_args__ = (
+        UniqueConstraint("mailbox_id", "uid"),
+        Index("ix_message_copies_mailbox_modseq", "mailbox_id", "modseq"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    uid: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), index=True)
+    flags: Mapped[str] = mapped_column(Text)  # space-separated, sorted
+    internal_date: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    size: Mapped[int] = mapped_column(BigInteger)
+    modseq: Mapped[int] = mapped_column(BigInteger)
+    # Content key wrapped to the owning account's public key, bound to that
+    # account and this message: copying within the account reuses it.
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary(128))
+
+
+class ThreadParticipant(Base):
+    __tablename__ = "thread_participants"
+    __table_args__ = (UniqueConstraint("thread_id", "email"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    thread_id: Mapped[int] = mapped_column(ForeignKey("threads.id", ondelete="CASCADE"), index=True)
+    email: Mapped[str] = mapped_column(String(320))
+
+
+class BlobChunk(Base):
+    """Sealed blob bytes, when ``[store] blobs = "database"``."""
+
+    __tablename__ = "blob_chunks"
+
+    blob_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ServerSecret(Base):
+    """Server-wide keys that are not content keys (the thread-index HMAC key)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary(64))
+
+
+class AuditEvent(Base):
+    """Who did what to which message id; never content (see issue 7)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(320))
+    account: Mapped[str | None] = mapped_column(String(320), nullable=True, index=True)
+    message: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    protocol: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    detail: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    hash: Mapped[bytes] = mapped_column(LargeBinary(32))

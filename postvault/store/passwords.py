@@ -1,0 +1,35 @@
+"""Password verification with bcrypt.
+
+bcrypt reads at most 72 bytes and stops at NUL, and bcrypt >= 5 refuses
+longer input. We feed it base64(SHA-256(password)) instead: 44 printable
+bytes that depend on the whole password. The password also unwraps the
+account's private key through Argon2id (``crypto``); bcrypt answers "is this
+the password" without touching key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import bcrypt
+
+# Unknown users are checked against this hash so that a wrong address costs
+# the same time as a wrong password (no user enumeration by timing).
+_DUMMY_HASH = bcrypt.hashpw(b"postvault-dummy-password-for-timing", bcrypt.gensalt(rounds=12))
+
+
+def _prehash(password: str) -> bytes:
+    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+
+
+def hash_password(password: str, rounds: int = 12) -> bytes:
+    return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds))
+
+
+def verify_password(password: str, stored: bytes | None) -> bool:
+    """True if ``password`` matches; with ``stored=None`` spends the same time and says False."""
+    if stored is None:
+        bcrypt.checkpw(_prehash(password), _DUMMY_HASH)
+        return False
+    return bcrypt.checkpw(_prehash(password), stored)
