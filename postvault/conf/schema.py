@@ -1,0 +1,464 @@
+"""The schema of ``conf/postvault.toml``: frozen dataclasses, one per table.
+
+Each key is a dataclass field whose metadata carries everything the rest of
+``postvault.conf`` needs to know about it (the idea of mox's struct tags): its
+documentation (``doc``), its TOML type and default, the parser that turns the
+raw TOML value into the typed value, and the inverse that turns it back. So
+this one module drives validation, the rendered default file and
+``postvault config show``; :func:`keys` flattens it into :class:`KeySpec` rows.
+
+Parsers raise :class:`Expected` with only the expectation; the loader adds the
+file (or environment variable), the dotted key and the value it got, so every
+message has the same shape.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# A raw value as TOML gives it for a key of this schema (only strings and
+# integers occur; booleans are deliberately not integers here).
+Raw = str | int
+Parser = Callable[[Any, Path], Any]
+Shower = Callable[[Any], Raw]
+
+
+class Expected(ValueError):
+    """A raw value is invalid; the text says what was expected instead.
+
+    ``detail`` optionally says why (e.g. which file is missing), appended
+    after the value that was given.
+    """
+
+    def __init__(self, expected: str, detail: str = "") -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.detail = detail
+
+
+# --- value types -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listening or connecting address; ``host`` is an IP or a DNS name
+    (an IPv6 address without its brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        # Brackets keep an IPv6 address's colons apart from the port's.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Relay:
+    """The smarthost that notifications go through, with optional login."""
+
+    host: str
+    port: int
+    username: str | None = None
+    # repr=False: a Config gets logged and printed; the password must not.
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.host, self.port)
+
+    def __str__(self) -> str:
+        # Masked: str() ends up in log lines and in `config show`.
+        if self.username is None:
+            return str(self.endpoint)
+        return f"{self.username}:***@{self.endpoint}"
+
+
+# --- parsers: raw TOML value (and the absolute home) -> typed value --------
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+
+DNS_NAME = "a DNS name such as \"mail.example.test\""
+HOST_PORT = '"host:port" (IPv6 as "[::1]:993")'
+BLOBS_IN_DATABASE = "database"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+STORE_SCHEMES = ("sqlite", "postgresql+psycopg")
+
+
+def is_dns_name(text: str) -> bool:
+    """Whether ``text`` is a host name: LDH labels, at most 253 characters,
+    and a last label that is not all digits (so an IPv4 address is not one)."""
+    if not text or len(text) > 253:
+        return False
+    labels = text.split(".")
+    if labels[-1].isdigit():
+        return False
+    return all(_LABEL.match(label) for label in labels)
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` is a plain mail address ``local@domain`` (no display
+    name: notifications need an envelope sender, not a header)."""
+    local, at, domain = text.rpartition("@")
+    return bool(at) and len(text) <= 254 and bool(_LOCAL_PART.match(local)) and is_dns_name(domain)
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return is_dns_name(text)
+    return True
+
+
+def parse_hostname(raw: str, home: Path) -> str:
+    if not is_dns_name(raw):
+        raise Expected(DNS_NAME)
+    return raw
+
+
+def _split_host_port(raw: str) -> Endpoint:
+    if raw.startswith("["):
+        host, bracket, port = raw[1:].partition("]:")
+        if not bracket:
+            raise Expected(HOST_PORT)
+        try:
+            is_v6 = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            is_v6 = False
+        if not is_v6:
+            raise Expected(f"{HOST_PORT} with an IPv6 address inside the brackets")
+    else:
+        host, colon, port = raw.rpartition(":")
+        if not colon:
+            raise Expected(HOST_PORT)
+        if ":" in host:
+            # A bare IPv6 address: its last group would be read as the port.
+            raise Expected(HOST_PORT)
+        if not _is_host(host):
+            raise Expected(f"{HOST_PORT} with an IP address or host name")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise Expected('"host:port" with a port 1-65535')
+    return Endpoint(host, int(port))
+
+
+def parse_listen(raw: str, home: Path) -> Endpoint | None:
+    # The empty string disables the listener (documented in the file).
+    return None if raw == "" else _split_host_port(raw)
+
+
+def show_endpoint(value: Endpoint | None) -> str:
+    return "" if value is None else str(value)
+
+
+def parse_relay(raw: str, home: Path) -> Relay | None:
+    if raw == "":
+        return None
+    # rpartition: a login name may itself be an address with an "@".
+    userinfo, at, hostport = raw.rpartition("@")
+    endpoint = _split_host_port(hostport)
+    if not at:
+        return Relay(endpoint.host, endpoint.port)
+    username, colon, password = userinfo.partition(":")
+    if not colon or not username:
+        raise Expected('"host:port" or "user:password@host:port"')
+    return Relay(endpoint.host, endpoint.port, username, password)
+
+
+def show_relay(value: Relay | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _absolute(raw: str, home: Path) -> Path:
+    # abspath, not resolve(): certificate tools (certbot's live/) swap
+    # symlinks on renewal, and a reload must follow the link, not its old target.
+    return Path(os.path.abspath(home / raw))
+
+
+def parse_pem_file(raw: str, home: Path) -> Path:
+    expected = "a readable PEM file"
+    if raw == "":
+        raise Expected(expected)
+    path = _absolute(raw, home)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise Expected(expected, f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise Expected(expected, f"{path}: is a folder") from None
+    except PermissionError:
+        raise Expected(expected, f"{path}: permission denied") from None
+    except OSError as exc:
+        raise Expected(expected, f"{path}: {exc.strerror}") from None
+    # A cheap guard against DER files or a swapped-in wrong file; the certs
+    # package does the real parsing when it builds the TLS context.
+    if b"-----BEGIN " not in data:
+        raise Expected(expected, f"{path}: no PEM block")
+    return path
+
+
+def show_path(value: Path) -> str:
+    return str(value)
+
+
+def parse_store_url(raw: str, home: Path) -> str:
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme not in STORE_SCHEMES:
+        raise Expected('"sqlite:///PATH" or "postgresql+psycopg://USER:PASSWORD@HOST/DB"')
+    if scheme == "postgresql+psycopg":
+        if rest in ("", "/"):
+            raise Expected('"postgresql+psycopg://USER:PASSWORD@HOST/DB"')
+        return raw
+    # sqlite:///relative/path has a third slash before a relative path and a
+    # fourth before an absolute one (SQLAlchemy's convention).
+    path, qmark, query = rest.partition("?")
+    if not path.startswith("/") or path in ("/", "/:memory:"):
+        raise Expected('"sqlite:///PATH" with a database file path (relative to the home folder)')
+    absolute = _absolute(path[1:], home)
+    return f"sqlite:///{absolute}{qmark}{query}"
+
+
+def parse_blobs(raw: str, home: Path) -> Path | None:
+    if raw == BLOBS_IN_DATABASE:
+        return None
+    if raw == "":
+        raise Expected(f'a folder path, or "{BLOBS_IN_DATABASE}"')
+    return _absolute(raw, home)
+
+
+def show_blobs(value: Path | None) -> str:
+    return BLOBS_IN_DATABASE if value is None else str(value)
+
+
+def parse_address(raw: str, home: Path) -> str:
+    if not is_address(raw):
+        raise Expected('a mail address such as "no-reply@mail.example.test"')
+    return raw
+
+
+def parse_level(raw: str, home: Path) -> str:
+    if raw not in LOG_LEVELS:
+        raise Expected(" or ".join(f'"{level}"' for level in LOG_LEVELS))
+    return raw
+
+
+def parse_log_file(raw: str, home: Path) -> Path | None:
+    return None if raw == "" else _absolute(raw, home)
+
+
+def show_optional_path(value: Path | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def int_range(minimum: int, maximum: int) -> Parser:
+    """A parser for an integer key bounded on both sides."""
+
+    def parse(raw: int, home: Path) -> int:
+        if not minimum <= raw <= maximum:
+            raise Expected(f"an integer from {minimum} to {maximum}")
+        return raw
+
+    return parse
+
+
+def mask_secret(text: str) -> str:
+    """``text`` (a URL or ``user:password@host:port``) with any password
+    replaced by ``***``: in the userinfo and in a ``password=`` query item."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    head, qmark, query = rest.partition("?")
+    # The last "@" before the query ends the userinfo; masking too much of a
+    # malformed value is harmless, leaking a password is not.
+    userinfo, at, host = head.rpartition("@")
+    if at and ":" in userinfo:
+        head = userinfo.partition(":")[0] + ":***@" + host
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}{sep}{head}{qmark}{query}"
+
+
+# --- the dataclasses -------------------------------------------------------
+
+REQUIRED: Any = object()  # default of a key that the file must give
+
+
+def text_key(doc: str, default: Any, parse: Parser, show: Shower = str, *, toml: str | None = None,
+             secret: bool = False) -> Any:
+    """A string key. ``default`` is the raw TOML default, a callable of the
+    hostname (for defaults derived from it), or ``REQUIRED``."""
+    return field(repr=not secret, metadata={
+        "doc": doc, "type": str, "default": default, "parse": parse, "show": show,
+        "toml": toml, "secret": secret,
+    })
+
+
+def int_key(doc: str, default: int, minimum: int, maximum: int) -> Any:
+    """An integer key with its bounds."""
+    return field(metadata={
+        "doc": doc, "type": int, "default": default, "parse": int_range(minimum, maximum),
+        "show": _identity, "toml": None, "secret": False,
+    })
+
+
+def section(cls: type, doc: str) -> Any:
+    """A TOML table, described by the dataclass ``cls``."""
+    return field(metadata={"doc": doc, "section": cls})
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where the servers listen."""
+
+    imaps: Endpoint | None = text_key(
+        "IMAP with implicit TLS (port 993).", "0.0.0.0:993", parse_listen, show_endpoint)
+    imap: Endpoint | None = text_key(
+        "IMAP with STARTTLS, required before any login (port 143).",
+        "0.0.0.0:143", parse_listen, show_endpoint)
+    submissions: Endpoint | None = text_key(
+        "SMTP submission with implicit TLS (port 465).", "0.0.0.0:465", parse_listen, show_endpoint)
+    submission: Endpoint | None = text_key(
+        "SMTP submission with STARTTLS, required before AUTH and MAIL (port 587).",
+        "0.0.0.0:587", parse_listen, show_endpoint)
+    https: Endpoint | None = text_key(
+        "HTTPS for the sign-up and account pages (port 443).", "0.0.0.0:443", parse_listen, show_endpoint)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The server certificate; absolute paths once loaded."""
+
+    cert: Path = text_key(
+        "PEM certificate chain, server certificate first.", "certs/server.pem", parse_pem_file, show_path)
+    key: Path = text_key(
+        "PEM private key of that certificate; keep it readable only by Postvault.",
+        "certs/server.key", parse_pem_file, show_path)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The database and the sealed (encrypted) message blobs."""
+
+    # Loaded as an absolute URL, so the database does not move with the
+    # working directory.
+    url: str = text_key(
+        'Database URL: "sqlite:///PATH" (a relative PATH is relative to the home folder) '
+        'or "postgresql+psycopg://USER:PASSWORD@HOST/DB".',
+        "sqlite:///data/postvault.db", parse_store_url, secret=True)
+    # None: the blobs live in a database table.
+    blobs: Path | None = text_key(
+        'Folder for sealed message blobs, or "database" to keep them in a database table '
+        '(write "./database" for a folder of that name).',
+        "data/blobs", parse_blobs, show_blobs)
+    kdf_memory_kib: int = int_key(
+        "Argon2id memory per password hash, in KiB (at least 64 MiB).", 65536, 65536, 2**32 - 1)
+    kdf_iterations: int = int_key("Argon2id passes over that memory.", 3, 1, 2**32 - 1)
+    kdf_lanes: int = int_key("Argon2id parallel lanes.", 4, 1, 2**24 - 1)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Outbound notifications and invitations (they never carry PHI)."""
+
+    relay: Relay | None = text_key(
+        'Smarthost as "host:port" or "user:password@host:port"; empty: deliver by MX lookup.',
+        "", parse_relay, show_relay, secret=True)
+    from_: str = text_key(
+        "Envelope sender and From address of notifications.",
+        lambda hostname: f"no-reply@{hostname}", parse_address, toml="from")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging. Logs never carry message content."""
+
+    level: str = text_key('One of "debug", "info", "warning", "error".', "info", parse_level)
+    file: Path | None = text_key(
+        "Log file; empty: standard error.", "", parse_log_file, show_optional_path)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of ``conf/postvault.toml``, validated and typed."""
+
+    hostname: str = text_key(
+        "The name clients and DNS use for this server; it must match the certificate.",
+        REQUIRED, parse_hostname)
+    listen: ListenConfig = section(
+        ListenConfig, 'Listeners, each "host:port" (IPv6 as "[::1]:993"); an empty string disables one.')
+    tls: TLSConfig = section(TLSConfig, "TLS certificate and key, relative to the home folder.")
+    store: StoreConfig = section(StoreConfig, "Storage. Everything stored is encrypted.")
+    notify: NotifyConfig = section(NotifyConfig, "Notifications and invitations.")
+    log: LogConfig = section(LogConfig, "Logging.")
+
+
+# --- the flattened view the loader and renderer use ------------------------
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key of the schema, as the loader sees it."""
+
+    section: str | None  # TOML table name; None for a top-level key
+    name: str            # TOML key name
+    attr: str            # Python attribute name
+    doc: str
+    type: type           # str or int: the TOML type of the raw value
+    default: Any         # raw default, callable(hostname) -> raw, or REQUIRED
+    parse: Parser
+    show: Shower
+    secret: bool         # the raw value may hold a password
+
+    @property
+    def dotted(self) -> str:
+        return self.name if self.section is None else f"{self.section}.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return "POSTVAULT_" + self.dotted.replace(".", "_").upper()
+
+    def default_for(self, hostname: str) -> Any:
+        return self.default(hostname) if callable(self.default) else self.default
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """One TOML table of the schema."""
+
+    name: str
+    attr: str
+    doc: str
+    cls: type
+
+
+def sections() -> Iterator[SectionSpec]:
+    """The tables of :class:`Config`, in file order."""
+    for f in fields(Config):
+        if "section" in f.metadata:
+            yield SectionSpec(f.name, f.name, f.metadata["doc"], f.metadata["section"])
+
+
+def _spec(f: Any, section_name: str | None) -> KeySpec:
+    m = f.metadata
+    return KeySpec(section_name, m["toml"] or f.name, f.name, m["doc"], m["type"], m["default"],
+                   m["parse"], m["show"], m["secret"])
+
+
+def keys() -> Iterator[KeySpec]:
+    """Every key of :class:`Config`, top-level keys first, in file order."""
+    for f in fields(Config):
+        if "section" not in f.metadata:
+            yield _spec(f, None)
+    for sec in sections():
+        for f in fields(sec.cls):
+            yield _spec(f, sec.name)
