@@ -1,0 +1,69 @@
+"""The CLI's subcommands. Each takes parsed arguments, does one job through
+the home/store API, prints one line on success and returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from ..conf.load import load_config, show_config
+from ..errors import InvalidInput
+from ..home import init_home, open_store, resolve_home
+from ..policy.passwords import password_problem
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    config = init_home(home, args.hostname)
+    print(f"created {home} for {config.hostname}; trust {home / 'certs' / 'ca.pem'} in test clients")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(show_config(load_config(resolve_home(args.home))), end="")
+    return 0
+
+
+def read_password(from_stdin: bool) -> str:
+    """One line of stdin, or asked twice at the terminal; checked by policy."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise InvalidInput("the two passwords differ")
+    else:
+        raise InvalidInput("no terminal to ask for a password; pass --password-stdin and pipe it in")
+    problem = password_problem(password)
+    if problem:
+        raise InvalidInput(problem)
+    return password
+
+
+def cmd_member_add(args: argparse.Namespace) -> int:
+    config = load_config(resolve_home(args.home))
+    password = read_password(args.password_stdin)
+    store = open_store(config)
+    try:
+        info = store.create_account(args.email, "member", args.practice, password, args.timezone)
+    finally:
+        store.close()
+    print(f"member {info.email} added ({info.practice_name}, {info.timezone})")
+    return 0
+
+
+def cmd_colleague_add(args: argparse.Namespace) -> int:
+    config = load_config(resolve_home(args.home))
+    password = read_password(args.password_stdin)
+    store = open_store(config)
+    try:
+        member = store.get_account(args.member)
+        info = store.create_account(
+            args.email, "colleague", args.practice, password, args.timezone, invited_by=member.email
+        )
+    finally:
+        store.close()
+    print(f"colleague {info.email} added ({info.practice_name}), in the contacts of {member.email}")
+    return 0
+

@@ -1,0 +1,75 @@
+"""Entry point of the ``postvault`` command: argument parsing and the one
+place where our errors become a one-line message and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import PostvaultError
+from . import commands
+
+log = logging.getLogger("postvault.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="postvault", description="Postvault secure mail server.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_home(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--home", help="home folder (default: $POSTVAULT_HOME, then ./postvault-home)")
+        return p
+
+    p = with_home(sub.add_parser("init", help="create a home folder: config, development CA and certificates, database"))
+    p.add_argument("--hostname", default="mail.example.test", help="the server's DNS name (default: %(default)s)")
+    p.set_defaults(func=commands.cmd_init)
+
+    config = sub.add_parser("config", help="inspect the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    p = with_home(config_sub.add_parser("show", help="print the effective config (secrets masked)"))
+    p.set_defaults(func=commands.cmd_config_show)
+
+    member = sub.add_parser("member", help="manage member offices")
+    member_sub = member.add_subparsers(dest="member_command", required=True, metavar="SUBCOMMAND")
+    p = with_home(member_sub.add_parser("add", help="create a member account"))
+    p.add_argument("email")
+    p.add_argument("--practice", required=True, help="practice name")
+    p.add_argument("--timezone", default="UTC", help="IANA time zone (default: %(default)s)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.set_defaults(func=commands.cmd_member_add)
+
+    colleague = sub.add_parser("colleague", help="manage colleagues")
+    colleague_sub = colleague.add_subparsers(dest="colleague_command", required=True, metavar="SUBCOMMAND")
+    p = with_home(
+        colleague_sub.add_parser("add", help="admin shortcut: invite and sign up a colleague in one step")
+    )
+    p.add_argument("email")
+    p.add_argument("--member", required=True, help="the inviting member's address")
+    p.add_argument("--practice", required=True, help="practice name")
+    p.add_argument("--timezone", default="UTC", help="IANA time zone (default: %(default)s)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    p.set_defaults(func=commands.cmd_colleague_add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Everything Postvault writes (database, blobs, keys, logs) is for its
+    # own user only.
+    os.umask(0o077)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PostvaultError as exc:
+        print(f"postvault: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("postvault: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The home folder of DESIGN.md: where it is, how ``init`` makes it, and
+how the rest of the program opens what is inside (config, store).
+
+```
+DIR/conf/postvault.toml   server config
+DIR/conf/policy.toml      policy
+DIR/certs/                ca.pem, server.pem, server.key
+DIR/data/                 the SQLite database and sealed blobs
+```
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+from .certs.devca import write_dev_certs
+from .conf.load import load_config, render_default_config
+from .conf.schema import Config, is_dns_name
+from .errors import HomeError
+from .store.api import KdfSettings, Store
+
+DEFAULT_HOME = "postvault-home"
+
+
+def resolve_home(arg: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``--home``, else ``$POSTVAULT_HOME``, else ``./postvault-home``."""
+    env = os.environ if environ is None else environ
+    return Path(arg or env.get("POSTVAULT_HOME") or DEFAULT_HOME).absolute()
+
+
+def default_policy_text() -> str:
+    return resources.files("postvault.policy").joinpath("default.toml").read_text("utf-8")
+
+
+def init_home(home: Path, hostname: str) -> Config:
+    """Create a complete home folder; refuse to touch an existing one."""
+    if not is_dns_name(hostname):
+        raise HomeError(f"--hostname: {hostname!r} is not a DNS host name")
+    if home.exists() and (not home.is_dir() or any(home.iterdir())):
+        raise HomeError(f"{home} already exists and is not empty; refusing to overwrite a home folder")
+    # Nothing in a home folder is for other users: keys, mail, audit.
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    try:
+        return _fill_home(home, hostname)
+    except BaseException:
+        # The folder was empty when we started: leave it so, not half made.
+        for child in home.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
+def _fill_home(home: Path, hostname: str) -> Config:
+    (home / "conf").mkdir(mode=0o700)
+    (home / "data").mkdir(mode=0o700)
+    (home / "conf" / "postvault.toml").write_text(render_default_config(hostname), "utf-8")
+    (home / "conf" / "policy.toml").write_text(default_policy_text(), "utf-8")
+    write_dev_certs(home / "certs", hostname)
+    # The effective config (env overrides included) says where the store is.
+    config = load_config(home)
+    open_store(config).close()
+    return config
+
+
+def open_store(config: Config) -> Store:
+    """The store the config names, its schema upgraded to the newest revision."""
+    kdf = KdfSettings(config.store.kdf_memory_kib, config.store.kdf_iterations, config.store.kdf_lanes)
+    return Store.open(config.store.url, config.store.blobs or "database", kdf)
