@@ -10,26 +10,32 @@ the password" without touching key material.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 import bcrypt
 
-# Unknown users are checked against this hash so that a wrong address costs
-# the same time as a wrong password (no user enumeration by timing).
-_DUMMY_HASH = bcrypt.hashpw(b"postvault-dummy-password-for-timing", bcrypt.gensalt(rounds=12))
+ROUNDS = 12
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    # Unknown users are checked against this hash so that a wrong address
+    # costs the same time as a wrong password (no user enumeration by timing).
+    return bcrypt.hashpw(b"postvault-dummy-password-for-timing", bcrypt.gensalt(rounds=ROUNDS))
 
 
 def _prehash(password: str) -> bytes:
     return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
 
 
-def hash_password(password: str, rounds: int = 12) -> bytes:
+def hash_password(password: str, rounds: int = ROUNDS) -> bytes:
     return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(rounds=rounds))
 
 
 def verify_password(password: str, stored: bytes | None) -> bool:
     """True if ``password`` matches; with ``stored=None`` spends the same time and says False."""
     if stored is None:
-        bcrypt.checkpw(_prehash(password), _DUMMY_HASH)
+        bcrypt.checkpw(_prehash(password), _dummy_hash())
         return False
     return bcrypt.checkpw(_prehash(password), stored)
