@@ -215,9 +215,12 @@ class Store:
         password: str,
         timezone_name: str = "UTC",
         *,
+        invited_by: str | None = None,
         actor: str = "admin",
     ) -> AccountInfo:
-        """A signed-up account with its key pair and default mailboxes."""
+        """A signed-up account with its key pair and default mailboxes; a
+        colleague ``invited_by`` a member lands in that member's address book
+        in the same transaction."""
         email = _normalize_email(email)
         if role not in ("member", "colleague"):
             raise InvalidInput(f"role must be member or colleague, not {role!r}")
@@ -256,6 +259,8 @@ class Store:
             s.add(acct)
             s.flush()
             self._create_default_mailboxes(s, acct.id)
+            if invited_by is not None:
+                self._upsert_contact(s, self._account(s, invited_by), email, "", practice_name, acct)
             audit.record(s, "account.create", actor=actor, account=email, detail=f"role={role}")
             return self._info(acct)
 
@@ -292,27 +297,29 @@ class Store:
     def add_contact(self, member_email: str, colleague_email: str, name: str = "", practice: str = "") -> None:
         """Put a colleague in a member's address book (idempotent)."""
         colleague_email = _normalize_email(colleague_email)
-        now = _now()
         with unit_of_work(self._sessions) as s:
-            member = self._account(s, member_email)
-            if member.role != "member":
-                raise InvalidInput(f"{member.email} is not a member")
             colleague = s.scalar(select(Account).where(func.lower(Account.email) == colleague_email.lower()))
-            entry = s.scalar(
-                select(AddressBookEntry).where(
-                    AddressBookEntry.member_id == member.id,
-                    func.lower(AddressBookEntry.email) == colleague_email.lower(),
-                )
+            self._upsert_contact(s, self._account(s, member_email), colleague_email, name, practice, colleague)
+
+    @staticmethod
+    def _upsert_contact(
+        s: Session, member: Account, email: str, name: str, practice: str, colleague: Account | None
+    ) -> None:
+        if member.role != "member":
+            raise InvalidInput(f"{member.email} is not a member; only members have an address book")
+        now = _now()
+        entry = s.scalar(
+            select(AddressBookEntry).where(
+                AddressBookEntry.member_id == member.id, func.lower(AddressBookEntry.email) == email.lower()
             )
-            if entry is None:
-                entry = AddressBookEntry(
-                    member_id=member.id, email=colleague_email, extra="{}", created_at=now, name="", practice=""
-                )
-                s.add(entry)
-            entry.name = name or entry.name
-            entry.practice = practice or entry.practice
-            entry.colleague_id = colleague.id if colleague is not None else None
-            entry.updated_at = now
+        )
+        if entry is None:
+            entry = AddressBookEntry(member_id=member.id, email=email, extra="{}", created_at=now, name="", practice="")
+            s.add(entry)
+        entry.name = name or entry.name
+        entry.practice = practice or entry.practice
+        entry.colleague_id = colleague.id if colleague is not None else None
+        entry.updated_at = now
 
     def contacts(self, email: str) -> list[str]:
         """A member's address book, or the members who invited a colleague."""
