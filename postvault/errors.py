@@ -28,6 +28,10 @@ class TLSConfigError(PostvaultError):
     """Certificates or keys cannot be loaded into a TLS context."""
 
 
+class InvalidInput(PostvaultError):
+    """An argument is malformed (address, host name, time zone, ...)."""
+
+
 class CryptoError(PostvaultError):
     """Base of encryption errors."""
 
@@ -57,10 +61,6 @@ class NoSuchAccount(StoreError):
     """No account has this address."""
 
 
-class InvalidInput(StoreError):
-    """An argument is malformed (address, time zone, practice name, ...)."""
-
-
 class MailboxNotFound(StoreError):
     """The mailbox does not exist for this account."""
 
@@ -71,5 +71,3 @@ class MailboxExists(StoreError):
 
 class MessageNotFound(StoreError):
     """No message with this UID in this mailbox."""
-
-

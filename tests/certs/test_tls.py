@@ -433,16 +433,6 @@ def test_directory_in_place_of_a_file(certs_dir: Path) -> None:
     assert str(certs_dir) in str(info.value)
 
 
-def test_unreadable_key(certs_dir: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads files regardless of mode")
-    key_file = certs_dir / "server.key"
-    key_file.chmod(0)
-    with pytest.raises(TLSConfigError, match="permission denied") as info:
-        server_context(certs_dir / "server.pem", key_file)
-    assert str(key_file) in str(info.value)
-
-
 def test_weak_rsa_key_is_refused(tmp_path: Path) -> None:
     # @SECLEVEL=2 refuses keys under 112-bit strength even from an admin's
     # own certificate; the error still names the files.
