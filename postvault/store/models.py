@@ -210,3 +210,19 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+
+class AuthFailure(Base):
+    """One failed login, kept for the auth limits of policy.toml ([auth]).
+
+    In the database rather than in memory so that throttling and lockout
+    hold across restarts and across several server processes.
+    """
+
+    __tablename__ = "auth_failures"
+    __table_args__ = (Index("ix_auth_failures_account_at", "account", "at"), Index("ix_auth_failures_ip_at", "client_ip", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[str] = mapped_column(String(320))  # as typed by the client, lower-cased
+    client_ip: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
