@@ -232,7 +232,7 @@ class Store:
         key_owner = secrets.token_hex(16)
         pair = crypto.generate_keypair()
         kdf = crypto.KdfParams.for_password(self.kdf.memory_kib, self.kdf.iterations, self.kdf.lanes)
-        wrapping = crypto.derive_wrapping_key(password.encode("utf-8"), kdf)
+        wrapping = crypto.derive_wrapping_key(passwords.password_bytes(password), kdf)
         wrapped = crypto.wrap_private_key(pair.private, wrapping, key_owner.encode())
         pw_hash = passwords.hash_password(password)
         now = _now()
@@ -343,14 +343,16 @@ class Store:
         with self._sessions() as s:
             acct = s.scalar(select(Account).where(func.lower(Account.email) == email.strip().lower()))
         stored = acct.password_hash if acct is not None and acct.state == "active" else None
-        if acct is None or not passwords.verify_password(password, stored):
+        # verify_password runs first, always: with "acct is None or ..." an
+        # unknown address would skip bcrypt and answer ~250 ms sooner.
+        if not passwords.verify_password(password, stored) or acct is None:
             with unit_of_work(self._sessions) as w:
                 audit.record(
                     w, "login.failed", actor=email.strip()[:320], client_ip=client_ip, protocol=protocol,
                 )
             raise AuthenticationFailed("authentication failed")
         kdf = crypto.KdfParams.from_json(acct.kdf_params)
-        wrapping = crypto.derive_wrapping_key(password.encode("utf-8"), kdf)
+        wrapping = crypto.derive_wrapping_key(passwords.password_bytes(password), kdf)
         private = crypto.unwrap_private_key(acct.wrapped_private_key, wrapping, acct.key_owner.encode())
         return AccountSession(acct.id, acct.email, acct.role, acct.key_owner.encode(), private)
 
@@ -359,7 +361,7 @@ class Store:
         session = self.login(email, old_password)
         kdf = crypto.KdfParams.for_password(self.kdf.memory_kib, self.kdf.iterations, self.kdf.lanes)
         wrapped = crypto.wrap_private_key(
-            session.private_key, crypto.derive_wrapping_key(new_password.encode("utf-8"), kdf), session.key_owner
+            session.private_key, crypto.derive_wrapping_key(passwords.password_bytes(new_password), kdf), session.key_owner
         )
         pw_hash = passwords.hash_password(new_password)
         with unit_of_work(self._sessions) as s:
@@ -573,7 +575,14 @@ class Store:
             raise MessageNotFound(f"no message with UID {uid} in {mailbox!r}")
         wrapped, public_id, blob_id = row
         key = crypto.unwrap_content_key(wrapped, session.private_key, session.key_owner, public_id.encode())
-        return crypto.SealedReader(self.blobs.open(blob_id), key, public_id.encode())
+        src = self.blobs.open(blob_id)
+        try:
+            return crypto.SealedReader(src, key, public_id.encode())
+        except BaseException:
+            # A refused blob stays the caller's to close (SealedReader's
+            # contract); without this every refused open leaks a descriptor.
+            src.close()
+            raise
 
     def set_flags(
         self,

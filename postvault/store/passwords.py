@@ -25,8 +25,20 @@ def _dummy_hash() -> bytes:
     return bcrypt.hashpw(b"postvault-dummy-password-for-timing", bcrypt.gensalt(rounds=ROUNDS))
 
 
+def password_bytes(password: str) -> bytes:
+    """The bytes of a password, for bcrypt and Argon2id alike; never raises.
+
+    Plain ``encode("utf-8")`` raises on a lone surrogate (what a protocol
+    layer decoding with ``surrogateescape`` produces from invalid UTF-8), and
+    that ``UnicodeEncodeError`` quotes the character, its position and, in
+    its ``object`` attribute, the whole password into logs and tracebacks.
+    ``surrogatepass`` gives the same bytes for every valid string.
+    """
+    return password.encode("utf-8", "surrogatepass")
+
+
 def _prehash(password: str) -> bytes:
-    return base64.b64encode(hashlib.sha256(password.encode("utf-8")).digest())
+    return base64.b64encode(hashlib.sha256(password_bytes(password)).digest())
 
 
 def hash_password(password: str, rounds: int = ROUNDS) -> bytes:
@@ -35,7 +47,10 @@ def hash_password(password: str, rounds: int = ROUNDS) -> bytes:
 
 def verify_password(password: str, stored: bytes | None) -> bool:
     """True if ``password`` matches; with ``stored=None`` spends the same time and says False."""
+    # Make the dummy hash before branching, so that its one-time cost falls
+    # on whichever login comes first, not on the first unknown address.
+    dummy = _dummy_hash()
     if stored is None:
-        bcrypt.checkpw(_prehash(password), _dummy_hash())
+        bcrypt.checkpw(_prehash(password), dummy)
         return False
     return bcrypt.checkpw(_prehash(password), stored)

@@ -255,3 +255,65 @@ def test_account_row_holds_no_plain_private_key(store: Store, people: dict[str, 
         row = db.scalar(select(Account).where(Account.email == people["member"]))
     assert s.private_key not in row.wrapped_private_key
     assert "private_key" not in repr(s)
+
+
+def test_unknown_user_spends_a_bcrypt_check_like_a_wrong_password(
+    store: Store, people: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: "acct is None or not verify(...)" skipped bcrypt for unknown
+    # addresses, so they failed ~250 ms faster than wrong passwords.
+    import bcrypt
+
+    from postvault.store import passwords
+
+    passwords._dummy_hash()
+    calls: list[int] = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda pw, h: (calls.append(1), real(pw, h))[1])
+    with pytest.raises(AuthenticationFailed):
+        store.login(people["member"], "not the password at all")
+    with pytest.raises(AuthenticationFailed):
+        store.login("ghost@dental.test", "not the password at all")
+    assert len(calls) == 2
+
+
+def test_dummy_hash_cost_does_not_fall_on_first_unknown_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bcrypt
+
+    from postvault.store import passwords
+
+    stored = passwords.hash_password("pw", rounds=4)
+    passwords._dummy_hash.cache_clear()
+    passwords.verify_password("pw", stored)
+    hashed: list[int] = []
+    monkeypatch.setattr(bcrypt, "hashpw", lambda *a: hashed.append(1))
+    assert passwords.verify_password("pw", None) is False
+    assert hashed == []  # the dummy was made by the first login, whoever it was
+
+
+def test_undecodable_password_fails_cleanly_and_quotes_nothing(store: Store, people: dict[str, str]) -> None:
+    # A lone surrogate (invalid UTF-8 decoded with surrogateescape) used to
+    # raise UnicodeEncodeError carrying the password, instead of failing login.
+    for who in (people["member"], "ghost@dental.test"):
+        with pytest.raises(AuthenticationFailed) as exc:
+            store.login(who, "secr\udcc3t")
+        assert "secr" not in repr(exc.value) and "udcc3" not in str(exc.value)
+    store.create_account("odd@dental.test", "member", "Odd", "pass\udcffword")
+    assert store.login("odd@dental.test", "pass\udcffword").email == "odd@dental.test"
+
+
+def test_refused_blob_is_closed(store: Store, people: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    store.deliver(mail(), people["member"], [people["colleague"]], save_sent=False)
+    opened: list[io.BytesIO] = []
+
+    def bad_open(blob_id: str) -> io.BytesIO:
+        opened.append(io.BytesIO(b"not a sealed blob at all"))
+        return opened[-1]
+
+    monkeypatch.setattr(store.blobs, "open", bad_open)
+    s = store.login(people["colleague"], PASSWORD)
+    with pytest.raises(IntegrityError):
+        store.open_message(s, "INBOX", 1)
+    assert opened and opened[0].closed
