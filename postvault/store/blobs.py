@@ -185,10 +185,8 @@ class BlobWriter:
         final = self._store._path(blob_id)
         fan_dir = final.parent
         try:
-            created_dir = False
             try:
                 fan_dir.mkdir(mode=_DIR_MODE)
-                created_dir = True
             except FileExistsError:
                 pass
             if _same_blob_exists(final, self._size):
@@ -197,8 +195,11 @@ class BlobWriter:
             else:
                 os.replace(self._tmp_path, final)
                 _fsync_dir(fan_dir)
-            if created_dir:
-                _fsync_dir(self._store.root)
+            # Always, not only when this writer made fan_dir: a concurrent
+            # writer may have made it and not yet fsynced root, and our blob
+            # is only durable once fan_dir's own entry is.  (Also makes the
+            # temp file's removal from root durable.)
+            _fsync_dir(self._store.root)
         except BaseException:
             self._abort()
             raise

@@ -195,3 +195,27 @@ def test_symlink_in_store_not_followed(tmp_path: Path) -> None:
     assert not store.exists(blob_id)
     with pytest.raises(IntegrityError):
         store.open(blob_id)
+
+
+def test_commit_fsyncs_root_even_when_fan_dir_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review: a fan-out folder made by a concurrent writer that has not yet
+    # fsynced root must not leave our acknowledged blob undurable.
+    from postvault.store import blobs as blobs_mod
+
+    root = tmp_path / "blobs"
+    store = FileBlobStore(root)
+    with store.writer() as w:
+        w.write(b"first")
+        first = w.commit()
+    data = b"second"
+    n = 0
+    while hashlib.sha256(data).hexdigest()[:2] != first[:2]:  # same fan dir
+        n += 1
+        data = b"second %d" % n
+    synced: list[Path] = []
+    real = blobs_mod._fsync_dir
+    monkeypatch.setattr(blobs_mod, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    with store.writer() as w:
+        w.write(data)
+        w.commit()
+    assert root in synced
