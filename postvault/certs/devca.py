@@ -283,8 +283,14 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         # A crash right after init must not leave an empty key file behind
         # that we would then refuse to overwrite.
         os.fsync(fd)
-    finally:
+    except BaseException:
+        # We created it (O_EXCL), so it is ours to remove: a half-written
+        # file (disk full) would hold part of a private key and block the
+        # next init, and write_dev_certs only cleans up complete files.
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def write_dev_certs(certs_dir: Path, hostname: str) -> None:

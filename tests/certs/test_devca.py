@@ -389,3 +389,23 @@ def test_client_rejects_another_dev_ca(written: Path, tmp_path: Path) -> None:
         pytest.raises(ssl.SSLCertVerificationError),
     ):
         handshake(client_context(other_dir / "ca.pem"), server.port, "localhost")
+
+
+def test_failed_write_leaves_no_partial_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: a write that fails half-way (disk full) used to leave a partial
+    # server.key behind, which also made every later init refuse to run.
+    certs_dir = tmp_path / "certs"
+    real_write = os.write
+
+    def failing_write(fd: int, data: bytes) -> int:
+        if b"PRIVATE KEY" in bytes(data):
+            real_write(fd, bytes(data)[:40])
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(HomeError, match="server.key"):
+        write_dev_certs(certs_dir, HOST)
+    assert list(certs_dir.iterdir()) == []
