@@ -1,0 +1,149 @@
+"""Plain data the store API takes and returns, and small shared helpers.
+
+Nothing here touches the database or keys; servers may import these types
+freely.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import BinaryIO, Literal, Protocol
+
+from ..errors import InvalidInput
+
+Role = Literal["member", "colleague"]
+# RFC 6154 special-use attributes of the four folders every account has.
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Drafts", "\\Drafts"),
+    ("Sent", "\\Sent"),
+    ("Trash", "\\Trash"),
+)
+# RFC 3501 §2.3.2 system flags a client may set; \Recent is session state.
+SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
+MAX_HEADER_SCAN = 256 * 1024
+
+
+class BlobStore(Protocol):
+    def writer(self) -> BinaryIO: ...
+    def open(self, blob_id: str) -> BinaryIO: ...
+    def delete(self, blob_id: str) -> None: ...
+    def exists(self, blob_id: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class KdfSettings:
+    """Argon2id cost for new password wraps (stored per account, so raisable)."""
+
+    memory_kib: int = 65536
+    iterations: int = 3
+    lanes: int = 4
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: int
+    email: str
+    role: str
+    state: str
+    practice_name: str
+    timezone: str
+    mailbox_name: str
+
+
+@dataclass(frozen=True)
+class AccountSession:
+    """A logged-in account. The private key lives here, in memory only."""
+
+    account_id: int
+    email: str
+    role: str
+    key_owner: bytes
+    private_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    id: int
+    name: str
+    special_use: str | None
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    subscribed: bool
+
+
+@dataclass(frozen=True)
+class MessageMeta:
+    uid: int
+    flags: frozenset[str]
+    size: int
+    internal_date: datetime
+    modseq: int
+    message_id: str  # public id, for the audit log; not the Message-ID header
+
+
+@dataclass(frozen=True)
+class MailboxSnapshot:
+    mailbox: MailboxInfo
+    messages: tuple[MessageMeta, ...]  # ascending UID
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    uidvalidity: int
+    uid: int
+    message_id: str
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    uidvalidity: int  # of the destination
+    uids: tuple[tuple[int, int], ...]  # (source uid, destination uid)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    message_id: str
+    delivered: tuple[tuple[str, int], ...]  # (recipient, uid in INBOX)
+    sent_uid: int | None
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip()
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain or any(c in email for c in "\r\n\0 <>"):
+        raise InvalidInput(f"not an email address: {email!r}")
+    return f"{local}@{domain.lower()}"
+
+
+def flags_text(flags: Iterable[str]) -> str:
+    return " ".join(sorted(set(flags)))
+
+
+def flags_set(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+def check_flags(flags: Iterable[str]) -> frozenset[str]:
+    out = frozenset(flags)
+    for flag in out:
+        if flag.startswith("\\"):
+            if flag not in SYSTEM_FLAGS:
+                raise InvalidInput(f"{flag} is not a flag a client may set")
+        elif not flag or any(c in flag for c in '(){ %*"\\]') or not flag.isprintable():
+            raise InvalidInput("a keyword flag must be an IMAP atom")
+    return out
+
+
+def new_uidvalidity() -> int:
+    # RFC 3501 §2.3.1.1: a non-zero 32-bit value that must change if UIDs are
+    # ever reset; seconds since the epoch is the usual choice.
+    return max(1, int(time.time()) & 0xFFFFFFFF)
