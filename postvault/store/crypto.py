@@ -279,6 +279,12 @@ def generate_keypair() -> KeyPair:
     )
 
 
+def public_key_of(private: bytes) -> bytes:
+    """The X25519 public key that belongs to ``private``."""
+    _require_bytes("private key", private, KEY_LEN)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
 def derive_wrapping_key(secret: bytes, kdf: KdfParams) -> bytes:
     """Derive the 32-byte key that wraps an account's private key.
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound
 from . import audit, crypto, threads
 from .db import unit_of_work
-from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
+from .models import Mailbox, Message, MessageCopy, Thread, ThreadParticipant
 from .types import (
     AccountSession,
     AppendResult,
@@ -108,14 +108,26 @@ class MailStore:
             blob_id = writer.commit()  # type: ignore[attr-defined]
         return public_id, blob_id, size, key, head
 
-    def _index_thread(self, s: Session, head: bytes, participants: Iterable[str]) -> tuple[bytes | None, int]:
+    def _index_thread(
+        self, s: Session, head: bytes, participants: Iterable[str], holder_id: int
+    ) -> tuple[bytes | None, int]:
+        """Keyed hash of the Message-ID, and the thread this message joins.
+
+        A message joins the thread of a message it cites only if the account
+        filing it holds that message: knowing or guessing a Message-ID must
+        not let anyone into another conversation.
+        """
         parsed = threads.parse_thread_headers(head)
         key = threads.thread_key(s)
         own = threads.mid_hash(key, parsed.message_id) if parsed.message_id else None
         thread_id = None
         for ref in parsed.references:
             thread_id = s.scalar(
-                select(Message.thread_id).where(Message.mid_hash == threads.mid_hash(key, ref)).limit(1)
+                select(Message.thread_id)
+                .join(MessageCopy, MessageCopy.message_id == Message.id)
+                .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+                .where(Message.mid_hash == threads.mid_hash(key, ref), Mailbox.account_id == holder_id)
+                .limit(1)
             )
             if thread_id is not None:
                 break
@@ -172,7 +184,7 @@ class MailStore:
         try:
             with unit_of_work(self._sessions) as s:
                 msg = Message(public_id=public_id, blob_id=blob_id, size=size, created_at=stamp)
-                own, thread_id = self._index_thread(s, head, [sender_acct.email, *rcpt_accts])
+                own, thread_id = self._index_thread(s, head, [sender_acct.email, *rcpt_accts], sender_acct.id)
                 msg.mid_hash, msg.thread_id = own, thread_id
                 s.add(msg)
                 s.flush()
@@ -208,21 +220,19 @@ class MailStore:
         """IMAP APPEND: seal and file into one of the account's mailboxes."""
         flags = check_flags(flags)
         with self._sessions() as s:
-            acct = s.get(Account, session.account_id)
-            assert acct is not None
-            self._mailbox(s, acct.id, mailbox)  # fail before sealing
+            self._mailbox(s, session.account_id, mailbox)  # fail before sealing
         public_id, blob_id, size, key, head = self._seal(raw)
         when = internal_date or now()
         try:
             with unit_of_work(self._sessions) as s:
                 box = self._mailbox(s, session.account_id, mailbox, lock=True)
                 msg = Message(public_id=public_id, blob_id=blob_id, size=size, created_at=now())
-                msg.mid_hash, msg.thread_id = self._index_thread(s, head, [acct.email])
+                msg.mid_hash, msg.thread_id = self._index_thread(s, head, [session.email], session.account_id)
                 s.add(msg)
                 s.flush()
-                wrapped = crypto.wrap_content_key(key, acct.public_key, session.key_owner, public_id.encode())
+                wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
                 uid = self._add_copy(s, box, msg, wrapped, flags, when, size)
-                audit.record(s, "message.append", actor=acct.email, account=acct.email, message=public_id)
+                audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id)
                 validity = box.uidvalidity
         except BaseException:
             self._discard_blob(blob_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import unicodedata
 
 import bcrypt
 
@@ -33,8 +34,12 @@ def password_bytes(password: str) -> bytes:
     that ``UnicodeEncodeError`` quotes the character, its position and, in
     its ``object`` attribute, the whole password into logs and tracebacks.
     ``surrogatepass`` gives the same bytes for every valid string.
+
+    Normalized to NFC first (RFC 8265 §4.2, OpaqueString), so the same
+    password typed where a keyboard produces decomposed characters still
+    opens the account.
     """
-    return password.encode("utf-8", "surrogatepass")
+    return unicodedata.normalize("NFC", password).encode("utf-8", "surrogatepass")
 
 
 def _prehash(password: str) -> bytes:

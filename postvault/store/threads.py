@@ -17,6 +17,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from .models import ServerSecret
@@ -58,8 +59,14 @@ def thread_key(session: Session) -> bytes:
     key = session.scalar(select(ServerSecret.value).where(ServerSecret.name == THREAD_KEY))
     if key is None:
         key = secrets.token_bytes(32)
-        session.add(ServerSecret(name=THREAD_KEY, value=key))
-        session.flush()
+        try:
+            # A savepoint, so that losing a race with another process that
+            # made the key first costs only this insert, not the transaction.
+            with session.begin_nested():
+                session.add(ServerSecret(name=THREAD_KEY, value=key))
+        except DBIntegrityError:
+            key = session.scalar(select(ServerSecret.value).where(ServerSecret.name == THREAD_KEY))
+            assert key is not None
     return key
 
 

@@ -62,6 +62,9 @@ class AccountSession:
     email: str
     role: str
     key_owner: bytes
+    # Derived from private_key at login (and checked against the stored
+    # one), so that mail this session files wraps to the key it can open.
+    public_key: bytes
     private_key: bytes = field(repr=False)
 
 

@@ -82,6 +82,7 @@ def test_failed_commit_leaves_no_blob(store: Store, people: dict[str, str], conf
     monkeypatch.setattr("postvault.store.audit.record", boom)
     with pytest.raises(RuntimeError):
         store.deliver(mail(), people["member"], [people["colleague"]])
+    monkeypatch.undo()
     assert blob_files(config) == []
     s = store.login(people["colleague"], PASSWORD)
     assert store.snapshot(s, "INBOX").messages == ()
