@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import AccountExists, AuthenticationFailed, IntegrityError, InvalidInput, NoSuchAccount
-from . import audit, crypto, passwords
+from . import audit, crypto, passwords, serverkeys
 from .db import unit_of_work
 from .models import Account, AddressBookEntry, AuthFailure, Invitation, Mailbox
 from .types import (
@@ -199,18 +199,25 @@ class AccountStore:
         # verify_password runs first, always: with "acct is None or ..." an
         # unknown address would skip bcrypt and answer ~250 ms sooner.
         if not passwords.verify_password(password, stored) or acct is None:
-            # What a client typed as a user name is kept only when it names an
-            # account: a password typed into the wrong field must not land in
-            # the audit log.
+            # A failure counts against the name as typed, whether or not an
+            # account has it, so that throttling and lockout look the same
+            # for both (no enumeration). The name is kept only as a keyed
+            # hash, and the audit log names only real accounts: a password
+            # typed into the user-name field must not be kept readable.
             known = acct.email if acct is not None else None
             with unit_of_work(self._sessions) as w:
-                w.add(AuthFailure(account=(known or "").lower(), client_ip=client_ip or "", at=now()))
+                w.add(AuthFailure(account=self._failure_key(w, email), client_ip=client_ip or "", at=now()))
                 audit.record(
                     w, "login.failed", actor=known or "unknown-user", account=known,
                     client_ip=client_ip, protocol=protocol,
                 )
             raise AuthenticationFailed("authentication failed")
         return acct
+
+    @staticmethod
+    def _failure_key(s: Session, name: str) -> str:
+        typed = passwords.password_bytes(name.strip().lower())
+        return serverkeys.keyed_hash(serverkeys.server_key(s, serverkeys.AUTH_FAILURES), typed).hex()
 
     def verify_password(
         self, email: str, password: str, *, client_ip: str | None = None, protocol: str | None = None
@@ -241,21 +248,21 @@ class AccountStore:
         with unit_of_work(self._sessions) as w:
             # A success resets the account's throttle (not a lockout: a
             # locked account is refused before its password is checked).
-            w.execute(delete(AuthFailure).where(AuthFailure.account == acct.email.lower()))
+            w.execute(delete(AuthFailure).where(AuthFailure.account == self._failure_key(w, acct.email)))
             audit.record(w, "login.ok", actor=acct.email, account=acct.email, client_ip=client_ip, protocol=protocol)
 
     def recent_auth_failures(
         self, email: str, client_ip: str | None, since: datetime
     ) -> tuple[list[datetime], list[datetime]]:
         """Failure times since ``since``: (for this account, from this address)."""
-        with self._sessions() as s:
+        with unit_of_work(self._sessions) as s:
             by_account = list(
                 s.scalars(
                     select(AuthFailure.at).where(
-                        AuthFailure.account == email.strip().lower(), AuthFailure.at >= since
+                        AuthFailure.account == self._failure_key(s, email), AuthFailure.at >= since
                     )
                 )
-            ) if email.strip() else []
+            )
             by_ip = list(
                 s.scalars(select(AuthFailure.at).where(AuthFailure.client_ip == (client_ip or ""), AuthFailure.at >= since))
             ) if client_ip else []

@@ -223,6 +223,7 @@ class AuthFailure(Base):
     __table_args__ = (Index("ix_auth_failures_account_at", "account", "at"), Index("ix_auth_failures_ip_at", "client_ip", "at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    account: Mapped[str] = mapped_column(String(320))  # as typed by the client, lower-cased
+    # HMAC of the user name as typed (lower-cased), account or not.
+    account: Mapped[str] = mapped_column(String(320))
     client_ip: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

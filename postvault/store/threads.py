@@ -8,21 +8,16 @@ In-Reply-To/References name a message this colleague holds?" by hash.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import secrets
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
-from .models import ServerSecret
+from . import serverkeys
 
-THREAD_KEY = "thread-index-hmac"
+
 _MSGID = re.compile(rb"<[^<>\s]{1,998}>")
 # Bounded so a hostile References header can't make us hash forever.
 MAX_REFERENCES = 100
@@ -55,21 +50,10 @@ def parse_thread_headers(raw_head: bytes) -> ThreadHeaders:
 
 
 def thread_key(session: Session) -> bytes:
-    """The server's HMAC key for the thread index, made on first use."""
-    key = session.scalar(select(ServerSecret.value).where(ServerSecret.name == THREAD_KEY))
-    if key is None:
-        key = secrets.token_bytes(32)
-        try:
-            # A savepoint, so that losing a race with another process that
-            # made the key first costs only this insert, not the transaction.
-            with session.begin_nested():
-                session.add(ServerSecret(name=THREAD_KEY, value=key))
-        except DBIntegrityError:
-            key = session.scalar(select(ServerSecret.value).where(ServerSecret.name == THREAD_KEY))
-            assert key is not None
-    return key
+    """The server's HMAC key for the thread index."""
+    return serverkeys.server_key(session, serverkeys.THREAD_INDEX)
 
 
 def mid_hash(key: bytes, message_id: bytes) -> bytes:
     # Message-IDs compare case-sensitively except for the domain; keep exact.
-    return hmac.new(key, message_id.strip(), hashlib.sha256).digest()
+    return serverkeys.keyed_hash(key, message_id.strip())

@@ -27,11 +27,13 @@ def test_verify_password_needs_no_key_and_records_failures(store: Store, people:
     since = datetime.now(timezone.utc) - timedelta(minutes=5)
     by_account, by_ip = store.recent_auth_failures(people["member"], "127.0.0.9", since)
     assert len(by_account) == 2 and len(by_ip) == 3
+    # An unknown name is throttled like a real one (no enumeration)...
+    assert len(store.recent_auth_failures("My Secret Password typed as user", None, since)[0]) == 1
     with store._sessions() as s:
         typed = set(s.scalars(select(AuthFailure.account)))
         actors = set(s.scalars(select(AuditEvent.actor).where(AuditEvent.event == "login.failed")))
-    # Whatever was typed as an unknown user name is not kept anywhere.
-    assert typed == {people["member"], ""}
+    # ...but what was typed is kept only as a keyed hash.
+    assert len(typed) == 2 and all(len(t) == 64 and "@" not in t and "secret" not in t for t in typed)
     assert actors == {people["member"], "unknown-user"}
     # A success resets the account's count, not other addresses' records.
     store.verify_password(people["member"], PASSWORD, client_ip="127.0.0.1")
