@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from pathlib import Path
 
 from ..conf.load import load_config, show_config
 from ..errors import InvalidInput
 from ..home import init_home, open_store, resolve_home
+from ..policy.load import POLICY_FILE, check_policy_file
 from ..policy.passwords import password_problem
 
 
@@ -67,3 +69,15 @@ def cmd_colleague_add(args: argparse.Namespace) -> int:
     print(f"colleague {info.email} added ({info.practice_name}), in the contacts of {member.email}")
     return 0
 
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Every problem as FILE:LINE: key: ..., one per line (so editors can
+    jump to them), and exit 1; or one OK line."""
+    path = Path(args.file) if args.file else resolve_home(args.home) / POLICY_FILE
+    problems = check_policy_file(path)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"policy OK: {path}")
+    return 0

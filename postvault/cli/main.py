@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timezone", default="UTC", help="IANA time zone (default: %(default)s)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.set_defaults(func=commands.cmd_colleague_add)
+
+    policy = sub.add_parser("policy", help="check the policy file")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    p = with_home(policy_sub.add_parser("check", help="validate the policy file, listing every problem with its line"))
+    p.add_argument("file", nargs="?", metavar="FILE", help="policy file (default: HOME/conf/policy.toml)")
+    p.set_defaults(func=commands.cmd_policy_check)
     return parser
 
 
