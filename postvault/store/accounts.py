@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from zoneinfo import available_timezones
 
@@ -144,6 +145,13 @@ class AccountStore:
     def get_account(self, email: str) -> AccountInfo:
         with self._sessions() as s:
             return self._info(self._account(s, email))
+
+    def accounts(self, emails: Iterable[str]) -> dict[str, AccountInfo]:
+        """The accounts among ``emails``, keyed by lower-cased address."""
+        wanted = {e.strip().lower() for e in emails}
+        with self._sessions() as s:
+            rows = s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
+            return {a.email.lower(): self._info(a) for a in rows}
 
     def add_contact(self, member_email: str, colleague_email: str, name: str = "", practice: str = "") -> None:
         """Put a colleague in a member's address book (idempotent)."""

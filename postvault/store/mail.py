@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import BinaryIO, Literal
 
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound
 from . import audit, crypto, threads
 from .db import unit_of_work
-from .models import Mailbox, Message, MessageCopy, Thread, ThreadParticipant
+from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
 from .types import (
     AccountSession,
     AppendResult,
@@ -40,6 +40,7 @@ class MailStore:
 
     _sessions: sessionmaker[Session]
     blobs: BlobStore
+    _account: Callable[[Session, str], Account]  # from AccountStore
 
 
     def _mailbox(self, s: Session, account_id: int, name: str, *, lock: bool = False) -> Mailbox:
@@ -114,23 +115,14 @@ class MailStore:
         """Keyed hash of the Message-ID, and the thread this message joins.
 
         A message joins the thread of a message it cites only if the account
-        filing it holds that message: knowing or guessing a Message-ID must
-        not let anyone into another conversation.
+        filing it holds that message and the server delivered it: knowing or
+        guessing a Message-ID, or APPENDing a made-up message, must not let
+        anyone into a conversation.
         """
         parsed = threads.parse_thread_headers(head)
         key = threads.thread_key(s)
         own = threads.mid_hash(key, parsed.message_id) if parsed.message_id else None
-        thread_id = None
-        for ref in parsed.references:
-            thread_id = s.scalar(
-                select(Message.thread_id)
-                .join(MessageCopy, MessageCopy.message_id == Message.id)
-                .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-                .where(Message.mid_hash == threads.mid_hash(key, ref), Mailbox.account_id == holder_id)
-                .limit(1)
-            )
-            if thread_id is not None:
-                break
+        thread_id = self._held_thread(s, holder_id, [threads.mid_hash(key, ref) for ref in parsed.references])
         if thread_id is None:
             t = Thread(created_at=now())
             s.add(t)
@@ -140,6 +132,48 @@ class MailStore:
         for email in {p.lower() for p in participants} - known:
             s.add(ThreadParticipant(thread_id=thread_id, email=email))
         return own, thread_id
+
+    @staticmethod
+    def _held_threads(s: Session, holder_id: int):  # type: ignore[no-untyped-def]
+        """Delivered messages the account holds, as a query to refine."""
+        return (
+            select(Message.thread_id)
+            .join(MessageCopy, MessageCopy.message_id == Message.id)
+            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+            .where(Mailbox.account_id == holder_id, Message.origin == "submission", Message.thread_id.is_not(None))
+        )
+
+    def _held_thread(self, s: Session, holder_id: int, hashes: Sequence[bytes]) -> int | None:
+        for h in hashes:  # In-Reply-To first, then References newest first
+            found = s.scalar(self._held_threads(s, holder_id).where(Message.mid_hash == h).limit(1))
+            if found is not None:
+                return found
+        return None
+
+    def thread_facts(self, sender: str, head: bytes) -> tuple[tuple[str, ...], bool, frozenset[str]]:
+        """For the reply-only policy: the Message-IDs the header block cites,
+        whether the sender holds (as delivered mail) one of them, and the
+        participants of that conversation."""
+        parsed = threads.parse_thread_headers(head)
+        cited = tuple(ref.decode("utf-8", "replace") for ref in parsed.references)
+        with self._sessions() as s:
+            acct = self._account(s, sender)
+            key = threads.thread_key(s) if parsed.references else b""
+            thread_id = self._held_thread(s, acct.id, [threads.mid_hash(key, r) for r in parsed.references])
+            if thread_id is None:
+                return cited, False, frozenset()
+            people = s.scalars(select(ThreadParticipant.email).where(ThreadParticipant.thread_id == thread_id))
+            return cited, True, frozenset(people)
+
+    def conversation_partners(self, sender: str) -> frozenset[str]:
+        """Everyone the sender shares a delivered conversation with."""
+        with self._sessions() as s:
+            acct = self._account(s, sender)
+            held = self._held_threads(s, acct.id).distinct().subquery()
+            people = s.scalars(
+                select(ThreadParticipant.email).where(ThreadParticipant.thread_id.in_(select(held.c.thread_id)))
+            )
+            return frozenset(p for p in people if p != acct.email.lower())
 
     def _add_copy(
         self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int
@@ -183,7 +217,7 @@ class MailStore:
         stamp = now()
         try:
             with unit_of_work(self._sessions) as s:
-                msg = Message(public_id=public_id, blob_id=blob_id, size=size, created_at=stamp)
+                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="submission", created_at=stamp)
                 own, thread_id = self._index_thread(s, head, [sender_acct.email, *rcpt_accts], sender_acct.id)
                 msg.mid_hash, msg.thread_id = own, thread_id
                 s.add(msg)
@@ -226,7 +260,7 @@ class MailStore:
         try:
             with unit_of_work(self._sessions) as s:
                 box = self._mailbox(s, session.account_id, mailbox, lock=True)
-                msg = Message(public_id=public_id, blob_id=blob_id, size=size, created_at=now())
+                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="append", created_at=now())
                 msg.mid_hash, msg.thread_id = self._index_thread(s, head, [session.email], session.account_id)
                 s.add(msg)
                 s.flush()

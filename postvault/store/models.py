@@ -142,6 +142,10 @@ class Message(Base):
     mid_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True, index=True)
     thread_id: Mapped[int | None] = mapped_column(ForeignKey("threads.id"), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # "submission" (the server delivered it) or "append" (a client stored
+    # it). Only delivered messages prove a conversation: a colleague could
+    # APPEND a made-up message to Sent and then "reply" to it.
+    origin: Mapped[str] = mapped_column(String(16), server_default="submission")
 
 
 class MessageCopy(Base):

@@ -103,3 +103,26 @@ def test_citing_a_message_you_do_not_hold_does_not_join_its_thread(store: Store,
     with store._sessions() as s:
         t1, t2 = s.scalars(select(Message.thread_id).order_by(Message.id)).all()
     assert t1 != t2
+
+
+def test_thread_facts_count_only_delivered_mail(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    store.deliver(mail(msgid="<start@dental.test>"), member, [colleague])
+    reply_head = b"Message-ID: <r@ortho.test>\r\nIn-Reply-To: <start@dental.test>\r\n\r\n"
+    cited, held, participants = store.thread_facts(colleague, reply_head)
+    assert cited == ("<start@dental.test>",) and held and participants == {member, colleague}
+    assert store.conversation_partners(colleague) == {member}
+    # A message the colleague APPENDed itself proves nothing.
+    s = store.login(colleague, PASSWORD)
+    store.append(s, "Sent", mail(msgid="<made-up@ortho.test>"))
+    fake_head = b"In-Reply-To: <made-up@ortho.test>\r\n\r\n"
+    assert store.thread_facts(colleague, fake_head) == (("<made-up@ortho.test>",), False, frozenset())
+    # Nor does a message someone else holds.
+    store.deliver(mail(msgid="<other@dental.test>"), member, [people["member2"]])
+    assert store.thread_facts(colleague, b"References: <other@dental.test>\r\n\r\n")[1] is False
+    assert store.thread_facts(colleague, b"Subject: none\r\n\r\n") == ((), False, frozenset())
+
+
+def test_accounts_lookup(store: Store, people: dict[str, str]) -> None:
+    found = store.accounts([people["member"].upper(), "ghost@x.test"])
+    assert list(found) == [people["member"]] and found[people["member"]].role == "member"
