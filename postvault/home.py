@@ -21,6 +21,7 @@ from .certs.devca import write_dev_certs
 from .conf.load import load_config, render_default_config
 from .conf.schema import Config, is_dns_name
 from .errors import HomeError
+from .policy.load import POLICY_FILE
 from .store.api import KdfSettings, Store
 
 DEFAULT_HOME = "postvault-home"
@@ -30,6 +31,10 @@ def resolve_home(arg: str | None, environ: Mapping[str, str] | None = None) -> P
     """``--home``, else ``$POSTVAULT_HOME``, else ``./postvault-home``."""
     env = os.environ if environ is None else environ
     return Path(arg or env.get("POSTVAULT_HOME") or DEFAULT_HOME).absolute()
+
+
+def policy_path(home: Path) -> Path:
+    return home / POLICY_FILE
 
 
 def default_policy_text() -> str:

@@ -122,6 +122,9 @@ def test_member_and_colleague_add(cli_home: Path) -> None:
     notmember = run("colleague", "add", "y@ortho.test", "--member", "dr@ortho.test", "--practice", "X",
                     "--password-stdin", *h, stdin=PASSWORD)
     assert_one_line_error(notmember, "not a member")
+    guessable = run("member", "add", "new@smiledental.test", "--practice", "Smile Dental", "--password-stdin",
+                    *h, stdin="SmileDental2024!\n")
+    assert_one_line_error(guessable)
     nopw = run("member", "add", "z@dental.test", "--practice", "X", *h, stdin="")
     assert_one_line_error(nopw, "--password-stdin")
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..conf.load import load_config, show_config
 from ..errors import InvalidInput
-from ..home import init_home, open_store, resolve_home
-from ..policy.load import POLICY_FILE, check_policy_file
+from ..home import init_home, open_store, policy_path, resolve_home
+from ..policy.load import check_policy_file
+from ..policy.load import load_policy
 from ..policy.passwords import password_problem
+from ..policy.schema import Policy
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -27,8 +30,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_password(from_stdin: bool) -> str:
-    """One line of stdin, or asked twice at the terminal; checked by policy."""
+def read_password(from_stdin: bool, policy: Policy, user_inputs: Sequence[str]) -> str:
+    """One line of stdin, or asked twice at the terminal; checked by policy
+    (length, and not guessable from the address or practice name)."""
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif sys.stdin.isatty():
@@ -37,15 +41,16 @@ def read_password(from_stdin: bool) -> str:
             raise InvalidInput("the two passwords differ")
     else:
         raise InvalidInput("no terminal to ask for a password; pass --password-stdin and pipe it in")
-    problem = password_problem(password)
+    problem = password_problem(password, policy=policy.passwords, user_inputs=user_inputs)
     if problem:
         raise InvalidInput(problem)
     return password
 
 
 def cmd_member_add(args: argparse.Namespace) -> int:
-    config = load_config(resolve_home(args.home))
-    password = read_password(args.password_stdin)
+    home = resolve_home(args.home)
+    config = load_config(home)
+    password = read_password(args.password_stdin, load_policy(policy_path(home)), [args.email, args.practice])
     store = open_store(config)
     try:
         info = store.create_account(args.email, "member", args.practice, password, args.timezone)
@@ -56,8 +61,9 @@ def cmd_member_add(args: argparse.Namespace) -> int:
 
 
 def cmd_colleague_add(args: argparse.Namespace) -> int:
-    config = load_config(resolve_home(args.home))
-    password = read_password(args.password_stdin)
+    home = resolve_home(args.home)
+    config = load_config(home)
+    password = read_password(args.password_stdin, load_policy(policy_path(home)), [args.email, args.practice])
     store = open_store(config)
     try:
         member = store.get_account(args.member)
@@ -73,7 +79,7 @@ def cmd_colleague_add(args: argparse.Namespace) -> int:
 def cmd_policy_check(args: argparse.Namespace) -> int:
     """Every problem as FILE:LINE: key: ..., one per line (so editors can
     jump to them), and exit 1; or one OK line."""
-    path = Path(args.file) if args.file else resolve_home(args.home) / POLICY_FILE
+    path = Path(args.file) if args.file else policy_path(resolve_home(args.home))
     problems = check_policy_file(path)
     for problem in problems:
         print(problem, file=sys.stderr)

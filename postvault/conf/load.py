@@ -116,7 +116,7 @@ def _collect(data: dict[str, Any], source: str, specs: list[KeySpec],
     for name, value in data.items():
         if name in section_names:
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {name}: expected a table [{name}], got {_describe(value)}")
+                raise ConfigError(f"{source}: {name}: expected a table [{name}], got {describe_value(value)}")
             entries = [(f"{name}.{key}", key, item) for key, item in value.items()]
         else:
             entries = [(name, name, value)]
@@ -134,7 +134,7 @@ def _check_type(spec: KeySpec, value: Any, where: str) -> None:
     # type() is, not isinstance: bool is a subclass of int, and `true` is not 1.
     ok = type(value) is int if spec.type is int else isinstance(value, str)
     if not ok:
-        raise ConfigError(f"{where}: {spec.dotted}: expected {_TYPE_NAMES[spec.type]}, got {_describe(value)}")
+        raise ConfigError(f"{where}: {spec.dotted}: expected {_TYPE_NAMES[spec.type]}, got {describe_value(value)}")
 
 
 def _suggest_key(dotted: str, specs: list[KeySpec]) -> str:
@@ -175,7 +175,7 @@ def _overlay_environment(environ: Mapping[str, str], specs: list[KeySpec],
         if spec.type is int:
             # Digits only: no sign, no underscores, no other scripts' digits.
             if not (value.isascii() and value.isdigit()):
-                raise ConfigError(f"{name}: {spec.dotted}: expected an integer (digits only), got {_quote(value)}")
+                raise ConfigError(f"{name}: {spec.dotted}: expected an integer (digits only), got {quote(value)}")
             value = int(value)
         raw[spec.dotted] = value
         where[spec.dotted] = name
@@ -223,7 +223,7 @@ def render_default_config(hostname: str) -> str:
     """The default ``conf/postvault.toml`` for ``hostname``: every key written
     out with its default and a comment from the schema."""
     if not is_dns_name(hostname):
-        raise ConfigError(f'hostname: expected a DNS name such as "mail.example.test", got {_quote(hostname)}')
+        raise ConfigError(f'hostname: expected a DNS name such as "mail.example.test", got {quote(hostname)}')
     values = {spec.dotted: spec.default_for(hostname) for spec in keys()}
     values["hostname"] = hostname  # the one key without a schema default
     return _render(values, _HEADER, comments=True)
@@ -266,7 +266,7 @@ def _render(values: Mapping[str, Any], header: str, *, comments: bool) -> str:
 # --- values in messages and files ------------------------------------------
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     """``text`` as a TOML basic string (also the form messages quote values in)."""
     out = []
     for char in text:
@@ -287,17 +287,17 @@ def _quote(text: str) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"schema values are strings or integers, not {type(value).__name__}")
-    return _quote(value) if isinstance(value, str) else str(value)
+    return quote(value) if isinstance(value, str) else str(value)
 
 
 def _shown(spec: KeySpec, value: Any) -> str:
     # Error messages are public text: never echo a password.
     if isinstance(value, str):
-        return _quote(mask_secret(value) if spec.secret else value)
+        return quote(mask_secret(value) if spec.secret else value)
     return str(value)
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A wrongly typed TOML value, named with its type."""
     if isinstance(value, bool):
         return f"the boolean {'true' if value else 'false'}"
@@ -306,7 +306,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, float):
         return f"the float {value!r}"
     if isinstance(value, str):
-        return f"the string {_quote(mask_secret(value))}"
+        return f"the string {quote(mask_secret(value))}"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

@@ -32,7 +32,7 @@ from typing import Any, cast
 
 # Shared with the server-config loader so that both files describe a wrong
 # value in the same words ("the string "15 MB"", "the boolean true").
-from postvault.conf.load import _describe, _quote
+from postvault.conf.load import describe_value, quote
 from postvault.conf.schema import Expected
 from postvault.errors import ConfigError
 from postvault.policy.schema import ExpectedItem, Policy
@@ -221,7 +221,7 @@ def _all_keys() -> list[tuple[str, ...]]:
 
 def dotted(path: tuple[str, ...]) -> str:
     """A key path as TOML writes it: quoted where a part isn't a bare key."""
-    return ".".join(part if _BARE_KEY.match(part) else _quote(part) for part in path)
+    return ".".join(part if _BARE_KEY.match(part) else quote(part) for part in path)
 
 
 class _Builder:
@@ -255,7 +255,7 @@ class _Builder:
             if node is None:
                 self._unknown(here, value, list(group), tables=True)
             elif not isinstance(value, dict):
-                self.problems.add(here, f"expected a table [{dotted(here)}], got {_describe(value)}")
+                self.problems.add(here, f"expected a table [{dotted(here)}], got {describe_value(value)}")
             elif isinstance(node, dict):
                 self._check_groups(node, value, here)
 
@@ -275,7 +275,7 @@ class _Builder:
                 value = f.metadata["parse"](item)
             except Expected as exc:
                 detail = f" ({exc.detail})" if exc.detail else ""
-                got = exc.got if isinstance(exc, ExpectedItem) else _describe(item)
+                got = exc.got if isinstance(exc, ExpectedItem) else describe_value(item)
                 self.problems.add(here, f"expected {exc.expected}, got {got}{detail}")
                 valid = False
                 continue
@@ -308,15 +308,15 @@ class _Builder:
             try:
                 normal = parse_key(name)
             except Expected as exc:
-                self.problems.add(here, f"expected {exc.expected}, got {_quote(name)}")
+                self.problems.add(here, f"expected {exc.expected}, got {quote(name)}")
                 continue
             if normal in first:
-                self.problems.add(here, f"expected each address once, got {_quote(name)} after"
-                                        f" {_quote(first[normal])} (addresses ignore case)")
+                self.problems.add(here, f"expected each address once, got {quote(name)} after"
+                                        f" {quote(first[normal])} (addresses ignore case)")
                 continue
             first[normal] = name
             if not isinstance(item, dict):
-                self.problems.add(here, f"expected a table [{dotted(here)}], got {_describe(item)}")
+                self.problems.add(here, f"expected a table [{dotted(here)}], got {describe_value(item)}")
                 continue
             out[normal] = self._section(cls, item, here)
         return MappingProxyType(out)
