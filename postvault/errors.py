@@ -71,3 +71,13 @@ class MailboxExists(StoreError):
 
 class MessageNotFound(StoreError):
     """No message with this UID in this mailbox."""
+
+
+class LoginLimited(PostvaultError):
+    """Too many failed logins: this attempt is refused before the password
+    is checked. ``decision`` (a ``policy.decision.Decision``) carries the
+    protocol answers (SMTP 454 4.7.0, IMAP NO [UNAVAILABLE])."""
+
+    def __init__(self, decision: object) -> None:
+        super().__init__(getattr(decision, "text", "too many failed logins"))
+        self.decision = decision

@@ -27,7 +27,8 @@ from sqlalchemy import Engine
 
 from .accounts import AccountStore
 from .blobs import FileBlobStore
-from .db import make_engine, sessions, upgrade
+from . import audit
+from .db import make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
 from .mail import MailStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
@@ -55,3 +56,19 @@ class Store(AccountStore, MailStore):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def record_event(
+        self,
+        event: str,
+        *,
+        actor: str,
+        account: str | None = None,
+        message: str | None = None,
+        client_ip: str | None = None,
+        protocol: str | None = None,
+        detail: str = "",
+    ) -> None:
+        """Append one audit event (never content) in its own transaction."""
+        with unit_of_work(self._sessions) as s:
+            audit.record(s, event, actor=actor, account=account, message=message, client_ip=client_ip,
+                         protocol=protocol, detail=detail)
