@@ -25,6 +25,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve import serve  # the servers' imports are not needed by other commands
+
+    return serve(resolve_home(args.home))
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(show_config(load_config(resolve_home(args.home))), end="")
     return 0

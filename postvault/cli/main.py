@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default="mail.example.test", help="the server's DNS name (default: %(default)s)")
     p.set_defaults(func=commands.cmd_init)
 
+    p = with_home(sub.add_parser("serve", help="run every service until SIGTERM (SIGHUP reloads policy and certificates)"))
+    p.set_defaults(func=commands.cmd_serve)
+
     config = sub.add_parser("config", help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     p = with_home(config_sub.add_parser("show", help="print the effective config (secrets masked)"))

@@ -1,0 +1,75 @@
+"""``postvault serve``: every service in one process on one asyncio loop.
+
+Start-up: config, policy, TLS and the store (schema upgraded) are loaded
+first, so a mistake stops the server before it listens. Then each service
+starts its listeners and a line "postvault ready: ..." goes to standard
+output (tests and init scripts wait for it).
+
+Signals: SIGHUP reloads policy and certificates (``Runtime.reload``);
+SIGTERM and SIGINT stop accepting connections, let open sessions finish for
+up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
+after it is stored, so closing a session mid-transaction loses nothing that
+was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from .logs import configure_logging
+from .runtime import Runtime
+
+log = logging.getLogger("postvault.serve")
+DRAIN_SECONDS = 30.0
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> list[str]:
+        """Start listening; returns "kind host:port" for each listener."""
+        ...
+
+    async def stop(self, drain_seconds: float) -> None:
+        """Stop listening, wait for open sessions, then close what is left."""
+        ...
+
+
+def build_services(runtime: Runtime) -> list[Service]:
+    from .smtpd.service import SubmissionService
+
+    return [SubmissionService(runtime)]
+
+
+async def _run(runtime: Runtime, drain_seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    services = build_services(runtime)
+    listening: list[str] = []
+    for service in services:
+        listening += await service.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    print(f"postvault ready: {', '.join(listening) or 'no listeners configured'}", flush=True)
+    log.info("ready: %s", ", ".join(listening))
+    await stop.wait()
+    log.info("stopping: draining open sessions for up to %.0f s", drain_seconds)
+    await asyncio.gather(*(s.stop(drain_seconds) for s in services))
+    log.info("stopped")
+
+
+def serve(home: Path, drain_seconds: float = DRAIN_SECONDS) -> int:
+    runtime = Runtime.open(home)
+    configure_logging(runtime.config.log)
+    try:
+        asyncio.run(_run(runtime, drain_seconds))
+    finally:
+        runtime.close()
+    sys.stdout.flush()
+    return 0
