@@ -67,9 +67,31 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
 def serve(home: Path, drain_seconds: float = DRAIN_SECONDS) -> int:
     runtime = Runtime.open(home)
     configure_logging(runtime.config.log)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    # Twisted (IMAP, HTTPS) runs on this same asyncio loop: the reactor must
+    # be installed before anything imports twisted.internet.reactor.
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install(loop)
+    from twisted.internet import defer, reactor
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    failures: list[BaseException] = []
+
+    def main() -> None:
+        d = defer.Deferred.fromFuture(asyncio.ensure_future(_run(runtime, drain_seconds)))
+        d.addErrback(lambda f: failures.append(f.value))
+        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(main)  # type: ignore[attr-defined]
     try:
-        asyncio.run(_run(runtime, drain_seconds))
+        # Our signal handlers live on the asyncio loop (see _run).
+        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     finally:
         runtime.close()
     sys.stdout.flush()
+    if failures:
+        raise failures[0]
     return 0
