@@ -41,7 +41,7 @@ def default_policy_text() -> str:
     return resources.files("postvault.policy").joinpath("default.toml").read_text("utf-8")
 
 
-def init_home(home: Path, hostname: str) -> Config:
+def init_home(home: Path, hostname: str, overrides: Mapping[str, object] | None = None) -> Config:
     """Create a complete home folder; refuse to touch an existing one."""
     if not is_dns_name(hostname):
         raise HomeError(f"--hostname: {hostname!r} is not a DNS host name")
@@ -51,7 +51,7 @@ def init_home(home: Path, hostname: str) -> Config:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home, 0o700)
     try:
-        return _fill_home(home, hostname)
+        return _fill_home(home, hostname, overrides)
     except BaseException:
         # The folder was empty when we started: leave it so, not half made.
         for child in home.iterdir():
@@ -59,10 +59,10 @@ def init_home(home: Path, hostname: str) -> Config:
         raise
 
 
-def _fill_home(home: Path, hostname: str) -> Config:
+def _fill_home(home: Path, hostname: str, overrides: Mapping[str, object] | None) -> Config:
     (home / "conf").mkdir(mode=0o700)
     (home / "data").mkdir(mode=0o700)
-    (home / "conf" / "postvault.toml").write_text(render_default_config(hostname), "utf-8")
+    (home / "conf" / "postvault.toml").write_text(render_default_config(hostname, overrides), "utf-8")
     (home / "conf" / "policy.toml").write_text(default_policy_text(), "utf-8")
     write_dev_certs(home / "certs", hostname)
     # The effective config (env overrides included) says where the store is.

@@ -31,6 +31,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(resolve_home(args.home))
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import DEFAULT_HOME, instructions, prepare
+    from ..serve import serve
+
+    home = Path(args.home or DEFAULT_HOME).absolute()
+    config, accounts = prepare(home)
+    print(instructions(home, config, accounts), flush=True)
+    return serve(home)
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(show_config(load_config(resolve_home(args.home))), end="")
     return 0

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_home(sub.add_parser("serve", help="run every service until SIGTERM (SIGHUP reloads policy and certificates)"))
     p.set_defaults(func=commands.cmd_serve)
 
+    p = sub.add_parser("demo", help="try Postvault: a demo home with two accounts on loopback ports, then serve")
+    p.add_argument("--home", default=None, help="demo home folder (default: ./postvault-demo)")
+    p.set_defaults(func=commands.cmd_demo)
+
     config = sub.add_parser("config", help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     p = with_home(config_sub.add_parser("show", help="print the effective config (secrets masked)"))

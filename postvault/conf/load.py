@@ -219,13 +219,18 @@ def _expectation(spec: KeySpec, home: Path) -> str:
 # --- rendering -------------------------------------------------------------
 
 
-def render_default_config(hostname: str) -> str:
+def render_default_config(hostname: str, overrides: Mapping[str, Any] | None = None) -> str:
     """The default ``conf/postvault.toml`` for ``hostname``: every key written
-    out with its default and a comment from the schema."""
+    out with its default and a comment from the schema; ``overrides`` (dotted
+    key -> value, e.g. ``{"listen.imaps": "127.0.0.1:10993"}``) replace defaults."""
     if not is_dns_name(hostname):
         raise ConfigError(f'hostname: expected a DNS name such as "mail.example.test", got {quote(hostname)}')
     values = {spec.dotted: spec.default_for(hostname) for spec in keys()}
     values["hostname"] = hostname  # the one key without a schema default
+    for key, value in (overrides or {}).items():
+        if key not in values:
+            raise ConfigError(f"{key}: not a config key")
+        values[key] = value
     return _render(values, _HEADER, comments=True)
 
 
