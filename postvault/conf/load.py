@@ -95,17 +95,29 @@ def load_config_text(text: str, *, home: Path, source: str,
     return _build(specs, raw, where, source, home)
 
 
-def _describe_toml_error(exc: tomllib.TOMLDecodeError, text: str) -> str:
-    # tomllib puts the position at the end of its message; move it to the
-    # front so the line reads like every other config error.
+def toml_error_position(exc: tomllib.TOMLDecodeError, text: str) -> tuple[int | None, int | None, str]:
+    """(line, column, reason) of a TOML syntax error; column None at the end
+    of the file, line None when tomllib gives no position. Python 3.11's
+    tomllib has the position only at the end of its message."""
     message = str(exc)
     at = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
     if at:
-        return f"line {at[2]}, column {at[3]}: expected valid TOML: {at[1]}"
+        return int(at[2]), int(at[3]), at[1]
     end = re.fullmatch(r"(.*) \(at end of document\)", message, re.DOTALL)
     if end:
-        return f"line {text.count(chr(10)) + 1} (end of file): expected valid TOML: {end[1]}"
-    return f"expected valid TOML: {message}"
+        return text.count("\n") + 1, None, end[1]
+    return None, None, message
+
+
+def _describe_toml_error(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    # The position goes to the front so the line reads like every other
+    # config error.
+    line, column, reason = toml_error_position(exc, text)
+    if line is None:
+        return f"expected valid TOML: {reason}"
+    if column is None:
+        return f"line {line} (end of file): expected valid TOML: {reason}"
+    return f"line {line}, column {column}: expected valid TOML: {reason}"
 
 
 def _collect(data: dict[str, Any], source: str, specs: list[KeySpec],

@@ -32,7 +32,7 @@ from typing import Any, cast
 
 # Shared with the server-config loader so that both files describe a wrong
 # value in the same words ("the string "15 MB"", "the boolean true").
-from postvault.conf.load import describe_value, quote
+from postvault.conf.load import describe_value, quote, toml_error_position
 from postvault.conf.schema import Expected
 from postvault.errors import ConfigError
 from postvault.policy.schema import ExpectedItem, Policy
@@ -146,15 +146,12 @@ def _parse(text: str, source: str) -> tuple[Policy | None, list[str]]:
 
 
 def _syntax_problem(exc: tomllib.TOMLDecodeError, text: str, source: str) -> str:
-    # tomllib (3.11) puts the position at the end of its message only.
-    message = str(exc)
-    at = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
-    if at:
-        return f"{source}:{at[2]}: expected valid TOML, got an error at column {at[3]}: {at[1]}"
-    end = re.fullmatch(r"(.*) \(at end of document\)", message, re.DOTALL)
-    if end:
-        return f"{source}:{text.count(chr(10)) + 1}: expected valid TOML, got an error at the end: {end[1]}"
-    return f"{source}:1: expected valid TOML, got: {message}"
+    line, column, reason = toml_error_position(exc, text)
+    if line is None:
+        return f"{source}:1: expected valid TOML, got: {reason}"
+    if column is None:
+        return f"{source}:{line}: expected valid TOML, got an error at the end: {reason}"
+    return f"{source}:{line}: expected valid TOML, got an error at column {column}: {reason}"
 
 
 # --- the schema as a tree of tables ----------------------------------------------
