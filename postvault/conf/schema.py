@@ -243,6 +243,20 @@ def parse_address(raw: str, home: Path) -> str:
     return raw
 
 
+RELAY_TLS_MODES = ("starttls", "implicit")
+
+
+def parse_relay_tls(raw: str, home: Path) -> str:
+    if raw not in RELAY_TLS_MODES:
+        raise Expected(" or ".join(f'"{mode}"' for mode in RELAY_TLS_MODES))
+    return raw
+
+
+def parse_optional_pem_file(raw: str, home: Path) -> Path | None:
+    # Empty: the system's trust store (a public smarthost's certificate).
+    return None if raw == "" else parse_pem_file(raw, home)
+
+
 def parse_level(raw: str, home: Path) -> str:
     if raw not in LOG_LEVELS:
         raise Expected(" or ".join(f'"{level}"' for level in LOG_LEVELS))
@@ -376,6 +390,25 @@ class NotifyConfig:
     from_: str = text_key(
         "Envelope sender and From address of notifications.",
         lambda hostname: f"no-reply@{hostname}", parse_address, toml="from")
+    # No "off" value: a smarthost or MX that cannot do TLS never gets our
+    # mail (invitations carry a sign-up secret). RFC 3207, RFC 8314.
+    relay_tls: str = text_key(
+        'How TLS starts with the smarthost: "starttls" (STARTTLS is required, RFC 3207; '
+        'usually port 587) or "implicit" (TLS from the first byte, RFC 8314; port 465). '
+        "Mail is never sent in plaintext, and the certificate is always verified.",
+        "starttls", parse_relay_tls)
+    relay_ca: Path | None = text_key(
+        "PEM file of the CA certificates that sign the smarthost's certificate; "
+        "empty: the system's trust store.", "", parse_optional_pem_file, show_optional_path)
+    retry_first_seconds: int = int_key(
+        "Wait before the first retry after a temporary failure (4xx reply, no connection, "
+        "no STARTTLS); each later wait doubles.", 60, 1, 86400)
+    retry_max_seconds: int = int_key("Longest wait between two retries.", 3600, 1, 7 * 86400)
+    give_up_hours: int = int_key(
+        "Hours after which a message that still fails temporarily is given up and the "
+        "failure is recorded in the audit log (a 5xx reply fails it at once).", 48, 1, 30 * 24)
+    invitation_days: int = int_key(
+        "Days a sign-up link stays valid; a new invitation replaces the old link.", 14, 1, 365)
 
 
 @dataclass(frozen=True)
@@ -385,6 +418,43 @@ class LogConfig:
     level: str = text_key('One of "debug", "info", "warning", "error".', "info", parse_level)
     file: Path | None = text_key(
         "Log file; empty: standard error.", "", parse_log_file, show_optional_path)
+
+
+def _smtp_key(doc: str, default: int, minimum: int, maximum: int) -> Any:
+    """An integer key of ``[smtp]``; unlike ``int_key`` it also carries a
+    Python default, so that ``SmtpConfig()`` (and a ``Config`` built without
+    this table, as older code does) gets the documented defaults."""
+    spec = int_key(doc, default, minimum, maximum)
+    return field(default=default, metadata=spec.metadata)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """Limits of the SMTP submission listeners (RFC 5321, 6409)."""
+
+    max_recipients: int = _smtp_key(
+        "Recipients per message; more get 452 4.5.3 and the client sends the rest in another "
+        "message (RFC 5321 section 4.5.3.1.8 asks servers to accept at least 100).", 100, 1, 10_000)
+    max_line_length: int = _smtp_key(
+        "Longest line of a message, in octets including CR LF (RFC 5321 section 4.5.3.1.6: "
+        "1000); a longer line refuses the message.", 1000, 1000, 65_536)
+    max_commands: int = _smtp_key(
+        "Commands per connection before it is closed with 421 4.7.0 (a client reconnects and "
+        "carries on; this only bounds runaway sessions).", 10_000, 100, 10_000_000)
+    max_errors: int = _smtp_key(
+        "Refused commands (4xx and 5xx replies) per connection before it is closed with "
+        "421 4.7.0.", 20, 1, 10_000)
+    idle_timeout_seconds: int = _smtp_key(
+        "Seconds a connection may wait between commands, or between pieces of a message, "
+        "before it is closed with 421 4.4.2 (RFC 5321 section 4.5.3.2.7 suggests 300).",
+        300, 1, 3600)
+    max_connections_per_ip: int = _smtp_key(
+        "Open connections from one client address at once; more get 421 4.7.0. A whole "
+        "practice often shares one address.", 50, 1, 100_000)
+
+
+def _default_smtp() -> SmtpConfig:
+    return SmtpConfig()
 
 
 @dataclass(frozen=True)
@@ -400,6 +470,10 @@ class Config:
     store: StoreConfig = section(StoreConfig, "Storage. Everything stored is encrypted.")
     notify: NotifyConfig = section(NotifyConfig, "Notifications and invitations.")
     log: LogConfig = section(LogConfig, "Logging.")
+    # Last, and with a default, so that a Config built without it (as code
+    # written before the [smtp] table was) still works.
+    smtp: SmtpConfig = field(default_factory=_default_smtp, metadata={
+        "doc": "SMTP submission limits (ports 465 and 587).", "section": SmtpConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------
