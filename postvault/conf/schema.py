@@ -307,19 +307,26 @@ def mask_secret(text: str) -> str:
 REQUIRED: Any = object()  # default of a key that the file must give
 
 
+_NO_VALUE: Any = object()  # a key whose dataclass field has no Python default
+
+
 def text_key(doc: str, default: Any, parse: Parser, show: Shower = str, *, toml: str | None = None,
-             secret: bool = False) -> Any:
+             secret: bool = False, value: Any = _NO_VALUE) -> Any:
     """A string key. ``default`` is the raw TOML default, a callable of the
-    hostname (for defaults derived from it), or ``REQUIRED``."""
-    return field(repr=not secret, metadata={
+    hostname (for defaults derived from it), or ``REQUIRED``. ``value``, if
+    given, is the parsed default as a Python default of the field (keys added
+    later carry one, so code that builds a section by hand keeps working)."""
+    extra = {} if value is _NO_VALUE else {"default": value}
+    return field(repr=not secret, **extra, metadata={
         "doc": doc, "type": str, "default": default, "parse": parse, "show": show,
         "toml": toml, "secret": secret,
     })
 
 
-def int_key(doc: str, default: int, minimum: int, maximum: int) -> Any:
-    """An integer key with its bounds."""
-    return field(metadata={
+def int_key(doc: str, default: int, minimum: int, maximum: int, *, python_default: bool = False) -> Any:
+    """An integer key with its bounds (``python_default``: see ``text_key``'s ``value``)."""
+    extra = {"default": default} if python_default else {}
+    return field(**extra, metadata={
         "doc": doc, "type": int, "default": default, "parse": int_range(minimum, maximum),
         "show": _identity, "toml": None, "secret": False,
     })
@@ -396,19 +403,19 @@ class NotifyConfig:
         'How TLS starts with the smarthost: "starttls" (STARTTLS is required, RFC 3207; '
         'usually port 587) or "implicit" (TLS from the first byte, RFC 8314; port 465). '
         "Mail is never sent in plaintext, and the certificate is always verified.",
-        "starttls", parse_relay_tls)
+        "starttls", parse_relay_tls, value="starttls")
     relay_ca: Path | None = text_key(
         "PEM file of the CA certificates that sign the smarthost's certificate; "
-        "empty: the system's trust store.", "", parse_optional_pem_file, show_optional_path)
+        "empty: the system's trust store.", "", parse_optional_pem_file, show_optional_path, value=None)
     retry_first_seconds: int = int_key(
         "Wait before the first retry after a temporary failure (4xx reply, no connection, "
-        "no STARTTLS); each later wait doubles.", 60, 1, 86400)
-    retry_max_seconds: int = int_key("Longest wait between two retries.", 3600, 1, 7 * 86400)
+        "no STARTTLS); each later wait doubles.", 60, 1, 86400, python_default=True)
+    retry_max_seconds: int = int_key("Longest wait between two retries.", 3600, 1, 7 * 86400, python_default=True)
     give_up_hours: int = int_key(
         "Hours after which a message that still fails temporarily is given up and the "
-        "failure is recorded in the audit log (a 5xx reply fails it at once).", 48, 1, 30 * 24)
+        "failure is recorded in the audit log (a 5xx reply fails it at once).", 48, 1, 30 * 24, python_default=True)
     invitation_days: int = int_key(
-        "Days a sign-up link stays valid; a new invitation replaces the old link.", 14, 1, 365)
+        "Days a sign-up link stays valid; a new invitation replaces the old link.", 14, 1, 365, python_default=True)
 
 
 @dataclass(frozen=True)
