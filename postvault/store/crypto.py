@@ -21,6 +21,10 @@ primitives, and it only composes well-known constructions from the
   associated data binding the header and the message id.  This gives bounded
   memory, random access, and detection of truncation, reordering, splicing
   and blobs moved to another message.
+* **Small sealed values.**  A message's summary (its ENVELOPE and
+  BODYSTRUCTURE, which hold the subject) is sealed whole with AES-256-GCM
+  under a key derived from the content key, bound to a label and the message
+  id (``seal_small``/``open_small``).
 
 Blob format (version 1)::
 
@@ -54,7 +58,7 @@ import io
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -83,6 +87,9 @@ __all__ = [
     "new_content_key",
     "wrap_content_key",
     "unwrap_content_key",
+    "unwrap_content_keys",
+    "seal_small",
+    "open_small",
     "seal_stream",
     "SealedReader",
     "open_stream",
@@ -112,8 +119,11 @@ _CONTENT_KEY_KDF_LABEL = b"postvault/v1/content-key-wrap/kdf"
 _CONTENT_KEY_AAD_LABEL = b"postvault/v1/content-key-wrap/aad"
 _BLOB_KEY_LABEL = b"postvault/v1/blob/chunk-key"
 _BLOB_AAD_LABEL = b"postvault/v1/blob/chunk"
+_SMALL_KEY_LABEL = b"postvault/v1/small/key"
+_SMALL_AAD_LABEL = b"postvault/v1/small/aad"
 
 _PRIVATE_KEY_VERSION = 1
+_SMALL_VERSION = 1
 _BLOB_MAGIC = b"PVB1"
 _BLOB_VERSION = 1
 _HEADER = struct.Struct(">4sBI16s")  # magic, version, chunk_size, salt
@@ -429,6 +439,105 @@ def unwrap_content_key(
         )
     except InvalidTag:
         raise IntegrityError("wrapped content key failed authentication") from None
+
+
+def unwrap_content_keys(
+    items: Iterable[tuple[bytes, bytes]], recipient_private: bytes, owner: bytes
+) -> list[bytes]:
+    """``unwrap_content_key`` for many ``(wrapped, message_id)`` pairs of one
+    owner, in order; raises ``IntegrityError`` on the first that does not open.
+
+    Same result, about half the cost: the private key object and its public
+    key (a scalar multiplication) are made once instead of once per message,
+    which is what listing a large folder's summaries pays for.
+    """
+    recipient_private = _require_bytes("recipient_private", recipient_private, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    private = X25519PrivateKey.from_private_bytes(recipient_private)
+    recipient_pub = private.public_key().public_bytes_raw()
+    out = []
+    for wrapped, message_id in items:
+        wrapped = _require_bytes("wrapped", wrapped)
+        message_id = _require_bytes("message_id", message_id)
+        if len(wrapped) != KEY_LEN + NONCE_LEN + KEY_LEN + TAG_LEN:
+            raise IntegrityError("wrapped content key has an invalid length")
+        eph_pub = wrapped[:KEY_LEN]
+        try:
+            shared = private.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+        except ValueError:
+            raise IntegrityError("wrapped content key failed authentication") from None
+        kek = _content_kek(shared, eph_pub, recipient_pub, owner, message_id)
+        try:
+            out.append(
+                AESGCM(kek).decrypt(
+                    wrapped[KEY_LEN : KEY_LEN + NONCE_LEN],
+                    wrapped[KEY_LEN + NONCE_LEN :],
+                    _enc(_CONTENT_KEY_AAD_LABEL, owner, message_id),
+                )
+            )
+        except InvalidTag:
+            raise IntegrityError("wrapped content key failed authentication") from None
+    return out
+
+
+# --------------------------------------------------------------------------
+# Small sealed values (a message's summary)
+# --------------------------------------------------------------------------
+#
+# Format: version (1 byte) || nonce (12 bytes) || AES-256-GCM ciphertext+tag
+#
+#   key = HKDF-SHA256(content_key, salt=None, info=enc(SMALL_KEY_LABEL, label))
+#   aad = enc(SMALL_AAD_LABEL, label, message_id)
+#
+# The content key is never an AES key itself: the blob derives its chunk key
+# with another label, so a summary and a blob chunk can never be swapped or
+# share a (key, nonce) pair. The label names the value's purpose, the message
+# id binds it to its message: a sealed summary copied to another message's
+# row, or opened as another kind of value, fails authentication. One content
+# key seals one summary (or a few, if one is ever rebuilt): random nonces are
+# far from any collision bound.
+
+
+def _small_key(content_key: bytes, label: bytes) -> AESGCM:
+    return AESGCM(
+        HKDF(
+            algorithm=hashes.SHA256(),
+            length=KEY_LEN,
+            salt=None,
+            info=_enc(_SMALL_KEY_LABEL, label),
+        ).derive(content_key)
+    )
+
+
+def seal_small(content_key: bytes, label: bytes, message_id: bytes, data: bytes) -> bytes:
+    """Encrypt a small value that belongs to one message (held in memory whole)."""
+    content_key = _require_bytes("content_key", content_key, KEY_LEN)
+    label = _require_bytes("label", label)
+    message_id = _require_bytes("message_id", message_id)
+    data = _require_bytes("data", data)
+    nonce = os.urandom(NONCE_LEN)
+    ct = _small_key(content_key, label).encrypt(
+        nonce, data, _enc(_SMALL_AAD_LABEL, label, message_id)
+    )
+    return bytes([_SMALL_VERSION]) + nonce + ct
+
+
+def open_small(content_key: bytes, label: bytes, message_id: bytes, sealed: bytes) -> bytes:
+    """Open ``seal_small`` output; ``IntegrityError`` if it does not open."""
+    content_key = _require_bytes("content_key", content_key, KEY_LEN)
+    label = _require_bytes("label", label)
+    message_id = _require_bytes("message_id", message_id)
+    sealed = _require_bytes("sealed", sealed)
+    if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _SMALL_VERSION:
+        raise IntegrityError("sealed value has an unknown format")
+    try:
+        return _small_key(content_key, label).decrypt(
+            sealed[1 : 1 + NONCE_LEN],
+            sealed[1 + NONCE_LEN :],
+            _enc(_SMALL_AAD_LABEL, label, message_id),
+        )
+    except InvalidTag:
+        raise IntegrityError("sealed value failed authentication") from None
 
 
 # --------------------------------------------------------------------------

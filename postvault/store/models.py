@@ -146,6 +146,11 @@ class Message(Base):
     # it). Only delivered messages prove a conversation: a colleague could
     # APPEND a made-up message to Sent and then "reply" to it.
     origin: Mapped[str] = mapped_column(String(16), server_default="submission")
+    # The message summary (ENVELOPE, BODYSTRUCTURE, part offsets; see
+    # postvault/mime/summary.py) as JSON sealed under the content key
+    # (crypto.seal_small, bound to the public id): it holds the subject.
+    # NULL for messages stored before revision 0004; filled on first read.
+    sealed_summary: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class MessageCopy(Base):

@@ -1,0 +1,108 @@
+"""Change notifications: the store tells whoever listens that a mailbox
+changed, so an IMAP session in IDLE (RFC 2177) can announce ``* N EXISTS``,
+``FETCH (FLAGS ...)`` or ``EXPUNGE`` without polling the database.
+
+A ``Change`` carries only what the database already shows in the clear
+(account id, mailbox name, UIDs): never content, so it may be logged.
+
+The store publishes after a unit of work has committed, never before: a
+listener that reacts at once (re-reads the mailbox) must find the change
+there. Publishing happens on the thread that made the change, which is a
+worker thread for the servers; callbacks must be quick and must not block
+(the IMAP side hops to the reactor with ``reactor.callFromThread``).
+
+This bus is in-process only. A later issue adds PostgreSQL LISTEN/NOTIFY so
+that several server processes hear each other; that slots in by overriding
+``publish`` (send a NOTIFY, then deliver locally) and calling ``deliver``
+from the listening thread for changes other processes made. Subscribers do
+not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+ChangeKind = Literal["exists", "flags", "expunge"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change to one mailbox of one account.
+
+    ``exists``: messages with these UIDs were added; ``flags``: their flags
+    changed; ``expunge``: they were removed. UIDs ascend.
+    """
+
+    account_id: int
+    mailbox: str
+    kind: ChangeKind
+    uids: tuple[int, ...]
+
+
+Callback = Callable[[Change], None]
+
+
+class ChangeBus:
+    """Thread-safe publish/subscribe of ``Change``s, per account."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # account id -> {token: callback}; a token per subscription, so the
+        # same callable subscribed twice is two subscriptions, each with its
+        # own unsubscribe.
+        self._subs: dict[int, dict[int, Callback]] = {}
+        self._next = 0
+
+    def subscribe(self, account_id: int, callback: Callback) -> Callable[[], None]:
+        """Call ``callback`` for every change to ``account_id``'s mailboxes;
+        returns a function that ends the subscription (idempotent)."""
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._subs.setdefault(account_id, {})[token] = callback
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subs = self._subs.get(account_id)
+                if subs is not None:
+                    subs.pop(token, None)
+                    if not subs:
+                        del self._subs[account_id]
+
+        return unsubscribe
+
+    def subscribers(self, account_id: int) -> int:
+        """How many subscriptions an account has (for tests and metrics)."""
+        with self._lock:
+            return len(self._subs.get(account_id, {}))
+
+    def publish(self, change: Change) -> None:
+        """Announce a committed change to this process's subscribers."""
+        self.deliver(change)
+
+    def deliver(self, change: Change) -> None:
+        """Run the subscribers of ``change.account_id``; never raises.
+
+        Callbacks run outside the lock (a callback may subscribe or
+        unsubscribe, e.g. a session that logs out), over a copy taken under
+        it. A callback that raises is logged and skipped: a broken listener
+        must not fail the store call that already committed its change.
+        """
+        with self._lock:
+            callbacks = list(self._subs.get(change.account_id, {}).values())
+        for callback in callbacks:
+            try:
+                callback(change)
+            except Exception as exc:  # noqa: BLE001 - any listener bug, see above
+                # The type only: an exception's text is the listener's and
+                # could quote anything it held.
+                log.warning(
+                    "change listener failed (%s) for account %d, %s",
+                    type(exc).__name__, change.account_id, change.kind,
+                )
