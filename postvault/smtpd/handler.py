@@ -1,0 +1,336 @@
+"""What the submission server decides: AUTH, MAIL, RCPT and DATA.
+
+aiosmtpd calls these hooks after its own parsing (``protocol.py``); each
+returns the reply. Every store call runs on a worker thread
+(``asyncio.to_thread``): bcrypt, SQLite and sealing would otherwise stop
+every other session on the loop.
+
+The order of checks follows maddy's per-stage checks:
+
+- AUTH PLAIN / LOGIN (RFC 4616, RFC 4954): ``postvault.login.authenticate``
+  with the policy's auth limits; one answer (535 5.7.8) for an unknown user
+  and a wrong password, in about the same time (bcrypt runs for both).
+  aiosmtpd's ``authenticator`` callback is synchronous, so these are async
+  ``auth_*`` methods on the handler, which aiosmtpd prefers to its own.
+- MAIL: the envelope sender must be the account (553 5.7.1); the policy,
+  the address book and the sender's conversation partners are read once
+  for the transaction.
+- RCPT: each recipient at once (``policy.recipients.check_recipient``):
+  550 5.1.1 for no account, 550 5.7.1 for one the sender may not write to;
+  more than ``[smtp] max_recipients`` get 452 4.5.3 (RFC 5321 section
+  4.5.3.1.10).
+- DATA (after ``protocol.py`` checked the wire format): the From (and any
+  Sender) header must be the account (553 5.7.1); then the conversation
+  rules with the message's thread (``check_conversation``); then the
+  attachments, with the exceptions of the member offices in the
+  conversation. Only then Received, and a missing Message-ID or Date, are
+  added (RFC 5321 section 4.4, RFC 6409 section 8), the message is sealed
+  and committed (``Store.deliver``), and 250 2.0.0 names the queue id. A
+  refusal stores nothing.
+
+Log lines carry the session id, the account and rule ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.errors
+import email.policy
+import email.utils
+import ipaddress
+import logging
+import re
+import secrets
+from datetime import datetime, timezone
+from email.parser import HeaderParser
+from typing import TYPE_CHECKING, cast
+
+from aiosmtpd.smtp import MISSING, AuthResult
+
+from ..errors import AuthenticationFailed, LoginLimited
+from ..login import authenticate
+from ..policy.attachments import check_attachments
+from ..policy.decision import Decision
+from ..policy.recipients import Recipient, Role, Sender, ThreadFacts, check_conversation, check_recipient
+from ..store.types import MAX_HEADER_SCAN
+from . import replies
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from .protocol import SubmissionEnvelope, SubmissionProtocol, SubmissionSession
+
+log = logging.getLogger("postvault.smtpd")
+
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_HEADER = re.compile(rb"^(Message-ID|Date)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# What the email package may raise on a hostile header (see
+# policy/attachments.py); such a From is "cannot be read", not a crash.
+_HEADER_ERRORS = (email.errors.MessageError, IndexError, ValueError, TypeError, AttributeError, LookupError)
+
+
+class SubmissionHandler:
+    """aiosmtpd handler for both submission listeners."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+    # Only these two methods may start with "auth_": aiosmtpd offers every
+    # handler attribute of that name as a mechanism.
+
+    async def auth_PLAIN(self, server: SubmissionProtocol, args: list[str]) -> AuthResult:
+        """RFC 4616: [authzid] NUL authcid NUL passwd, base64, as an initial
+        response or after an empty challenge."""
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await _b64(server, args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, user, password = parts
+        if authzid and authzid != user:
+            # Acting for another user (RFC 4616 section 2) is not offered.
+            return AuthResult(success=False, handled=False, message=replies.AUTH_AUTHZID)
+        return await self._login(server, user, password, "PLAIN")
+
+    async def auth_LOGIN(self, server: SubmissionProtocol, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism (draft-murchison-sasl-login): user name and
+        password in two base64 challenges; many clients still use it."""
+        if len(args) == 1:
+            user = await server.challenge_auth(replies.LOGIN_USERNAME_CHALLENGE)
+            if user is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            user = await _b64(server, args[1])
+            if user is None:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(replies.LOGIN_PASSWORD_CHALLENGE)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(user, bytes) and isinstance(password, bytes)
+        return await self._login(server, user, password, "LOGIN")
+
+    async def _login(self, server: SubmissionProtocol, user: bytes, password: bytes, mechanism: str) -> AuthResult:
+        try:
+            # No account has a name that is not UTF-8 (RFC 4616 section 2).
+            name = user.decode("utf-8")
+        except UnicodeDecodeError:
+            log.info("session=%s auth failed mechanism=%s", server.sid, mechanism)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
+        # A password is bytes to us; surrogateescape keeps them all, and
+        # password_bytes() turns them back without raising.
+        secret = password.decode("utf-8", "surrogateescape")
+        policy = self.runtime.policy.policy
+        try:
+            info = await asyncio.to_thread(authenticate, self.store, policy, name, secret,
+                                           client_ip=server.peer_ip or None, protocol="smtp", unwrap=False)
+        except AuthenticationFailed:
+            # Never log the typed name: it is sometimes a password.
+            log.info("session=%s auth failed mechanism=%s", server.sid, mechanism)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
+        except LoginLimited as exc:
+            decision = cast(Decision, exc.decision)
+            log.info("session=%s auth limited rule=%s", server.sid, decision.rule)
+            return AuthResult(success=False, handled=False, message=decision.smtp_reply)
+        log.info("session=%s auth ok account=%s mechanism=%s", server.sid, info.email, mechanism)
+        return AuthResult(success=True, auth_data=info, message=replies.AUTH_OK)
+
+    # -- MAIL ---------------------------------------------------------------------
+
+    async def handle_MAIL(self, server: SubmissionProtocol, session: SubmissionSession,
+                          envelope: SubmissionEnvelope, address: str, mail_options: list[str]) -> str:
+        account = server.account
+        if account is None:  # aiosmtpd checked already; a second lock on the door
+            return replies.AUTH_FIRST
+        if address.lower() != account.email.lower():
+            _refused(server, "mail", "sender.not-account", 553)
+            return replies.SENDER_NOT_YOU.format(given=address, account=account.email)
+        policy = self.runtime.policy.policy
+        book, partners = await asyncio.to_thread(self._sender_facts, account.email)
+        envelope.policy = policy
+        envelope.sender = Sender(account.email, cast(Role, account.role), book)
+        envelope.partners = partners
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    def _sender_facts(self, email_address: str) -> tuple[frozenset[str], frozenset[str]]:
+        book = frozenset(a.lower() for a in self.store.contacts(email_address))
+        return book, self.store.conversation_partners(email_address)
+
+    # -- RCPT ---------------------------------------------------------------------
+
+    async def handle_RCPT(self, server: SubmissionProtocol, session: SubmissionSession,
+                          envelope: SubmissionEnvelope, address: str, rcpt_options: list[str]) -> str:
+        if server.account is None or envelope.sender is None or envelope.policy is None:
+            return replies.AUTH_FIRST if server.account is None else "503 Error: need MAIL command"
+        key = address.lower()
+        if key in (r.lower() for r in envelope.rcpt_tos):
+            return replies.RECIPIENT_OK  # listed twice: delivered once
+        limit = server.limits.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            _refused(server, "rcpt", "recipients.too-many", 452)
+            return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
+        found = (await asyncio.to_thread(self.store.accounts, [address])).get(key)
+        # A disabled account receives nothing, like one that does not exist.
+        role = cast(Role, found.role) if found is not None and found.state != "disabled" else None
+        rcpt = Recipient(found.email if found and role else address, role, key in envelope.partners)
+        decision = check_recipient(envelope.sender, rcpt, envelope.policy)
+        if not decision.allowed:
+            _refused(server, "rcpt", decision.rule, decision.code)
+            return decision.smtp_reply
+        envelope.rcpt_tos.append(rcpt.email)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.recipients.append(rcpt)
+        return replies.RECIPIENT_OK
+
+    # -- DATA ---------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SubmissionProtocol, session: SubmissionSession,
+                          envelope: SubmissionEnvelope) -> str:
+        account = server.account
+        policy, sender = envelope.policy, envelope.sender
+        if account is None or policy is None or sender is None:
+            return replies.AUTH_FIRST
+        raw = envelope.content
+        assert isinstance(raw, bytes)
+        end = raw.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
+        if end < 0 and len(raw) > MAX_HEADER_SCAN:
+            _refused(server, "data", "header.too-long", 554)
+            return ("554 5.6.0 The header section of the message is longer than "
+                    f"{MAX_HEADER_SCAN // 1024} KiB; the mail program sent a malformed message.")
+        head_end = len(raw) if end < 0 else end + 2
+        head = raw[:head_end]
+
+        refusal = _check_from(head, account.email)
+        if refusal is not None:
+            _refused(server, "data", refusal[0], 553)
+            return refusal[1]
+
+        cited, held, participants = await asyncio.to_thread(self.store.thread_facts, account.email, head)
+        thread = ThreadFacts(cited, held, participants) if cited else None
+        decision = check_conversation(sender, envelope.recipients, thread, policy)
+        if not decision.allowed:
+            _refused(server, "data", decision.rule, decision.code)
+            return decision.smtp_reply
+
+        # The exceptions of every member office in this conversation.
+        offices = [r.email for r in envelope.recipients if r.role == "member"]
+        if sender.role == "member":
+            offices.append(sender.email)
+        allowed = frozenset().union(*(policy.office(m).allow_extensions for m in offices))
+        decision = await asyncio.to_thread(check_attachments, raw, policy.attachments, allowed)
+        if not decision.allowed:
+            _refused(server, "data", decision.rule, decision.code)
+            return decision.smtp_reply
+
+        final = _stamp(server, session, envelope, raw, head_end)
+        result = await asyncio.to_thread(self.store.deliver, final, account.email, list(envelope.rcpt_tos),
+                                         client_ip=server.peer_ip or None, protocol="smtp")
+        log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
+                 result.message_id, len(result.delivered), len(final))
+        return replies.QUEUED.format(queue_id=result.message_id)
+
+
+async def _b64(server: SubmissionProtocol, text: str) -> bytes | None:
+    """An AUTH initial response; "=" is the empty one (RFC 4954 section 4)."""
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+    except (binascii.Error, ValueError):
+        await server.push("501 5.5.2 Can't decode base64")
+        return None
+
+
+def _refused(server: SubmissionProtocol, stage: str, rule: str, code: int) -> None:
+    account = server.account
+    log.info("session=%s account=%s refused stage=%s rule=%s code=%d", server.sid,
+             account.email if account else "-", stage, rule, code)
+
+
+def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
+    """(rule, reply) if From (or Sender) is not exactly the account."""
+    try:
+        # UTF-8 headers (RFC 6532) decode as text; anything else survives
+        # as surrogates and simply matches no account.
+        msg = HeaderParser(policy=email.policy.default).parsestr(head.decode("utf-8", "surrogateescape"))
+        froms = msg.get_all("From") or []
+        senders = msg.get_all("Sender") or []
+        if not froms:
+            return "header.from-missing", replies.NO_FROM.format(account=account)
+        if len(froms) != 1 or len(senders) > 1:
+            return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
+        addresses = froms[0].addresses
+        if len(addresses) != 1:
+            return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
+        given = addresses[0].addr_spec
+        if given.lower() != account.lower():
+            return "header.from-not-account", replies.FROM_NOT_YOU.format(given=_printable(given), account=account)
+        if senders:
+            sender_addrs = senders[0].addresses
+            if len(sender_addrs) != 1 or sender_addrs[0].addr_spec.lower() != account.lower():
+                shown = sender_addrs[0].addr_spec if sender_addrs else "unreadable"
+                return "header.sender-not-account", replies.SENDER_HEADER_NOT_YOU.format(
+                    given=_printable(shown), account=account)
+    except _HEADER_ERRORS:
+        return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
+    return None
+
+
+def _printable(text: str) -> str:
+    """An address for a reply line: printable, bounded."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)  # surrogates are not printable
+    return clean[:254]
+
+
+def _stamp(server: SubmissionProtocol, session: SubmissionSession, envelope: SubmissionEnvelope, raw: bytes,
+           head_end: int) -> bytes:
+    """``raw`` with our Received header on top and, if missing, Message-ID
+    and Date at the end of the header section (RFC 6409 section 8)."""
+    now = datetime.now(timezone.utc)
+    date = email.utils.format_datetime(now)
+    ip = server.peer_ip or "unknown"
+    literal = _address_literal(ip)
+    # The HELO name is the client's claim; the address literal beside it is
+    # what we saw (RFC 5321 section 4.4). A HELO that is not a plain domain
+    # or literal is left out rather than quoted into a header.
+    helo = session.host_name or ""
+    claimed = helo if (_DOMAIN.match(helo) or helo == literal) else literal
+    lines = [
+        f"Received: from {claimed} ({literal})",
+        f"\tby {server.hostname} (Postvault) with ESMTPSA",
+        f"\t({server.tls_summary()})",
+    ]
+    # "for" only with one recipient: with several, it would show every
+    # reader the others, Bcc included.
+    if len(envelope.rcpt_tos) == 1:
+        lines.append(f"\tfor <{envelope.rcpt_tos[0]}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    received = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    present = {m.group(1).lower() for m in _HEADER.finditer(raw, 0, head_end)}
+    added = b""
+    if b"message-id" not in present:
+        added += f"Message-ID: <{secrets.token_hex(16)}@{server.hostname}>\r\n".encode()
+    if b"date" not in present:
+        added += f"Date: {date}\r\n".encode()
+    return b"".join((received, raw[:head_end], added, raw[head_end:]))
+
+
+def _address_literal(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "[unknown]"
+    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"

@@ -1,0 +1,145 @@
+"""The submission service of ``postvault serve``: its listeners and sessions.
+
+Two listeners, each optional (an empty ``[listen]`` value disables it):
+
+- ``submissions`` (port 465): implicit TLS (RFC 8314 section 3.3), the TLS
+  handshake done by asyncio (``create_server(ssl=...)``) before SMTP starts;
+- ``submission`` (port 587): STARTTLS (RFC 3207), required before AUTH and
+  MAIL (RFC 8314 section 3.3 still recommends 465 to clients).
+
+Both run on the loop of ``postvault serve`` (no aiosmtpd ``Controller``,
+which would start a loop of its own in a thread). Certificates follow
+SIGHUP: the context handed to ``create_server`` at start switches each new
+handshake to the holder's current one (``certs/context.py``), and each
+new STARTTLS session reads the holder again.
+
+:class:`SessionRegistry` tracks open sessions, for the per-address limit
+and for :meth:`SubmissionService.stop`, which stops accepting, closes idle
+sessions, lets transactions in flight finish for up to ``drain_seconds``,
+then cuts what is left. A message is acknowledged only once stored, so a cut
+session loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ..conf.schema import Endpoint
+from .handler import SubmissionHandler
+from .protocol import SubmissionProtocol
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+log = logging.getLogger("postvault.smtpd")
+
+# Implicit TLS: a client has this long to finish the handshake.
+HANDSHAKE_SECONDS = 30.0
+
+
+class SessionRegistry:
+    """Open sessions, counted per client address."""
+
+    def __init__(self, per_ip: int) -> None:
+        self.per_ip = per_ip
+        self.sessions: set[SubmissionProtocol] = set()
+        self._by_ip: Counter[str] = Counter()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def admit(self, session: SubmissionProtocol) -> bool:
+        if self._by_ip[session.peer_ip] >= self.per_ip:
+            return False
+        self._by_ip[session.peer_ip] += 1
+        self.sessions.add(session)
+        self._empty.clear()
+        return True
+
+    def release(self, session: SubmissionProtocol) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self._by_ip[session.peer_ip] -= 1
+        if self._by_ip[session.peer_ip] <= 0:
+            del self._by_ip[session.peer_ip]
+        if not self.sessions:
+            self._empty.set()
+
+    async def wait_empty(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._empty.wait(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class SubmissionService:
+    """SMTP submission on the listeners of ``[listen]`` (the ``Service`` of serve.py)."""
+
+    name = "smtp"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.handler = SubmissionHandler(runtime)
+        self.registry = SessionRegistry(runtime.config.smtp.max_connections_per_ip)
+        self.servers: list[asyncio.Server] = []
+        # "submissions"/"submission" -> the address actually bound (port 0
+        # in tests becomes a real port).
+        self.bound: dict[str, tuple[str, int]] = {}
+
+    def _protocol(self, implicit_tls: bool) -> SubmissionProtocol:
+        config = self.runtime.config
+        # Read per connection: a reloaded policy's size limit and a reloaded
+        # certificate apply to the next session.
+        return SubmissionProtocol(
+            self.handler,
+            registry=self.registry,
+            limits=config.smtp,
+            implicit_tls=implicit_tls,
+            tls_context=self.runtime.tls.context,
+            hostname=config.hostname,
+            data_size_limit=self.runtime.policy.policy.attachments.max_message_size,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        listen = self.runtime.config.listen
+        out: list[str] = []
+        for kind, endpoint, implicit in (("submissions", listen.submissions, True),
+                                         ("submission", listen.submission, False)):
+            if endpoint is None:
+                continue
+            server = await loop.create_server(
+                lambda implicit=implicit: self._protocol(implicit),  # type: ignore[misc]
+                endpoint.host, endpoint.port,
+                ssl=self.runtime.tls.context if implicit else None,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
+                reuse_address=True,
+            )
+            self.servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.bound[kind] = (host, port)
+            shown = Endpoint(host, port)
+            out.append(f"{kind} {shown}")
+            log.info("listening: %s %s", kind, shown)
+        return out
+
+    async def stop(self, drain_seconds: float) -> None:
+        for server in self.servers:
+            server.close()
+        sessions = list(self.registry.sessions)
+        for session in sessions:
+            session.begin_drain()
+        if sessions and not await self.registry.wait_empty(drain_seconds):
+            left = list(self.registry.sessions)
+            log.warning("closing %d session(s) still open after %.0f s", len(left), drain_seconds)
+            for session in left:
+                session.abort()
+            await self.registry.wait_empty(5.0)
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
