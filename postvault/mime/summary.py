@@ -101,12 +101,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 __all__ = [
-    "SUMMARY_VERSION",
-    "summarize",
-    "locate",
-    "section_range",
     "MAX_DEPTH",
     "MAX_PARTS",
+    "SUMMARY_VERSION",
+    "locate",
+    "section_range",
+    "summarize",
 ]
 
 SUMMARY_VERSION = 1
@@ -141,7 +141,7 @@ Summary = dict[str, Any]
 class _State:
     """Budget shared by one walk."""
 
-    __slots__ = ("parts", "limited")
+    __slots__ = ("limited", "parts")
 
     def __init__(self) -> None:
         self.parts = 0
@@ -253,7 +253,7 @@ def _strip_comments_split(value: str) -> list[str]:
     return segments
 
 
-_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _CONTINUATION = re.compile(r"(.+?)\*([0-9]{1,3})(\*?)")
 _ATTR_CHAR = re.compile(r"[A-Za-z0-9!#$&+\-.^_`|~]")
 
@@ -263,7 +263,7 @@ def _unquote(value: str) -> str:
     if not value.startswith('"'):
         return value
     # Up to the closing quote (an unterminated one runs to the end).
-    m = re.match(r'"((?:[^"\\]|\\.)*)', value, re.S)
+    m = re.match(r'"((?:[^"\\]|\\.)*)', value, re.DOTALL)
     return _QUOTED_PAIR.sub(r"\1", m.group(1) if m else value[1:])
 
 
@@ -307,17 +307,19 @@ def _params(segments: Sequence[str], state: _State) -> list[list[str]]:
             order.append((key, value))
     out: list[list[str]] = []
     seen: set[str] = set()
-    for key, value in order:
-        if value is None:
+    for key, maybe in order:
+        if maybe is None:
             segs = [groups[key][i] for i in sorted(groups[key])]
             if any(ext for ext, _ in segs):
                 key = key + "*"
-                value = "".join(v if ext else _percent(v) for ext, v in segs)
+                text = "".join(v if ext else _percent(v) for ext, v in segs)
             else:
-                value = "".join(v for _, v in segs)
+                text = "".join(v for _, v in segs)
+        else:
+            text = maybe
         if key not in seen:
             seen.add(key)
-            out.append([key, value])
+            out.append([key, text])
     return out
 
 
@@ -346,7 +348,7 @@ _ADDR_TOKEN = re.compile(
     r'|(?P<sp>[<>@,;:])'
     r'|(?P<c>\()'
     r'|(?P<w>[^ \t\r\n"(<>@,;:\[]+)',
-    re.S,
+    re.DOTALL,
 )
 
 

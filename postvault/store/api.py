@@ -20,10 +20,12 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from pathlib import Path
 from typing import Literal
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from .accounts import AccountStore
 from .blobs import FileBlobStore
@@ -31,8 +33,18 @@ from . import audit
 from .db import make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
 from .mail import MailStore
+from .models import Account
+from .notify import ChangeBus
 from .types import *  # noqa: F403  (the API's data types, re-exported)
-from .types import BlobStore, KdfSettings
+from .types import AccountSession, BlobStore, KdfSettings
+
+
+def _login_fingerprint(a: Account) -> bytes:
+    # Everything a login's outcome depends on: the password check, the key
+    # wrap and its KDF, the public key it is checked against, the state.
+    parts = (a.state.encode(), a.password_hash or b"", a.wrapped_private_key, a.kdf_params.encode(),
+             a.public_key, a.key_owner.encode())
+    return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
 class Store(AccountStore, MailStore):
@@ -43,6 +55,8 @@ class Store(AccountStore, MailStore):
         self._sessions = sessions(engine)
         self.blobs: BlobStore = blobs if blobs is not None else DatabaseBlobStore(self._sessions)
         self.kdf = kdf or KdfSettings()
+        # Committed mailbox changes, for IMAP IDLE (see notify.py).
+        self.bus = ChangeBus()
 
     @classmethod
     def open(cls, url: str, blobs: Path | Literal["database"], kdf: KdfSettings | None = None) -> "Store":
@@ -56,6 +70,33 @@ class Store(AccountStore, MailStore):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- for the login cache (postvault/login.py) -------------------------
+
+    def login_fingerprint(self, email: str) -> bytes | None:
+        """A digest that changes whenever the account's password, key wrap,
+        keys or state change; None if there is no active account. One cheap
+        read; not secret (it is a hash of wrapped and public values)."""
+        with self._sessions() as s:
+            acct = s.scalar(select(Account).where(func.lower(Account.email) == email.strip().lower()))
+        if acct is None or acct.state != "active":
+            return None
+        return _login_fingerprint(acct)
+
+    def resume_login(
+        self, session: AccountSession, fingerprint: bytes, *, client_ip: str | None = None,
+        protocol: str | None = None,
+    ) -> bool:
+        """A login from the cache: if the account still has ``fingerprint``
+        (nothing changed since ``session`` was made by ``login``), record
+        the login exactly as ``login`` does (throttle reset, ``login.ok``
+        audited) and return True; else record nothing and return False."""
+        with self._sessions() as s:
+            acct = s.get(Account, session.account_id)
+        if acct is None or acct.state != "active" or _login_fingerprint(acct) != fingerprint:
+            return False
+        self._login_succeeded(acct, client_ip, protocol)
+        return True
 
     def record_event(
         self,

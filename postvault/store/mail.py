@@ -1,21 +1,39 @@
 """Mailboxes and sealed messages: delivery, APPEND, reading, flags,
-COPY/MOVE and EXPUNGE, and the thread index they keep up to date."""
+COPY/MOVE and EXPUNGE, the sealed summaries IMAP lists folders from, and the
+thread index they keep up to date.
+
+Every method that changes a mailbox publishes a ``notify.Change`` on
+``self.bus`` once its transaction has committed (never before: a listener
+that re-reads the mailbox at once must find the change).
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
-from typing import BinaryIO, Literal
+from datetime import datetime, timedelta
+from typing import Any, BinaryIO, Literal
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound
-from . import audit, crypto, threads
+from ..mime.summary import summarize
+from . import audit, crypto, serverkeys, threads
 from .db import unit_of_work
-from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
+from .models import (
+    Account,
+    Mailbox,
+    Message,
+    MessageCopy,
+    ServerSecret,
+    Thread,
+    ThreadParticipant,
+)
+from .notify import Change, ChangeBus
 from .types import (
     AccountSession,
     AppendResult,
@@ -32,7 +50,33 @@ from .types import (
     now,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_HEADER_SCAN = 256 * 1024
+# APPEND to Sent of a message the server delivered this recently, with the
+# same Message-ID, is the client saving its own copy of what it just sent
+# by SMTP (Thunderbird does): answered with the delivered copy's UID.
+SENT_DEDUPE_WINDOW = timedelta(minutes=10)
+# seal_small label of a message's summary; a new summary format gets a new
+# label (and "v" inside), so an old one is never read as the new.
+SUMMARY_LABEL = b"message-summary/v1"
+# Above this many UIDs one range query (filtered here) beats a huge IN list,
+# which SQLite also caps at 32766 parameters.
+_IN_LIST_MAX = 500
+
+
+def _bytes_of(raw: bytes | BinaryIO) -> bytes:
+    """The message bytes: the summary needs them whole, once, in memory."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return bytes(raw)
+    return raw.read()
+
+
+def _head(data: bytes) -> bytes:
+    """The header block (for the thread index), bounded."""
+    head = data[:MAX_HEADER_SCAN]
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[: end + 2]
 
 
 class MailStore:
@@ -40,8 +84,18 @@ class MailStore:
 
     _sessions: sessionmaker[Session]
     blobs: BlobStore
+    bus: ChangeBus
     _account: Callable[[Session, str], Account]  # from AccountStore
 
+    def _publish(self, *changes: Change) -> None:
+        """Announce committed changes; a failing bus never fails the call."""
+        for change in changes:
+            if not change.uids:
+                continue
+            try:
+                self.bus.publish(change)
+            except Exception as exc:  # noqa: BLE001 - the change is committed whatever a listener does
+                log.warning("publishing a mailbox change failed (%s)", type(exc).__name__)
 
     def _mailbox(self, s: Session, account_id: int, name: str, *, lock: bool = False) -> Mailbox:
         # RFC 3501 §5.1: INBOX is case-insensitive, other names are not.
@@ -94,20 +148,25 @@ class MailStore:
 
     # -- messages -------------------------------------------------------
 
-    def _seal(self, raw: bytes | BinaryIO) -> tuple[str, str, int, bytes, bytes]:
-        """Seal once; returns (public id, blob id, size, content key, head)."""
-        src: BinaryIO = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
-        head = src.read(MAX_HEADER_SCAN)
-        src.seek(0)
-        end = head.find(b"\r\n\r\n")
-        head = head if end < 0 else head[: end + 2]
+    def _seal(self, data: bytes) -> tuple[str, str, int, bytes, bytes, bytes]:
+        """Seal once; returns (public id, blob id, size, content key, head,
+        sealed summary). The summary is made here, from the same bytes, so a
+        message is parsed once in its life; it is sealed under the content
+        key before it leaves this function."""
         public_id = secrets.token_hex(16)
         key = crypto.new_content_key()
         writer = self.blobs.writer()
         with writer:
-            size = crypto.seal_stream(src, writer, key, public_id.encode())
+            size = crypto.seal_stream(io.BytesIO(data), writer, key, public_id.encode())
             blob_id = writer.commit()  # type: ignore[attr-defined]
-        return public_id, blob_id, size, key, head
+        return public_id, blob_id, size, key, _head(data), self._seal_summary(data, key, public_id)
+
+    @staticmethod
+    def _seal_summary(data: bytes, key: bytes, public_id: str) -> bytes:
+        # ensure_ascii: header text keeps undecodable bytes as lone
+        # surrogates, which JSON can only carry as \u escapes.
+        doc = json.dumps(summarize(data), separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return crypto.seal_small(key, SUMMARY_LABEL, public_id.encode(), doc)
 
     def _index_thread(
         self, s: Session, head: bytes, participants: Iterable[str], holder_id: int
@@ -213,11 +272,13 @@ class MailStore:
         with self._sessions() as s:
             sender_acct = self._account(s, sender)
             rcpt_accts = {a.email.lower(): a for a in (self._account(s, r) for r in recipients)}
-        public_id, blob_id, size, key, head = self._seal(raw)
+        public_id, blob_id, size, key, head, sealed_summary = self._seal(_bytes_of(raw))
         stamp = now()
+        changes = []
         try:
             with unit_of_work(self._sessions) as s:
-                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="submission", created_at=stamp)
+                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="submission", created_at=stamp,
+                              sealed_summary=sealed_summary)
                 own, thread_id = self._index_thread(s, head, [sender_acct.email, *rcpt_accts], sender_acct.id)
                 msg.mid_hash, msg.thread_id = own, thread_id
                 s.add(msg)
@@ -227,6 +288,7 @@ class MailStore:
                     box = self._mailbox(s, acct.id, "INBOX", lock=True)
                     wrapped = crypto.wrap_content_key(key, acct.public_key, acct.key_owner.encode(), public_id.encode())
                     delivered.append((acct.email, self._add_copy(s, box, msg, wrapped, (), stamp, size)))
+                    changes.append(Change(acct.id, box.name, "exists", (delivered[-1][1],)))
                 sent_uid = None
                 if save_sent:
                     box = self._mailbox(s, sender_acct.id, "Sent", lock=True)
@@ -234,6 +296,7 @@ class MailStore:
                         key, sender_acct.public_key, sender_acct.key_owner.encode(), public_id.encode()
                     )
                     sent_uid = self._add_copy(s, box, msg, wrapped, ("\\Seen",), stamp, size)
+                    changes.append(Change(sender_acct.id, box.name, "exists", (sent_uid,)))
                 audit.record(
                     s, "message.deliver", actor=sender_acct.email, account=sender_acct.email, message=public_id,
                     client_ip=client_ip, protocol=protocol, detail=f"recipients={len(delivered)}",
@@ -241,6 +304,7 @@ class MailStore:
         except BaseException:
             self._discard_blob(blob_id)
             raise
+        self._publish(*changes)
         return DeliveryResult(public_id, tuple(delivered), sent_uid)
 
     def append(
@@ -251,16 +315,37 @@ class MailStore:
         flags: Iterable[str] = (),
         internal_date: datetime | None = None,
     ) -> AppendResult:
-        """IMAP APPEND: seal and file into one of the account's mailboxes."""
+        """IMAP APPEND: seal and file into one of the account's mailboxes.
+
+        Into the account's \\Sent mailbox, a message with the Message-ID of
+        one the server delivered from this account within
+        ``SENT_DEDUPE_WINDOW`` (and still in that mailbox) is not stored
+        again: the result names that copy, with ``duplicate=True``. That is
+        a client saving its own copy of what SMTP already filed in Sent
+        (issue 5 item 6).
+        """
         flags = check_flags(flags)
+        data = _bytes_of(raw)
+        dup: tuple[int, str] | None = None
         with self._sessions() as s:
-            self._mailbox(s, session.account_id, mailbox)  # fail before sealing
-        public_id, blob_id, size, key, head = self._seal(raw)
+            box = self._mailbox(s, session.account_id, mailbox)  # fail before sealing
+            if box.special_use == "\\Sent":
+                dup = self._sent_duplicate(s, box.id, _head(data))
+        if dup is not None:
+            with unit_of_work(self._sessions) as s:
+                audit.record(
+                    s, "message.append", actor=session.email, account=session.email, message=dup[1],
+                    detail="duplicate of the delivered copy in Sent; nothing stored",
+                )
+            return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
+        public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        del data
         when = internal_date or now()
         try:
             with unit_of_work(self._sessions) as s:
                 box = self._mailbox(s, session.account_id, mailbox, lock=True)
-                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="append", created_at=now())
+                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="append", created_at=now(),
+                              sealed_summary=sealed_summary)
                 msg.mid_hash, msg.thread_id = self._index_thread(s, head, [session.email], session.account_id)
                 s.add(msg)
                 s.flush()
@@ -271,7 +356,36 @@ class MailStore:
         except BaseException:
             self._discard_blob(blob_id)
             raise
+        self._publish(Change(session.account_id, box.name, "exists", (uid,)))
         return AppendResult(validity, uid, public_id)
+
+    @staticmethod
+    def _sent_duplicate(s: Session, box_id: int, head: bytes) -> tuple[int, str] | None:
+        """(UID, public id) of a recent delivered copy in this Sent mailbox
+        with the Message-ID of ``head``, if there is one."""
+        parsed = threads.parse_thread_headers(head)
+        if parsed.message_id is None:
+            return None
+        # Read the thread key, don't make it: no key, no hashed Message-IDs,
+        # and this is a read-only session.
+        key = s.scalar(select(ServerSecret.value).where(ServerSecret.name == serverkeys.THREAD_INDEX))
+        if key is None:
+            return None
+        row = s.execute(
+            select(MessageCopy.uid, Message.public_id)
+            .join(Message, Message.id == MessageCopy.message_id)
+            .where(
+                MessageCopy.mailbox_id == box_id,
+                Message.mid_hash == threads.mid_hash(key, parsed.message_id),
+                # Only what the server delivered: an APPENDed copy proves
+                # nothing about what was sent.
+                Message.origin == "submission",
+                Message.created_at >= now() - SENT_DEDUPE_WINDOW,
+            )
+            .order_by(MessageCopy.uid.desc())
+            .limit(1)
+        ).one_or_none()
+        return None if row is None else (row[0], row[1])
 
     def open_message(self, session: AccountSession, mailbox: str, uid: int) -> crypto.SealedReader:
         """A seekable plaintext reader; chunks are opened as they are read."""
@@ -295,6 +409,75 @@ class MailStore:
             src.close()
             raise
 
+    def summaries(self, session: AccountSession, mailbox: str, uids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """The summaries (``postvault.mime.summary`` format) of the messages
+        with these UIDs; UIDs not in the mailbox are left out.
+
+        One query and one content-key unwrap per message; no blob is read,
+        except once for a message stored before summaries existed, whose
+        summary is then made from its content and kept (sealed) for next time.
+        """
+        wanted = set(uids)
+        if not wanted:
+            return {}
+        low, high = min(wanted), max(wanted)
+        key = "INBOX" if mailbox.upper() == "INBOX" else mailbox
+        q = (
+            select(MessageCopy.uid, MessageCopy.wrapped_key, Message.id, Message.public_id, Message.blob_id,
+                   Message.sealed_summary)
+            .join(Message, Message.id == MessageCopy.message_id)
+            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+            .where(Mailbox.account_id == session.account_id, Mailbox.name == key)
+        )
+        if len(wanted) <= _IN_LIST_MAX:
+            q = q.where(MessageCopy.uid.in_(sorted(wanted)))
+        else:
+            q = q.where(MessageCopy.uid.between(low, high))
+        with self._sessions() as s:
+            rows = [r for r in s.execute(q) if r.uid in wanted]
+            if not rows:
+                self._mailbox(s, session.account_id, mailbox)  # MailboxNotFound, or just none of these
+                return {}
+        keys = crypto.unwrap_content_keys(
+            ((r.wrapped_key, r.public_id.encode()) for r in rows), session.private_key, session.key_owner
+        )
+        out: dict[int, dict[str, Any]] = {}
+        missing: list[tuple[int, str, str, bytes, int]] = []
+        for r, content_key in zip(rows, keys):
+            if r.sealed_summary is None:
+                missing.append((r.id, r.public_id, r.blob_id, content_key, r.uid))
+                continue
+            doc = crypto.open_small(content_key, SUMMARY_LABEL, r.public_id.encode(), r.sealed_summary)
+            out[r.uid] = json.loads(doc)
+        if missing:
+            out.update(self._backfill_summaries(missing))
+        return out
+
+    def _backfill_summaries(self, missing: Sequence[tuple[int, str, str, bytes, int]]) -> dict[int, dict[str, Any]]:
+        """Summaries of messages stored before revision 0004, made from
+        their content (read once) and stored sealed for next time."""
+        out: dict[int, dict[str, Any]] = {}
+        sealed: dict[int, bytes] = {}
+        for message_id, public_id, blob_id, content_key, uid in missing:
+            src = self.blobs.open(blob_id)
+            try:
+                reader = crypto.SealedReader(src, content_key, public_id.encode())
+            except BaseException:
+                src.close()
+                raise
+            with reader:
+                data = reader.read()
+            out[uid] = summarize(data)
+            sealed[message_id] = self._seal_summary(data, content_key, public_id)
+            del data
+        with unit_of_work(self._sessions) as s:
+            for message_id, value in sealed.items():
+                msg = s.get(Message, message_id)
+                # Another session may have filled it meanwhile; either is fine.
+                if msg is not None and msg.sealed_summary is None:
+                    msg.sealed_summary = value
+        return out
+
     def set_flags(
         self,
         session: AccountSession,
@@ -306,6 +489,7 @@ class MailStore:
         """STORE FLAGS / +FLAGS / -FLAGS; returns the new flags per UID."""
         wanted = check_flags(flags)
         out: dict[int, frozenset[str]] = {}
+        changed: list[int] = []
         with unit_of_work(self._sessions) as s:
             box = self._mailbox(s, session.account_id, mailbox, lock=True)
             copies = s.scalars(
@@ -317,7 +501,9 @@ class MailStore:
                 if new != old:
                     box.highestmodseq += 1
                     c.flags, c.modseq = flags_text(new), box.highestmodseq
+                    changed.append(c.uid)
                 out[c.uid] = new
+        self._publish(Change(session.account_id, box.name, "flags", tuple(sorted(changed))))
         return out
 
     def copy(self, session: AccountSession, mailbox: str, uids: Sequence[int], dest: str) -> CopyResult:
@@ -351,6 +537,11 @@ class MailStore:
             if move and copies:
                 src.highestmodseq += 1
             validity = dst.uidvalidity
+        # Into the destination first: an observer of both never sees the
+        # message nowhere.
+        self._publish(Change(session.account_id, dst.name, "exists", tuple(d for _, d in pairs)))
+        if move:
+            self._publish(Change(session.account_id, src.name, "expunge", tuple(u for u, _ in pairs)))
         return CopyResult(validity, tuple(pairs))
 
     def expunge(self, session: AccountSession, mailbox: str, uids: Sequence[int] | None = None) -> list[int]:
@@ -371,6 +562,7 @@ class MailStore:
             orphan_blobs = self._drop_orphans(s, message_ids)
         for blob_id in orphan_blobs:
             self._discard_blob(blob_id)
+        self._publish(Change(session.account_id, box.name, "expunge", tuple(c.uid for c in doomed)))
         return [c.uid for c in doomed]
 
     @staticmethod

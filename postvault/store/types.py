@@ -99,7 +99,11 @@ class MailboxSnapshot:
 class AppendResult:
     uidvalidity: int
     uid: int
-    message_id: str
+    message_id: str  # public id
+    # True when nothing was stored because the message is already in Sent
+    # (delivered by SMTP moments ago); ``uid`` is then that copy's UID. The
+    # IMAP answer is the same: OK [APPENDUID uidvalidity uid].
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
