@@ -316,20 +316,22 @@ def text_key(doc: str, default: Any, parse: Parser, show: Shower = str, *, toml:
     hostname (for defaults derived from it), or ``REQUIRED``. ``value``, if
     given, is the parsed default as a Python default of the field (keys added
     later carry one, so code that builds a section by hand keeps working)."""
-    extra = {} if value is _NO_VALUE else {"default": value}
-    return field(repr=not secret, **extra, metadata={
+    metadata = {
         "doc": doc, "type": str, "default": default, "parse": parse, "show": show,
         "toml": toml, "secret": secret,
-    })
+    }
+    if value is _NO_VALUE:
+        return field(repr=not secret, metadata=metadata)
+    return field(default=value, repr=not secret, metadata=metadata)
 
 
 def int_key(doc: str, default: int, minimum: int, maximum: int, *, python_default: bool = False) -> Any:
     """An integer key with its bounds (``python_default``: see ``text_key``'s ``value``)."""
-    extra = {"default": default} if python_default else {}
-    return field(**extra, metadata={
+    metadata = {
         "doc": doc, "type": int, "default": default, "parse": int_range(minimum, maximum),
         "show": _identity, "toml": None, "secret": False,
-    })
+    }
+    return field(default=default, metadata=metadata) if python_default else field(metadata=metadata)
 
 
 def section(cls: type, doc: str) -> Any:
