@@ -54,7 +54,6 @@ import re
 import secrets
 import ssl
 import traceback
-import warnings
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, AnyStr
 
@@ -70,20 +69,6 @@ if TYPE_CHECKING:
     from .service import SessionRegistry
 
 log = logging.getLogger("postvault.smtpd")
-
-# aiosmtpd warns on every connection where AUTH is required but
-# auth_require_tls is off. We turn it off only on the implicit-TLS listener
-# (port 465), where the transport itself is TLS (aiosmtpd#281: it only knows
-# about STARTTLS), so the warning is noise there.
-warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS", module="aiosmtpd")
-
-
-class _QuietAiosmtpdNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("auth_required == True but auth_require_tls == False")
-
-
-logging.getLogger("mail.log").addFilter(_QuietAiosmtpdNoise())
 
 # Commands allowed before TLS on the STARTTLS port (RFC 3207 section 4).
 PRE_TLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
@@ -102,6 +87,8 @@ COMMAND_LIMITS = {"MAIL": 512 + 26 + 14 + 10 + 500, "AUTH": 12288}
 # Once this much has been discarded past the size limit without an end of
 # data, the client is not listening for 552: disconnect.
 DISCARD_BEYOND = 16 * 1024 * 1024
+# Seconds a closing connection gets to finish the TLS close before it is cut.
+CLOSE_GRACE = 5.0
 _AUTH_PARAM = re.compile(r"\s+AUTH=\S*", re.IGNORECASE)
 
 
@@ -151,9 +138,15 @@ class SubmissionProtocol(SMTP):
             require_starttls=False,
             timeout=limits.idle_timeout_seconds,
             auth_required=True,
-            auth_require_tls=not implicit_tls,
+            auth_require_tls=True,
             loop=loop,
         )
+        if implicit_tls:
+            # aiosmtpd only knows STARTTLS as TLS (aiosmtpd#281): with
+            # auth_require_tls it would refuse AUTH on 465, where the whole
+            # connection is TLS. Passing False to the constructor works too,
+            # but logs and warns on every connection; this is the same setting.
+            self._auth_require_tls = False
         self.sid = secrets.token_hex(4)
         self.registry = registry
         self.limits = limits
@@ -254,6 +247,9 @@ class SubmissionProtocol(SMTP):
         except (OSError, RuntimeError):
             pass  # the peer is gone; closing is all that is left
         self.transport.close()
+        # A TLS close waits for the client's close_notify; a client that
+        # never sends it must not hold its slot for long.
+        self.loop.call_later(CLOSE_GRACE, self.abort)
 
     def begin_drain(self) -> None:
         """Shutdown: close now if idle, else after the current transaction."""

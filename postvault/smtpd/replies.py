@@ -156,7 +156,7 @@ REWRITES: tuple[_Rewrite, ...] = (
     _r(r"503 Error: need MAIL command", "503 5.5.1 Send MAIL FROM first."),
     _r(r"503 Error: need RCPT command", "503 5.5.1 Send RCPT TO first: the message has no recipients yet."),
     _r(r"552 Error: Too much mail data", TOO_BIG),
-    _r(r"(?P<code>421) 4\.7\.0 (?P<command>\S+) sent too many times", TOO_MANY_COMMANDS),
+    _r(r"421 4\.7\.0 \S+ sent too many times", TOO_MANY_COMMANDS),
     _r(r"250 Supported commands: (?P<rest>.*)", "250 2.0.0 Supported commands: {rest}"),
     _r(r"501 Supported commands: (?P<rest>.*)", "501 5.5.4 No such command; supported commands: {rest}"),
     _r(r"250 Syntax: (?P<rest>.*)", "250 2.0.0 Syntax: {rest}"),
@@ -170,6 +170,9 @@ REWRITES: tuple[_Rewrite, ...] = (
 )
 
 _CLASS_DEFAULT = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
+_BY_CODE: dict[str, list[_Rewrite]] = {}
+for _rw in REWRITES:
+    _BY_CODE.setdefault(_rw.pattern.pattern[:3], []).append(_rw)
 
 
 def rewrite(reply: str, *, limit: str = "") -> tuple[str, bool]:
@@ -180,12 +183,14 @@ def rewrite(reply: str, *, limit: str = "") -> tuple[str, bool]:
     (X.0.0), and the caller logs it so the table can be completed.
     Replies without a completion code (3xx) are returned unchanged.
     """
-    if ENHANCED.match(reply) or reply[:1] == "3":
-        return reply, True
-    for rw in REWRITES:
+    # Some of aiosmtpd's replies have a code but vague text, so the table
+    # comes first; it is indexed by reply code to stay cheap.
+    for rw in _BY_CODE.get(reply[:3], ()):
         m = rw.pattern.fullmatch(reply)
         if m:
             return rw.template.format(limit=limit, **m.groupdict()), True
+    if ENHANCED.match(reply) or reply[:1] == "3":
+        return reply, True
     code, _, text = reply.partition(" ")
     cls = _CLASS_DEFAULT.get(code[:1])
     if cls is None or len(code) != 3:
