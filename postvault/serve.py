@@ -41,9 +41,10 @@ class Service(Protocol):
 
 
 def build_services(runtime: Runtime) -> list[Service]:
+    from .imapd.service import IMAPService
     from .smtpd.service import SubmissionService
 
-    return [SubmissionService(runtime)]
+    return [SubmissionService(runtime), IMAPService(runtime)]
 
 
 async def _run(runtime: Runtime, drain_seconds: float) -> None:

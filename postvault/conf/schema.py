@@ -466,6 +466,67 @@ def _default_smtp() -> SmtpConfig:
     return SmtpConfig()
 
 
+def _text_default(doc: str, default: str, parse: Parser, show: Shower) -> Any:
+    """A string key with a Python default as well (see ``_smtp_key``)."""
+    spec = text_key(doc, default, parse, show)
+    return field(default=parse(default, Path(".")), metadata=spec.metadata)
+
+
+_CAPABILITY = re.compile(r"[A-Z0-9][A-Z0-9+=.-]*\Z")
+SWITCH_EXAMPLE = '"NAME: CAPABILITY CAPABILITY; NAME: CAPABILITY", e.g. "Outlook: IDLE MOVE"'
+Switches = tuple[tuple[str, frozenset[str]], ...]
+
+
+def parse_switches(raw: str, home: Path) -> Switches:
+    """Capabilities to switch off: ``"who: CAP CAP; who: CAP"``."""
+    out = []
+    for item in raw.split(";"):
+        if not item.strip():
+            continue
+        who, colon, caps = item.partition(":")
+        names = caps.upper().replace(",", " ").split()
+        if not colon or not who.strip() or not names or not all(_CAPABILITY.match(n) for n in names):
+            raise Expected(SWITCH_EXAMPLE)
+        out.append((who.strip().lower(), frozenset(names)))
+    return tuple(out)
+
+
+def show_switches(value: Switches) -> str:
+    return "; ".join(f"{who}: {' '.join(sorted(caps))}" for who, caps in value)
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """Limits and compatibility switches of the IMAP listeners (RFC 3501, 9051)."""
+
+    max_connections_per_ip: int = _smtp_key(
+        "Open IMAP connections from one client address at once; more are refused with BYE. "
+        "Thunderbird opens up to 5 per account, and a practice shares one address.", 50, 1, 100_000)
+    max_line_length: int = _smtp_key(
+        "Longest command line in octets, literals not counted; longer lines get BAD [TOOBIG] "
+        "(clients send long UID sets on one line; RFC 7162 section 4 suggests at least 8192).",
+        65_536, 8192, 1_048_576)
+    max_literal_size: int = _smtp_key(
+        "Largest literal in octets in any command but APPEND (whose limit is the policy's "
+        "max_message_size, announced as APPENDLIMIT); a larger one is refused before the "
+        "client sends it.", 65_536, 4096, 16_777_216)
+    absolute_session_hours: int = _smtp_key(
+        "Hours after which a connection is closed with BYE even if active; the client logs in "
+        "again (the idle limit is [sessions] imap_idle_minutes in policy.toml).", 24, 1, 720)
+    threads: int = _smtp_key(
+        "Worker threads for store access, password checks and decryption.", 8, 2, 256)
+    disable_for_clients: Switches = _text_default(
+        "Capabilities to switch off for clients whose ID name (RFC 2971) contains NAME, as "
+        '"NAME: CAP CAP; NAME: CAP" (e.g. "Outlook: IDLE"); empty: none.', "", parse_switches, show_switches)
+    disable_for_accounts: Switches = _text_default(
+        'Capabilities to switch off for accounts, as "address: CAP CAP; address: CAP"; empty: none.',
+        "", parse_switches, show_switches)
+
+
+def _default_imap() -> ImapConfig:
+    return ImapConfig()
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole of ``conf/postvault.toml``, validated and typed."""
@@ -483,6 +544,8 @@ class Config:
     # written before the [smtp] table was) still works.
     smtp: SmtpConfig = field(default_factory=_default_smtp, metadata={
         "doc": "SMTP submission limits (ports 465 and 587).", "section": SmtpConfig})
+    imap: ImapConfig = field(default_factory=_default_imap, metadata={
+        "doc": "IMAP limits and per-client compatibility switches (ports 993 and 143).", "section": ImapConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------

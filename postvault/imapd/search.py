@@ -1,0 +1,206 @@
+"""SEARCH (RFC 3501 §6.4.4) over one session's view and the sealed store.
+
+Flags, dates, sizes, UIDs and sequence numbers come from the view; the
+header keys (FROM, TO, CC, BCC, SUBJECT, HEADER, SENT*) decrypt only the
+header chunks of a message; BODY and TEXT decrypt the whole message and
+compare against the decoded text of its parts (RFC 2047 words and
+base64/quoted-printable bodies are decoded first). Matching is
+case-insensitive substring matching (RFC 3501: "case-insensitive").
+
+Invariants:
+- Runs on a worker thread, one message at a time: at most one decrypted
+  message is held, and it is dropped before the next is opened.
+- The cheap keys of an AND are tried before the content keys, so a search
+  such as ``UNSEEN BODY x`` decrypts only unseen messages.
+- Nothing decrypted leaves this module but the yes/no answer.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from email.header import decode_header, make_header
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from ..errors import MessageNotFound
+from .parse import Key
+
+_CONTENT = {"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO", "HEADER", "SENTBEFORE", "SENTON", "SENTSINCE"}
+_HEADER_LIMIT = 256 * 1024
+
+
+@dataclass
+class Candidate:
+    seq: int
+    uid: int
+    flags: frozenset[str]
+    recent: bool
+    size: int
+    internal_date: datetime
+
+
+class _Lazy:
+    """The decrypted header block and decoded text of one message."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._header: email.message.Message | None = None
+        self._text: str | None = None
+
+    def header(self) -> email.message.Message:
+        if self._header is None:
+            reader = self._opener()
+            try:
+                head = b""
+                while len(head) < _HEADER_LIMIT:
+                    chunk = reader.read(16384)
+                    if not chunk:
+                        break
+                    head += chunk
+                    end = head.find(b"\r\n\r\n")
+                    if end >= 0:
+                        head = head[: end + 4]
+                        break
+            finally:
+                reader.close()
+            self._header = email.message_from_bytes(head, policy=email.policy.compat32)
+        return self._header
+
+    def text(self) -> str:
+        if self._text is None:
+            reader = self._opener()
+            try:
+                raw = reader.read()
+            finally:
+                reader.close()
+            msg = email.message_from_bytes(raw, policy=email.policy.default)
+            del raw
+            pieces = []
+            for part in msg.walk():
+                if part.get_content_maintype() == "text":
+                    try:
+                        pieces.append(part.get_content())
+                    except (LookupError, ValueError, AssertionError):
+                        payload = part.get_payload(decode=True) or b""
+                        pieces.append(payload.decode("utf-8", "replace") if isinstance(payload, bytes) else "")
+            self._text = "\n".join(pieces).casefold()
+        return self._text
+
+
+def _decoded(value: str) -> str:
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeError):
+        return value
+
+
+def _header_has(msg: email.message.Message, name: str, needle: str) -> bool:
+    values = msg.get_all(name) or []
+    if not needle:
+        return bool(values)  # RFC 3501: HEADER name "" matches any message with the field
+    return any(needle.casefold() in _decoded(str(v)).casefold() for v in values)
+
+
+def _sent_date(msg: email.message.Message) -> date | None:
+    value = msg.get("Date")
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(str(value)).date()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _is_cheap(key: Key) -> bool:
+    if key.name in _CONTENT:
+        return False
+    return all(_is_cheap(k) for k in key.sub)
+
+
+class Matcher:
+    def __init__(self, largest_seq: int, largest_uid: int) -> None:
+        self.largest_seq = largest_seq
+        self.largest_uid = largest_uid
+
+    def match(self, key: Key, c: Candidate, lazy: _Lazy) -> bool:
+        n = key.name
+        if n == "AND":
+            subs = sorted(key.sub, key=lambda k: not _is_cheap(k))
+            return all(self.match(k, c, lazy) for k in subs)
+        if n == "NOT":
+            return not self.match(key.sub[0], c, lazy)
+        if n == "OR":
+            a, b = sorted(key.sub, key=lambda k: not _is_cheap(k))
+            return self.match(a, c, lazy) or self.match(b, c, lazy)
+        if n == "ALL":
+            return True
+        if n == "SEQ":
+            return key.args[0].contains(c.seq, self.largest_seq)  # type: ignore[attr-defined]
+        if n == "UID":
+            return key.args[0].contains(c.uid, self.largest_uid)  # type: ignore[attr-defined]
+        flag_keys = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "DRAFT": "\\Draft", "FLAGGED": "\\Flagged",
+                     "SEEN": "\\Seen"}
+        if n in flag_keys:
+            return flag_keys[n] in c.flags
+        if n.startswith("UN") and n[2:] in flag_keys:
+            return flag_keys[n[2:]] not in c.flags
+        if n == "KEYWORD":
+            return key.args[0] in c.flags
+        if n == "UNKEYWORD":
+            return key.args[0] not in c.flags
+        if n == "RECENT":
+            return c.recent
+        if n == "NEW":
+            return c.recent and "\\Seen" not in c.flags
+        if n == "OLD":
+            return not c.recent
+        if n == "LARGER":
+            return c.size > key.args[0]  # type: ignore[operator]
+        if n == "SMALLER":
+            return c.size < key.args[0]  # type: ignore[operator]
+        if n in ("BEFORE", "ON", "SINCE"):
+            # RFC 3501: dates compare without time and timezone; we use UTC.
+            day = c.internal_date.astimezone(timezone.utc).date() if c.internal_date.tzinfo else c.internal_date.date()
+            return _compare(n, day, key.args[0].date())  # type: ignore[attr-defined]
+        if n in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+            sent = _sent_date(lazy.header())
+            return sent is not None and _compare(n[4:], sent, key.args[0].date())  # type: ignore[attr-defined]
+        if n in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            return _header_has(lazy.header(), n.capitalize() if n != "BCC" else "Bcc", str(key.args[0]))
+        if n == "HEADER":
+            return _header_has(lazy.header(), str(key.args[0]), str(key.args[1]))
+        if n == "BODY":
+            return str(key.args[0]).casefold() in lazy.text()
+        if n == "TEXT":
+            needle = str(key.args[0]).casefold()
+            head = lazy.header()
+            in_head = any(needle in _decoded(str(v)).casefold() for v in head.values())
+            return in_head or needle in lazy.text()
+        raise ValueError(f"unknown search key {n}")
+
+
+def _compare(op: str, value: date, ref: date) -> bool:
+    if op == "BEFORE":
+        return value < ref
+    if op == "ON":
+        return value == ref
+    return value >= ref
+
+
+def run_search(store: Any, session: Any, mailbox: str, key: Key, candidates: list[Candidate],
+               largest_seq: int, largest_uid: int) -> list[Candidate]:
+    """The candidates that match; on a worker thread."""
+    matcher = Matcher(largest_seq, largest_uid)
+    out = []
+    for c in candidates:
+        lazy = _Lazy(lambda uid=c.uid: store.open_message(session, mailbox, uid))
+        try:
+            if matcher.match(key, c, lazy):
+                out.append(c)
+        except MessageNotFound:
+            continue  # expunged by another session meanwhile
+    return out

@@ -1,0 +1,1364 @@
+"""Postvault's IMAP server: ``twisted.mail.imap4.IMAP4Server``, extended.
+
+We keep Twisted's protocol skeleton (``LineReceiver`` + ``TimeoutMixin``,
+the states unauth/auth/select/logout, ``<state>_<COMMAND>`` tuples looked up
+by ``lookupCommand``, the response helpers, the cred ``Portal``, the SASL
+challengers) and replace what cannot carry a secure server:
+
+- **Reading commands.** Twisted parses arguments as it reads and stores big
+  literals in ``tempfile.TemporaryFile`` (plaintext mail on disk). We read
+  the whole command first, checking each literal's size against the limits
+  *before* sending ``+`` (RFC 3501 §7.5, RFC 7888 LITERAL+ with LITERAL-
+  semantics: non-synchronizing literals up to 4096 octets; RFC 7889
+  APPENDLIMIT answers ``NO [TOOBIG]``), in memory only, then parse it with
+  ``parse.py`` so every malformed command gets ``BAD <reason>``.
+- **Serialization** (twisted#9282). A command whose work is still running
+  pauses reading (``LineReceiver.pauseProducing`` keeps the bytes already
+  received in its buffer); the next pipelined command starts only after
+  the tagged response, so a SELECT that is still loading never lets the
+  next command run in the old state.
+- **Asynchronous backend.** Every handler is a coroutine awaiting Deferreds
+  from the service's thread pool; Twisted's handlers call ``create``,
+  ``delete``, the ``IMailbox`` getters and ``IMessage`` synchronously.
+- **Untagged updates** (RFC 3501 §7.4.1, §5.5). The session's view
+  (``mailbox.SelectedMailbox``) catches up with the store only before a
+  tagged response or during IDLE; EXPUNGE is never sent during FETCH,
+  STORE or SEARCH (their UID forms allow it, RFC 3501 §7.4.1).
+- **Extensions** Twisted lacks: LITERAL+, SASL-IR (RFC 4959), ID (RFC 2971),
+  ENABLE (RFC 5161), UNSELECT (RFC 3691), UIDPLUS (RFC 4315), MOVE (RFC 6851),
+  SPECIAL-USE (RFC 6154), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889); IDLE
+  (RFC 2177) ends only on DONE; SELECT sends UNSEEN, PERMANENTFLAGS, UIDNEXT.
+- **TLS.** On the STARTTLS port nothing authenticates before TLS: no AUTH=
+  in CAPABILITY, LOGINDISABLED, and LOGIN/AUTHENTICATE answer
+  ``NO [PRIVACYREQUIRED]`` (RFC 5530). Bytes pipelined after STARTTLS are
+  discarded (RFC 3501 §6.2.1, the CVE-2011-0411 class of bug).
+
+Invariants:
+- No handler blocks the reactor: store, KDF and decryption run on the pool.
+- Logs carry no content and no command lines (LOGIN/AUTHENTICATE
+  arguments never reach a log), only events, tags-free reasons and types.
+- One audit event ``message.read`` per FETCH command that returned content
+  (ENVELOPE, BODYSTRUCTURE, BODY, any section, RFC822*): never per chunk.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred import credentials
+from twisted.internet import defer, reactor, task
+from twisted.mail import imap4
+from twisted.python.failure import Failure
+
+from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError
+from ..policy import folders
+from . import render, structure
+from .account import Account, IMAPNo, list_pattern, matches
+from .cred import FAILED, LoginRefused, StrictPLAIN, decode_sasl
+from .mailbox import FLAGS, SelectedMailbox, flag_text
+from .parse import (
+    LITERAL_MARK,
+    BadCommand,
+    Cursor,
+    FetchItem,
+    Literal,
+    Section,
+    compact_set,
+    encode_mailbox,
+    fetch_items,
+    format_date_time,
+    search_keys,
+)
+from .search import Candidate, run_search
+
+log = logging.getLogger("postvault.imapd")
+
+# RFC 7888 §4 (LITERAL-): the largest non-synchronizing literal we take.
+NONSYNC_LIMIT = 4096
+STREAM_CHUNK = 64 * 1024
+FETCH_BATCH = 100
+UID_COMMANDS = {"COPY", "FETCH", "STORE", "SEARCH", "MOVE", "EXPUNGE"}
+# Commands during which EXPUNGE must not be sent (RFC 3501 §7.4.1).
+NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
+# Capabilities that can be switched off per client or account, and the
+# commands they bring.
+SWITCHABLE = {"IDLE", "MOVE", "UNSELECT", "NAMESPACE", "ID", "ENABLE", "UIDPLUS", "LITERAL+", "SPECIAL-USE",
+              "CHILDREN", "APPENDLIMIT", "SASL-IR"}
+COMMAND_CAPABILITY = {"IDLE": "IDLE", "MOVE": "MOVE", "UNSELECT": "UNSELECT", "NAMESPACE": "NAMESPACE",
+                      "ID": "ID", "ENABLE": "ENABLE"}
+
+
+class LOGINMechanism(imap4.LOGINCredentials):
+    """SASL LOGIN (Outlook) with the customary prompts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.challenges = [b"Password:", b"Username:"]
+
+
+def _sp(rule: Callable[[Cursor], Any]) -> Callable[[Cursor], Any]:
+    def spec(cur: Cursor) -> Any:
+        cur.sp()
+        return rule(cur)
+
+    spec.__name__ = getattr(rule, "__name__", "arg")
+    return spec
+
+
+A_MAILBOX = _sp(Cursor.mailbox)
+A_ASTRING = _sp(Cursor.astring)
+A_SEQ = _sp(Cursor.seq_set)
+A_ATOM = _sp(Cursor.atom)
+A_FETCH = _sp(fetch_items)
+A_SEARCH = _sp(search_keys)
+A_LIST_MAILBOX = _sp(Cursor.list_mailbox)
+
+
+def _opt_atom(cur: Cursor) -> bytes | None:
+    if cur.maybe_sp():
+        return cur._chars(frozenset(range(0x21, 0x7F)))
+    return None
+
+
+def _status_items(cur: Cursor) -> list[str]:
+    cur.sp()
+    cur.expect(b"(")
+    items = []
+    while True:
+        items.append(cur.atom("a status item").decode().upper())
+        if cur.accept(b")"):
+            return items
+        cur.sp()
+
+
+def _store_flags(cur: Cursor) -> list[str]:
+    cur.sp()
+    return cur.flag_list()
+
+
+def _append_args(cur: Cursor) -> tuple[str, list[str], Any, bytes]:
+    cur.sp()
+    mailbox = cur.mailbox()
+    cur.sp()
+    flags: list[str] = []
+    date = None
+    if cur.peek() == 0x28:
+        flags = cur.flag_list()
+        cur.sp()
+    if cur.peek() == 0x22:
+        date = cur.date_time()
+        cur.sp()
+    message = cur.literal()
+    if message is None:
+        raise BadCommand("APPEND needs the message as a literal, as in {123}.")
+    return mailbox, flags, date, message
+
+
+def _id_params(cur: Cursor) -> dict[str, str | None]:
+    cur.sp()
+    if cur.accept(b"NIL"):
+        return {}
+    cur.expect(b"(")
+    out: dict[str, str | None] = {}
+    if cur.accept(b")"):
+        return out
+    while True:
+        k = cur.string().decode("utf-8", "replace")
+        cur.sp()
+        v = cur.nstring()
+        if len(out) < 30:
+            out[k.lower()[:30]] = None if v is None else v.decode("utf-8", "replace")[:1024]
+        if cur.accept(b")"):
+            return out
+        cur.sp()
+
+
+def _enable_args(cur: Cursor) -> list[str]:
+    items = []
+    while cur.maybe_sp():
+        items.append(cur.atom("a capability name").decode().upper())
+    if not items:
+        raise BadCommand("ENABLE needs at least one capability name.")
+    return items
+
+
+class IMAPServer(imap4.IMAP4Server):
+    """One IMAP connection."""
+
+    IDENT = b"Postvault IMAP4rev1 ready"
+    timeOut = 60  # before login (RFC 9051 §5.4 sets no minimum there)
+
+    def __init__(self, service: Any, implicit_tls: bool) -> None:
+        super().__init__(chal={}, contextFactory=None)
+        self.service = service
+        self.limits = service.limits
+        self.implicit_tls = implicit_tls
+        self.MAX_LENGTH = self.limits.max_line_length
+        self._parts: list[bytes | Literal] = []
+        self._cmd_bytes = 0
+        self._literal: _Sink | None = None
+        self._skip_command = False
+        self._skip_line = False
+        self._waiting: defer.Deferred[bytes] | None = None
+        self._waiting_mode = ""
+        self._in_flight = False
+        self._bye_after = False
+        self._closing = False
+        self._current = ""
+        self.client_name = ""
+        self.client_ip = ""
+        self._unsubscribe: Callable[[], None] | None = None
+        self._expect: list[tuple[str, str, frozenset[int], float]] = []
+        self._sync_lock = defer.DeferredLock()
+        self._idle_poll: task.LoopingCall | None = None
+        self._absolute: Any = None
+        self._disabled: set[str] = set()
+        self.portal = service.portal
+        self.started = time.monotonic()
+
+    # -- connection -------------------------------------------------------------
+
+    @property
+    def secure(self) -> bool:
+        return bool(getattr(self.transport, "secure", False))
+
+    def connectionMade(self) -> None:
+        self.client_ip = self.transport.getPeer().host
+        self._disabled = self.service.disabled_for(client="", account="")
+        super().connectionMade()
+        hours = self.limits.absolute_session_hours
+        self._absolute = reactor.callLater(hours * 3600, self._session_expired)  # type: ignore[attr-defined]
+        log.debug("connection from %s (%s)", self.client_ip, "imaps" if self.implicit_tls else "imap")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closing = True
+        if self._absolute is not None and self._absolute.active():
+            self._absolute.cancel()
+        self._stop_idle_poll()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(Failure(ConnectionError("connection closed")))
+        self.mbox = None
+        self.account = None
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        # RFC 9051 §5.4: autologout after inactivity, with BYE first.
+        self.sendUntaggedResponse(b"BYE Autologout; idle for too long")
+        self._close()
+
+    def _session_expired(self) -> None:
+        self.sendUntaggedResponse(b"BYE Session time limit reached; please log in again")
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.state = "logout"
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def shutdown(self) -> None:
+        """The server is stopping: BYE now if no command runs, else after it."""
+        if self._in_flight and self._waiting is None:
+            self._bye_after = True
+            return
+        self.sendUntaggedResponse(b"BYE Server shutting down; please reconnect shortly")
+        self._close()
+
+    # -- capabilities ------------------------------------------------------------
+
+    def capabilities(self) -> dict[bytes, Any]:
+        caps: dict[bytes, Any] = {}
+        plain_port = not self.implicit_tls
+        if self.state == "unauth":
+            if plain_port and not self.secure:
+                caps[b"STARTTLS"] = None
+                caps[b"LOGINDISABLED"] = None
+            else:
+                caps[b"AUTH"] = [b"PLAIN", b"LOGIN"]
+                caps[b"SASL-IR"] = None
+        names = ["LITERAL+", "ID", "ENABLE", "IDLE"]
+        if self.state != "unauth":
+            names += ["NAMESPACE", "UIDPLUS", "MOVE", "SPECIAL-USE", "UNSELECT", "CHILDREN"]
+        for name in names:
+            caps[name.encode()] = None
+        if self.state != "unauth":
+            caps[b"APPENDLIMIT"] = [b"%d" % self.service.policy.attachments.max_message_size]
+        return {k: v for k, v in caps.items() if k.decode() not in self._disabled}
+
+    def cap_text(self) -> bytes:
+        return b"[CAPABILITY " + b" ".join(self.listCapabilities()) + b"]"
+
+    def enabled(self, capability: str) -> bool:
+        return capability not in self._disabled
+
+    # -- reading commands ----------------------------------------------------------
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        tag = line.split(b" ", 1)[0][:64] if line[:1].isalnum() else None
+        self.sendBadResponse(tag, b"[TOOBIG] Command line too long")
+        head, sep, rest = line.partition(b"\r\n")
+        self._parts = []
+        if sep:
+            self._buffer = rest  # type: ignore[has-type]
+            reactor.callLater(0, self.dataReceived, b"")  # type: ignore[attr-defined]
+        else:
+            self._skip_line = True
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        try:
+            if self._waiting is not None:
+                self._line_for_waiter(line)
+            elif self._skip_line:
+                self._skip_line = False
+            else:
+                self._command_line(line)
+        except Exception:  # any bug here must not end the connection unanswered
+            log.exception("error reading a command")
+            self._parts = []
+            self.sendUntaggedResponse(b"BAD Internal error reading the command")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        sink = self._literal
+        assert sink is not None
+        rest = sink.feed(data)
+        if rest is None:
+            return
+        self._literal = None
+        if not sink.discard:
+            self._parts.append(Literal(sink.value()))
+        self.setLineMode(rest)
+
+    def _command_line(self, line: bytes) -> None:
+        if self._skip_command:
+            m = LITERAL_MARK.search(line)
+            if m and m[2]:
+                self._literal = _Sink(int(m[1]), discard=True)
+                self.setRawMode()
+            elif not m:
+                self._skip_command = False
+            return
+        if not self._parts and not line.strip():
+            return  # a stray empty line between commands is ignored
+        self._parts.append(line)
+        self._cmd_bytes += len(line)
+        m = LITERAL_MARK.search(line)
+        if m is None:
+            parts, self._parts, self._cmd_bytes = self._parts, [], 0
+            self._execute(parts)
+            return
+        size, nonsync = int(m[1]), bool(m[2])
+        first = self._parts[0]
+        assert isinstance(first, bytes)
+        words = first.split(b" ", 3)
+        tag = words[0]
+        name = words[1].upper() if len(words) > 1 else b""
+        refusal = self._literal_refusal(name, size, nonsync)
+        if refusal is not None:
+            self._parts, self._cmd_bytes = [], 0
+            self._respond_raw(tag, refusal)
+            if nonsync:
+                if size > 2 * max(self.limits.max_literal_size, self.service.policy.attachments.max_message_size):
+                    self.sendUntaggedResponse(b"BYE Literal far too large")
+                    self._close()
+                    return
+                self._literal = _Sink(size, discard=True)
+                self._skip_command = True
+                self.setRawMode()
+            return
+        self._cmd_bytes += size
+        if not nonsync:
+            self.sendContinuationRequest(b"Ready for literal data")
+        self._literal = _Sink(size)
+        self.setRawMode()
+
+    def _literal_refusal(self, name: bytes, size: int, nonsync: bool) -> bytes | None:
+        if name == b"APPEND":
+            limit = self.service.policy.attachments.max_message_size
+            if size > limit:
+                # RFC 7889 §4: refuse before the continuation request.
+                return b"NO [TOOBIG] The message is larger than this server accepts (%d bytes)." % limit
+        elif self._cmd_bytes + size > self.limits.max_literal_size:
+            return b"BAD [TOOBIG] Literal too large for this command."
+        if nonsync and size > NONSYNC_LIMIT:
+            # RFC 7888 §4: LITERAL- allows non-synchronizing literals up to 4096.
+            return b"BAD [TOOBIG] Non-synchronizing literals are limited to 4096 octets; use {N} instead."
+        return None
+
+    def _respond_raw(self, tag: bytes, text: bytes) -> None:
+        status, _, message = text.partition(b" ")
+        self._respond(status, tag, message)
+
+    # -- waiting for a client line inside a command (AUTHENTICATE, IDLE) -------------
+
+    def _wait_line(self, mode: str) -> defer.Deferred[bytes]:
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting, self._waiting_mode = d, mode
+        if self.paused:
+            self.resumeProducing()
+        return d
+
+    def _line_for_waiter(self, line: bytes) -> None:
+        d = self._waiting
+        assert d is not None
+        if self._waiting_mode == "idle" and line.strip().upper() != b"DONE":
+            # RFC 2177: only DONE ends IDLE.
+            self.sendUntaggedResponse(b"BAD Expected DONE to end IDLE")
+            return
+        self._waiting = None
+        self.pauseProducing()
+        d.callback(line)
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> tuple[Any, ...]:
+        entry = getattr(self, f"{self.state}_{name}", None) if name.isalnum() else None
+        if entry is None:
+            anywhere = any(getattr(self, f"{s}_{name}", None) for s in ("unauth", "auth", "select")) \
+                if name.isalnum() else False
+            if not anywhere:
+                raise BadCommand(f"Unknown command {name}.")
+            if self.state == "unauth":
+                raise BadCommand(f"{name} needs you to log in first.")
+            if self.state == "auth":
+                raise BadCommand(f"{name} needs a selected folder; SELECT one first.")
+            raise BadCommand(f"{name} is not valid in this state.")
+        cap = COMMAND_CAPABILITY.get(name)
+        if cap and not self.enabled(cap):
+            raise BadCommand(f"Unknown command {name}.")
+        return entry  # type: ignore[no-any-return]
+
+    def _execute(self, parts: list[bytes | Literal]) -> None:
+        cur = Cursor(parts)
+        tag: bytes | None = None
+        try:
+            tag = cur.tag()
+            cur.sp()
+            name = cur.atom("a command name").decode().upper()
+            uid = False
+            if name == "UID":
+                cur.sp()
+                name = cur.atom("a command after UID").decode().upper()
+                if name not in UID_COMMANDS or (name == "EXPUNGE" and not self.enabled("UIDPLUS")):
+                    raise BadCommand(f"UID {name} is not a command.")
+                uid = True
+            handler, *specs = self._lookup(name)
+            args = [spec(cur) if callable(spec) else spec for spec in specs]
+            cur.end()
+        except BadCommand as exc:
+            self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
+            return
+        except imap4.IllegalClientResponse as exc:
+            self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
+            return
+        assert tag is not None
+        kw = {"uid": uid} if name in UID_COMMANDS else {}
+        self._in_flight = True
+        self._current = name
+        d = defer.Deferred.fromCoroutine(self._run(tag, name, uid, handler, args, kw))
+        if not d.called and self._waiting is None and not self.paused:
+            self.pauseProducing()
+        d.addBoth(self._finished)
+
+    def _finished(self, result: object) -> None:
+        self._in_flight = False
+        self._current = ""
+        if self._bye_after:
+            self._bye_after = False
+            self.shutdown()
+            return
+        if self.paused and not self._closing and self.transport is not None and not self.transport.disconnecting:
+            self.resumeProducing()
+
+    async def _run(self, tag: bytes, name: str, uid: bool, handler: Any, args: list[Any], kw: dict[str, Any]) -> None:
+        allow_expunge = uid or name not in NO_EXPUNGE
+        try:
+            result = handler(self, tag, *args, **kw)
+            if inspect.isawaitable(result):
+                result = await result
+        except BadCommand as exc:
+            self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
+            return
+        except imap4.IllegalClientResponse as exc:
+            self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
+            return
+        except IMAPNo as exc:
+            await self._updates(allow_expunge)
+            self.sendNegativeResponse(tag, exc.response)
+            return
+        except MailboxNotFound:
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] There is no such folder.")
+            return
+        except InvalidInput as exc:
+            self.sendNegativeResponse(tag, b"[CANNOT] " + str(exc).encode("utf-8", "replace"))
+            return
+        except PostvaultError as exc:
+            log.warning("%s failed: %s", name, type(exc).__name__)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] The server could not complete this command.")
+            return
+        except ConnectionError:
+            return
+        except Exception:  # a bug: answer, log the type and stack (no content), keep the connection
+            log.exception("%s failed", name)
+            if self.transport is not None and not self.transport.disconnecting:
+                self.sendNegativeResponse(tag, b"[SERVERBUG] Internal server error; the problem has been logged.")
+            return
+        if result is None:
+            return
+        await self._updates(allow_expunge)
+        self.sendPositiveResponse(tag, result)
+
+    # -- the selected mailbox catching up --------------------------------------------
+
+    def _expect_change(self, mailbox: str, kind: str, uids: Any) -> None:
+        now = time.monotonic()
+        self._expect = [e for e in self._expect if now - e[3] < 10]
+        self._expect.append((mailbox, kind, frozenset(uids), now))
+
+    def on_change(self, change: Any) -> None:
+        """A committed change from the store's bus (reactor thread)."""
+        for i, (mailbox, kind, uids, _) in enumerate(self._expect):
+            if mailbox == change.mailbox and kind == change.kind and set(change.uids) <= uids:
+                del self._expect[i]
+                return
+        box = self.mbox
+        if box is None or change.mailbox != box.name:
+            return
+        box.dirty = True
+        if self._waiting is not None and self._waiting_mode == "idle":
+            defer.Deferred.fromCoroutine(self._updates(True))
+
+    async def _check_changed(self) -> None:
+        """Cheap look for changes the bus can't tell (another process)."""
+        box = self.mbox
+        if box is None or box.dirty or self.account is None:
+            return
+        for info in await self.account.mailboxes():
+            if info.name == box.name:
+                if (info.uidnext, info.highestmodseq) != (box.uidnext, box.highestmodseq):
+                    box.dirty = True
+                return
+
+    async def _updates(self, allow_expunge: bool) -> None:
+        box = self.mbox
+        if box is None or not box.dirty or self.account is None:
+            return
+        await self._sync_lock.acquire()
+        try:
+            if self.mbox is not box or not box.dirty:
+                return
+            snap = await self.account.snapshot(box.name)
+            if self.mbox is not box:
+                return
+            if box.writable:
+                self.service.recent.claim(self.account.session.account_id, box.name, snap.mailbox.uidnext)
+            for line in box.apply(snap, allow_expunge, claim_recent=box.writable).lines:
+                self.sendUntaggedResponse(line)
+        finally:
+            self._sync_lock.release()
+
+    def _start_idle_poll(self) -> None:
+        if self.service.bus is not None and not self.limits.poll_always:
+            return
+        self._idle_poll = task.LoopingCall(self._poll_once)
+        self._idle_poll.start(0.5, now=False).addErrback(lambda f: None)
+
+    def _stop_idle_poll(self) -> None:
+        if self._idle_poll is not None and self._idle_poll.running:
+            self._idle_poll.stop()
+        self._idle_poll = None
+
+    def _poll_once(self) -> defer.Deferred[None]:
+        async def poll() -> None:
+            await self._check_changed()
+            if self._waiting is not None and self._waiting_mode == "idle":
+                await self._updates(True)
+
+        return defer.Deferred.fromCoroutine(poll()).addErrback(lambda f: log.warning("idle poll: %s", f.type))
+
+    # -- helpers -------------------------------------------------------------------
+
+    def run(self, f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        return self.service.run(f, *args, **kw)
+
+    @property
+    def store(self) -> Any:
+        return self.service.store
+
+    def _box(self) -> SelectedMailbox:
+        assert self.mbox is not None
+        return self.mbox  # type: ignore[no-any-return]
+
+    def _acct(self) -> Account:
+        assert self.account is not None
+        return self.account  # type: ignore[no-any-return]
+
+    def _targets(self, seqset: Any, uid: bool) -> list[tuple[int, int]]:
+        try:
+            return self._box().resolve(seqset, uid)
+        except ValueError as exc:
+            raise BadCommand(f"Invalid message number: {exc}") from None
+
+    def _writable(self) -> SelectedMailbox:
+        box = self._box()
+        if not box.writable:
+            raise IMAPNo("The folder is open read-only (EXAMINE); SELECT it to change it.", "READ-ONLY")
+        return box
+
+    # =====================================================================
+    # Commands valid in any state
+    # =====================================================================
+
+    def do_CAPABILITY(self, tag: bytes) -> bytes:
+        self.sendUntaggedResponse(b"CAPABILITY " + b" ".join(self.listCapabilities()))
+        return b"CAPABILITY completed"
+
+    unauth_CAPABILITY = auth_CAPABILITY = select_CAPABILITY = logout_CAPABILITY = (do_CAPABILITY,)
+
+    def do_NOOP(self, tag: bytes) -> Any:
+        async def noop() -> bytes:
+            await self._check_changed()
+            return b"NOOP completed"
+
+        return noop()
+
+    unauth_NOOP = auth_NOOP = select_NOOP = logout_NOOP = (do_NOOP,)
+
+    def do_LOGOUT(self, tag: bytes) -> None:
+        self.sendUntaggedResponse(b"BYE Postvault logging out")
+        self.sendPositiveResponse(tag, b"LOGOUT completed")
+        self._close()
+
+    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
+
+    def do_ID(self, tag: bytes, params: dict[str, str | None]) -> bytes:
+        # RFC 2971: we answer NIL (no versions to fingerprint); the client's
+        # name goes into the read audit and may switch capabilities off.
+        name = params.get("name") or ""
+        self.client_name = "".join(c for c in name if c.isprintable())[:64]
+        self._disabled = self.service.disabled_for(client=self.client_name,
+                                                   account=self.account.email if self.account else "")
+        self.sendUntaggedResponse(b"ID NIL")
+        return b"ID completed"
+
+    unauth_ID = auth_ID = select_ID = (do_ID, _id_params)
+
+    # =====================================================================
+    # Not authenticated
+    # =====================================================================
+
+    def do_STARTTLS(self, tag: bytes) -> None:
+        if self.secure:
+            raise BadCommand("TLS is already active.")
+        self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
+        # RFC 3501 §6.2.1 / RFC 7817: whatever the client pipelined after
+        # STARTTLS arrived in plaintext and must not be executed.
+        self.clearLineBuffer()
+        self._parts = []
+        self.transport.startTLS(self.service.tls_context())
+        self.startedTLS = True
+
+    unauth_STARTTLS = (do_STARTTLS,)
+
+    def _privacy(self) -> None:
+        if not self.secure:
+            raise IMAPNo("Log in only after STARTTLS: your password must not cross the network in the clear.",
+                         "PRIVACYREQUIRED")
+
+    def do_LOGIN(self, tag: bytes, user: bytes, password: bytes) -> Any:
+        self._privacy()
+        creds = credentials.UsernamePassword(user, password)
+        return self._login(creds)
+
+    unauth_LOGIN = (do_LOGIN, A_ASTRING, A_ASTRING)
+
+    def do_AUTHENTICATE(self, tag: bytes, mechanism: bytes, initial: bytes | None) -> Any:
+        self._privacy()
+        mech = mechanism.upper()
+        if mech == b"PLAIN":
+            chal: Any = StrictPLAIN()
+        elif mech == b"LOGIN":
+            chal = LOGINMechanism()
+        else:
+            raise IMAPNo("Unsupported mechanism; use PLAIN or LOGIN.")
+        if initial is not None and not self.enabled("SASL-IR"):
+            raise BadCommand("Initial responses are not enabled for this client.")
+        return self._sasl(chal, initial)
+
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, A_ATOM, _opt_atom)
+
+    async def _sasl(self, chal: Any, initial: bytes | None) -> bytes:
+        first = True
+        while first or chal.moreChallenges():
+            challenge = chal.getChallenge()
+            if first and initial is not None:
+                response = initial  # RFC 4959 SASL-IR
+            else:
+                self.sendContinuationRequest(base64.b64encode(challenge) if challenge else None)
+                response = await self._wait_line("sasl")
+                if response.strip() == b"*":
+                    raise BadCommand("AUTHENTICATE cancelled.")
+            first = False
+            chal.setResponse(decode_sasl(response))
+        return await self._login(chal)
+
+    async def _login(self, creds: Any) -> bytes:
+        creds.client_ip = self.client_ip
+        try:
+            iface, avatar, logout = await self.portal.login(creds, None, imap4.IAccount)
+        except LoginRefused as exc:
+            raise IMAPNo(exc.response.decode("utf-8", "replace")) from None
+        except Exception as exc:  # cred wraps unknown errors; never say which part failed
+            if not isinstance(exc, PostvaultError):
+                log.exception("login failed unexpectedly")
+            raise IMAPNo(FAILED.decode()) from None
+        if self._closing:
+            logout()
+            return b"LOGIN completed"
+        self.account = avatar
+        self._onLogout = logout
+        self.state = "auth"
+        self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
+        self._disabled = self.service.disabled_for(client=self.client_name, account=avatar.email)
+        if self.service.bus is not None:
+            self._unsubscribe = self.service.bus.subscribe(
+                avatar.session.account_id, lambda change: reactor.callFromThread(self.on_change, change))  # type: ignore[attr-defined]
+        return self.cap_text() + b" Logged in"
+
+    # =====================================================================
+    # Authenticated
+    # =====================================================================
+
+    def do_NAMESPACE(self, tag: bytes) -> bytes:
+        # RFC 2342: one personal namespace, no prefix.
+        self.sendUntaggedResponse(b'NAMESPACE (("" "/")) NIL NIL')
+        return b"NAMESPACE completed"
+
+    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)
+
+    def do_ENABLE(self, tag: bytes, names: list[str]) -> bytes:
+        # RFC 5161: nothing here can be enabled yet; say so, succeed.
+        self.sendUntaggedResponse(b"ENABLED")
+        return b"ENABLE completed"
+
+    auth_ENABLE = (do_ENABLE, _enable_args)
+
+    async def _select(self, tag: bytes, name: str, writable: bool) -> bytes:
+        self.mbox = None
+        self.state = "auth"
+        account = self._acct()
+        canonical = account.canonical(name)
+        try:
+            box = await account.open(canonical, writable)
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
+        flags = list(FLAGS) + box.keywords()
+        self.sendUntaggedResponse(b"FLAGS (" + " ".join(flags).encode() + b")")
+        perm = " ".join(flags + ["\\*"]) if writable else ""
+        self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + perm.encode() + b")] Flags you can change")
+        self.sendUntaggedResponse(b"%d EXISTS" % box.exists)
+        self.sendUntaggedResponse(b"%d RECENT" % len(box.recent))
+        unseen = box.first_unseen()
+        if unseen is not None:
+            self.sendPositiveResponse(None, b"[UNSEEN %d] First unseen message" % unseen)
+        self.sendPositiveResponse(None, b"[UIDVALIDITY %d] UIDs valid" % box.uidvalidity)
+        self.sendPositiveResponse(None, b"[UIDNEXT %d] Predicted next UID" % box.uidnext)
+        self.mbox = box
+        self.state = "select"
+        return b"[READ-WRITE] SELECT completed" if writable else b"[READ-ONLY] EXAMINE completed"
+
+    def do_SELECT(self, tag: bytes, name: str) -> Any:
+        return self._select(tag, name, True)
+
+    def do_EXAMINE(self, tag: bytes, name: str) -> Any:
+        return self._select(tag, name, False)
+
+    auth_SELECT = select_SELECT = (do_SELECT, A_MAILBOX)
+    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, A_MAILBOX)
+
+    async def do_CREATE(self, tag: bytes, name: str) -> bytes:
+        account = self._acct()
+        name = name.rstrip(folders.DELIMITER) or name
+        decision = folders.may_create(name, self.service.policy)
+        if not decision.allowed:
+            canonical = decision.name
+            if canonical and canonical.lower() != name.lower():
+                # "Deleted Items" is Trash: nothing to make (Outlook creates
+                # the folders it expects and must not see a refusal).
+                return f'[ALREADYEXISTS] "{name}" is the {canonical} folder; CREATE completed'.encode()
+            d = decision.decision
+            raise IMAPNo(d.text, d.imap_code or "CANNOT")
+        try:
+            await account.run(self.store.create_mailbox, account.session, name)
+        except MailboxExists:
+            raise IMAPNo(f'The folder "{name}" already exists.', "ALREADYEXISTS") from None
+        return b"CREATE completed"
+
+    auth_CREATE = select_CREATE = (do_CREATE, A_MAILBOX)
+
+    def do_DELETE(self, tag: bytes, name: str) -> bytes:
+        decision = folders.may_delete(name, self.service.policy)
+        if not decision.allowed:
+            raise IMAPNo(decision.text, decision.imap_code or "CANNOT")
+        raise IMAPNo("Deleting folders is not supported; move the messages out instead.", "CANNOT")
+
+    auth_DELETE = select_DELETE = (do_DELETE, A_MAILBOX)
+
+    def do_RENAME(self, tag: bytes, old: str, new: str) -> bytes:
+        decision = folders.may_delete(old, self.service.policy)
+        if not decision.allowed:
+            raise IMAPNo(decision.text, decision.imap_code or "CANNOT")
+        raise IMAPNo("Renaming folders is not supported.", "CANNOT")
+
+    auth_RENAME = select_RENAME = (do_RENAME, A_MAILBOX, A_MAILBOX)
+
+    def do_SUBSCRIBE(self, tag: bytes, name: str) -> bytes:
+        self._acct().canonical(name)
+        return b"SUBSCRIBE completed"
+
+    def do_UNSUBSCRIBE(self, tag: bytes, name: str) -> bytes:
+        # The four folders stay subscribed: a client that lost them would
+        # lose Sent and Trash.
+        self._acct().canonical(name)
+        return b"UNSUBSCRIBE completed"
+
+    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, A_MAILBOX)
+    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, A_MAILBOX)
+
+    async def _list(self, tag: bytes, ref_raw: bytes, pattern_raw: bytes, command: bytes) -> bytes:
+        from .parse import decode_mailbox
+
+        ref, pattern = decode_mailbox(ref_raw), decode_mailbox(pattern_raw)
+        if pattern == "":
+            # RFC 3501 §6.3.8: the delimiter and root.
+            self.sendUntaggedResponse(command + b' (\\Noselect) "/" ""')
+            return command + b" completed"
+        boxes = await self._acct().mailboxes()
+        names = [b.name for b in boxes]
+        regex = list_pattern(ref, pattern)
+        for box in boxes:
+            if not matches(regex, box.name):
+                continue
+            attrs = []
+            if self.enabled("CHILDREN"):
+                has = any(n.startswith(box.name + folders.DELIMITER) for n in names)
+                attrs.append("\\HasChildren" if has else "\\HasNoChildren")
+            if box.special_use and self.enabled("SPECIAL-USE"):
+                attrs.append(box.special_use)  # RFC 6154 §2, also in LSUB for Outlook
+            self.sendUntaggedResponse(command + b" (" + " ".join(attrs).encode() + b') "/" '
+                                      + render.string(encode_mailbox(box.name)))
+        return command + b" completed"
+
+    def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes) -> Any:
+        return self._list(tag, ref, pattern, b"LIST")
+
+    def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> Any:
+        return self._list(tag, ref, pattern, b"LSUB")
+
+    auth_LIST = select_LIST = (do_LIST, A_ASTRING, A_LIST_MAILBOX)
+    auth_LSUB = select_LSUB = (do_LSUB, A_ASTRING, A_LIST_MAILBOX)
+
+    async def do_STATUS(self, tag: bytes, name: str, items: list[str]) -> bytes:
+        allowed = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN"}
+        if self.enabled("APPENDLIMIT"):
+            allowed.add("APPENDLIMIT")
+        for item in items:
+            if item not in allowed:
+                raise BadCommand(f"Unknown STATUS item {item}.")
+        account = self._acct()
+        canonical = account.canonical(name)
+        try:
+            values = await account.status(canonical, items)
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
+        body = " ".join(f"{k} {v}" for k, v in values).encode()
+        self.sendUntaggedResponse(b"STATUS " + render.string(encode_mailbox(name)) + b" (" + body + b")")
+        return b"STATUS completed"
+
+    auth_STATUS = select_STATUS = (do_STATUS, A_MAILBOX, _status_items)
+
+    async def do_APPEND(self, tag: bytes, args: tuple[str, list[str], Any, bytes]) -> bytes:
+        name, flags, date, message = args
+        account = self._acct()
+        canonical = account.canonical(name)
+        decision = folders.may_append(account.role, canonical)  # type: ignore[arg-type]
+        if not decision.allowed:
+            raise IMAPNo(decision.text, "CANNOT")
+        limit = self.service.policy.attachments.max_message_size
+        if len(message) > limit:
+            raise IMAPNo(f"The message is larger than this server accepts ({limit} bytes).", "TOOBIG")
+        if not message:
+            raise IMAPNo("An empty message can't be stored.", "CANNOT")
+        flags = [f for f in flags if f.lower() != "\\recent"]
+        import io
+
+        try:
+            result = await account.run(self.store.append, account.session, canonical, io.BytesIO(message),
+                                       flags, date)
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{name}".', "TRYCREATE") from None
+        box = self.mbox
+        if box is not None and box.name == canonical:
+            box.dirty = True
+        if not getattr(result, "duplicate", False):
+            self._expect_change(canonical, "exists", [result.uid]) if box is None or box.name != canonical else None
+        if not self.enabled("UIDPLUS"):
+            return b"APPEND completed"
+        return b"[APPENDUID %d %d] APPEND completed" % (result.uidvalidity, result.uid)
+
+    auth_APPEND = select_APPEND = (do_APPEND, _append_args)
+
+    def do_IDLE(self, tag: bytes) -> Any:
+        async def idle() -> bytes:
+            # RFC 2177: + then untagged updates as they happen, until DONE.
+            self.sendContinuationRequest(b"idling")
+            await self._check_changed()
+            await self._updates(True)
+            self._start_idle_poll()
+            try:
+                await self._wait_line("idle")
+            finally:
+                self._stop_idle_poll()
+            return b"IDLE terminated"
+
+        return idle()
+
+    auth_IDLE = select_IDLE = (do_IDLE,)
+
+    # =====================================================================
+    # Selected
+    # =====================================================================
+
+    async def do_CHECK(self, tag: bytes) -> bytes:
+        await self._check_changed()
+        return b"CHECK completed"
+
+    select_CHECK = (do_CHECK,)
+
+    async def do_CLOSE(self, tag: bytes) -> bytes:
+        box = self._box()
+        account = self._acct()
+        if box.writable:
+            # RFC 3501 §6.4.2: expunge silently.
+            removed = await account.run(self.store.expunge, account.session, box.name, None)
+            if removed:
+                self._expect_change(box.name, "expunge", removed)
+        self.mbox = None
+        self.state = "auth"
+        return b"CLOSE completed"
+
+    select_CLOSE = (do_CLOSE,)
+
+    def do_UNSELECT(self, tag: bytes) -> bytes:
+        # RFC 3691: like CLOSE without the expunge.
+        self.mbox = None
+        self.state = "auth"
+        return b"UNSELECT completed"
+
+    select_UNSELECT = (do_UNSELECT,)
+
+    async def do_EXPUNGE(self, tag: bytes, seqset: Any = None, uid: bool = False) -> bytes:
+        box = self._writable()
+        account = self._acct()
+        only = None
+        if uid:
+            only = [u for _, u in self._targets(seqset, True)]
+            if not only:
+                return b"EXPUNGE completed"
+        removed = await account.run(self.store.expunge, account.session, box.name, only)
+        if removed:
+            self._expect_change(box.name, "expunge", removed)
+        for line in box.forget(removed):
+            self.sendUntaggedResponse(line)
+        return b"EXPUNGE completed"
+
+    def _expunge_dispatch(self, tag: bytes, *args: Any, uid: bool = False) -> Any:
+        return self.do_EXPUNGE(tag, *args, uid=uid)
+
+    select_EXPUNGE = (_expunge_dispatch,)
+
+    async def do_STORE(self, tag: bytes, seqset: Any, mode_raw: bytes, flags: list[str], uid: bool = False) -> bytes:
+        mode_text = mode_raw.upper()
+        silent = mode_text.endswith(b".SILENT")
+        base = mode_text.removesuffix(b".SILENT")
+        modes = {b"FLAGS": "set", b"+FLAGS": "add", b"-FLAGS": "remove"}
+        if base not in modes:
+            raise BadCommand("STORE needs FLAGS, +FLAGS or -FLAGS (optionally .SILENT).")
+        targets = self._targets(seqset, uid)
+        box = self._writable()
+        account = self._acct()
+        # RFC 3501 §2.3.2: \Recent can't be changed by a client.
+        flags = [f for f in flags if f.lower() != "\\recent"]
+        uids = [u for _, u in targets if u not in box.ghosts]
+        if uids:
+            self._expect_change(box.name, "flags", uids)
+            new = await account.run(self.store.set_flags, account.session, box.name, uids, flags, modes[base])
+            box.set_flags(new)
+        if not silent:
+            for seq, u in targets:
+                if u in box.flags and u not in box.ghosts:
+                    extra = b" UID %d" % u if uid else b""
+                    self.sendUntaggedResponse(b"%d FETCH (FLAGS (%s)%s)" % (seq, flag_text(box.flags[u], u in box.recent),
+                                                                           extra))
+        if len(uids) < len(targets):
+            raise IMAPNo("Some of the messages no longer exist.", "EXPUNGEISSUED")
+        return b"STORE completed"
+
+    select_STORE = (do_STORE, A_SEQ, A_ATOM, _store_flags)
+
+    async def _copy(self, tag: bytes, seqset: Any, name: str, uid: bool, move: bool) -> bytes:
+        targets = self._targets(seqset, uid)
+        box = self._box() if not move else self._writable()
+        account = self._acct()
+        verb = b"MOVE" if move else b"COPY"
+        try:
+            dest = account.canonical(name)
+        except IMAPNo as exc:
+            raise IMAPNo(exc.text, "TRYCREATE" if self.service.policy.folders.allow_user_folders else exc.code) \
+                from None
+        uids = [u for _, u in targets if u not in box.ghosts]
+        if not uids:
+            if targets:
+                raise IMAPNo("Those messages no longer exist.", "EXPUNGEISSUED")
+            return verb + b" completed"
+        try:
+            method = self.store.move if move else self.store.copy
+            if move:
+                self._expect_change(box.name, "expunge", uids)
+            result = await account.run(method, account.session, box.name, uids, dest)
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{name}".', "TRYCREATE") from None
+        pairs = sorted(result.uids)
+        code = b""
+        if pairs and self.enabled("UIDPLUS"):
+            code = b"[COPYUID %d %s %s] " % (result.uidvalidity, compact_set([a for a, _ in pairs]).encode(),
+                                             compact_set([b for _, b in pairs]).encode())
+        if dest == box.name:
+            box.dirty = True
+        else:
+            self._expect_change(dest, "exists", [b for _, b in pairs])
+        if move:
+            # RFC 6851 §4.3: COPYUID in an untagged OK, then the EXPUNGEs.
+            if code:
+                self.sendPositiveResponse(None, code + b"Moved")
+            for line in box.forget([a for a, _ in pairs]):
+                self.sendUntaggedResponse(line)
+            return b"MOVE completed"
+        return code + b"COPY completed"
+
+    def do_COPY(self, tag: bytes, seqset: Any, name: str, uid: bool = False) -> Any:
+        return self._copy(tag, seqset, name, uid, move=False)
+
+    def do_MOVE(self, tag: bytes, seqset: Any, name: str, uid: bool = False) -> Any:
+        return self._copy(tag, seqset, name, uid, move=True)
+
+    select_COPY = (do_COPY, A_SEQ, A_MAILBOX)
+    select_MOVE = (do_MOVE, A_SEQ, A_MAILBOX)
+
+    async def do_SEARCH(self, tag: bytes, parsed: tuple[str | None, Any], uid: bool = False) -> bytes:
+        charset, key = parsed
+        if charset not in (None, "US-ASCII", "UTF-8"):
+            raise IMAPNo("Search strings must be US-ASCII or UTF-8.", "BADCHARSET (US-ASCII UTF-8)")
+        box = self._box()
+        account = self._acct()
+        candidates = [
+            Candidate(seq, u, box.flags.get(u, frozenset()), u in box.recent, box.meta[u].size,
+                      box.meta[u].internal_date)
+            for seq, u in enumerate(box.uids, 1) if u not in box.ghosts and u in box.meta
+        ]
+        found = await account.run(run_search, self.store, account.session, box.name, key, candidates,
+                                  len(box.uids), box.uids[-1] if box.uids else 0)
+        numbers = [c.uid if uid else c.seq for c in found]
+        self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
+        return b"SEARCH completed"
+
+    select_SEARCH = (do_SEARCH, A_SEARCH)
+
+    # -- FETCH -------------------------------------------------------------------
+
+    async def do_FETCH(self, tag: bytes, seqset: Any, items: list[FetchItem], uid: bool = False) -> bytes:
+        box = self._box()
+        account = self._acct()
+        targets = self._targets(seqset, uid)
+        if uid and not any(i.name == "UID" for i in items):
+            items = [FetchItem("UID"), *items]  # RFC 3501 §6.4.8
+        seen_now: set[int] = set()
+        if box.writable and any(i.sets_seen for i in items):
+            want = [u for _, u in targets if u not in box.ghosts and "\\Seen" not in box.flags.get(u, frozenset())]
+            if want:
+                self._expect_change(box.name, "flags", want)
+                new = await account.run(self.store.set_flags, account.session, box.name, want, ["\\Seen"], "add")
+                box.set_flags(new)
+                seen_now = set(new)
+        need_structure = any(_needs_structure(i) for i in items)
+        content = any(i.content for i in items)
+        read: list[str] = []
+        missing = False
+        self.setTimeout(None)  # a big FETCH to a slow client is not idleness
+        try:
+            for start in range(0, len(targets), FETCH_BATCH):
+                batch = targets[start:start + FETCH_BATCH]
+                live = [(s, u) for s, u in batch if u not in box.ghosts and u in box.meta]
+                missing = missing or len(live) < len(batch)
+                structures = await self._structures(box, [u for _, u in live]) if need_structure and live else {}
+                for seq, u in live:
+                    if need_structure and u not in structures:
+                        missing = True
+                        continue
+                    ok = await self._fetch_one(box, seq, u, items, structures.get(u), u in seen_now)
+                    if not ok:
+                        missing = True
+                    elif content:
+                        read.append(box.meta[u].message_id)
+        finally:
+            self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
+        if read:
+            await self._audit_read(read)
+        if missing:
+            raise IMAPNo("Some of the requested messages no longer exist.", "EXPUNGEISSUED")
+        return b"FETCH completed"
+
+    select_FETCH = (do_FETCH, A_SEQ, A_FETCH)
+
+    async def _audit_read(self, ids: list[str]) -> None:
+        account = self._acct()
+        detail = f"client={self.client_name or '-'}"
+        if len(ids) > 1:
+            detail += f" count={len(ids)} messages=" + ",".join(ids)
+        await account.run(self.store.record_event, "message.read", actor=account.email, account=account.email,
+                          message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
+                          detail=detail)
+
+    async def _structures(self, box: SelectedMailbox, uids: list[int]) -> dict[int, structure.Structure]:
+        account = self._acct()
+        out: dict[int, structure.Structure] = {}
+        summaries = getattr(self.store, "summaries", None)
+        if summaries is not None:
+            found = await account.run(summaries, account.session, box.name, uids)
+            for u, s in (found or {}).items():
+                if s:
+                    out[u] = structure.from_summary(s)
+        rest = [u for u in uids if u not in out]
+        if rest:
+            out.update(await account.run(_parse_structures, self.store, account.session, box.name, rest))
+        return out
+
+    async def _fetch_one(self, box: SelectedMailbox, seq: int, u: int, items: list[FetchItem],
+                         st: structure.Structure | None, seen_now: bool) -> bool:
+        account = self._acct()
+        meta = box.meta[u]
+        needs_reader = any(_needs_bytes(i) for i in items)
+        reader = None
+        if needs_reader:
+            try:
+                reader = await account.run(self.store.open_message, account.session, box.name, u)
+            except MessageNotFound:
+                return False
+        write = self.transport.write
+        try:
+            pieces: list[bytes] = [b"* %d FETCH (" % seq]
+            names = {i.name for i in items}
+            if seen_now and "FLAGS" not in names:
+                items = [*items, FetchItem("FLAGS")]
+            for n, item in enumerate(items):
+                if n:
+                    pieces.append(b" ")
+                name = item.name
+                if name == "UID":
+                    pieces.append(b"UID %d" % u)
+                elif name == "FLAGS":
+                    pieces.append(b"FLAGS (" + flag_text(box.flags.get(u, frozenset()), u in box.recent) + b")")
+                elif name == "INTERNALDATE":
+                    pieces.append(b'INTERNALDATE "' + format_date_time(meta.internal_date).encode() + b'"')
+                elif name == "RFC822.SIZE":
+                    pieces.append(b"RFC822.SIZE %d" % meta.size)
+                elif name == "ENVELOPE":
+                    assert st is not None
+                    pieces.append(b"ENVELOPE " + render.envelope(st.envelope))
+                elif name == "BODYSTRUCTURE":
+                    assert st is not None
+                    pieces.append(b"BODYSTRUCTURE " + render.body(st.body, True))
+                elif name == "BODY" and item.section is None:
+                    assert st is not None
+                    pieces.append(b"BODY " + render.body(st.body, False))
+                else:
+                    assert reader is not None
+                    label, rng, fields = _section_range(item, st, meta.size)
+                    if fields is not None:
+                        head = await account.run(_read_at, reader, rng[0], rng[1] - rng[0])
+                        data = _filter_headers(head, fields[0], fields[1])
+                        data = _partial(data, item.partial)
+                        pieces.append(label.encode() + b" {%d}\r\n" % len(data) + data)
+                        continue
+                    start, end = rng
+                    if item.partial is not None:
+                        start = min(end, start + item.partial[0])
+                        end = min(end, start + item.partial[1])
+                    pieces.append(label.encode() + b" {%d}\r\n" % (end - start))
+                    write(b"".join(pieces))
+                    pieces = []
+                    await self._stream(reader, start, end - start)
+            pieces.append(b")\r\n")
+            write(b"".join(pieces))
+            await self.transport.drained()
+        finally:
+            if reader is not None:
+                await account.run(reader.close)
+        return True
+
+    async def _stream(self, reader: Any, start: int, length: int) -> None:
+        """Copy plaintext from the sealed reader to the client, one chunk
+        at a time, waiting while the client is slower than the store."""
+        account = self._acct()
+        pos, left = start, length
+        while left > 0:
+            n = min(STREAM_CHUNK, left)
+            data = await account.run(_read_at, reader, pos, n)
+            if len(data) != n:
+                # The literal length is promised; a short read can't be
+                # answered in-band. Close rather than desynchronise.
+                log.error("sealed message shorter than its recorded size")
+                self.transport.abortConnection()
+                raise ConnectionError("short read")
+            self.transport.write(data)
+            pos += n
+            left -= n
+            await self.transport.drained()
+
+
+# -- FETCH helpers (pure, or run on worker threads) ----------------------------------
+
+
+def _needs_structure(item: FetchItem) -> bool:
+    if item.name in ("ENVELOPE", "BODYSTRUCTURE"):
+        return True
+    if item.name == "BODY":
+        return item.section is None or bool(item.section.part) or item.section.text != ""
+    return item.name in ("RFC822.HEADER", "RFC822.TEXT")
+
+
+def _needs_bytes(item: FetchItem) -> bool:
+    return (item.name == "BODY" and item.section is not None) or item.name in ("RFC822", "RFC822.HEADER",
+                                                                                "RFC822.TEXT")
+
+
+def _section_range(item: FetchItem, st: structure.Structure | None, size: int) \
+        -> tuple[str, tuple[int, int], tuple[tuple[str, ...], bool] | None]:
+    """(response label, byte range, header filter) of a content item."""
+    if item.name == "RFC822":
+        return "RFC822", (0, size), None
+    if item.name == "RFC822.HEADER":
+        assert st is not None
+        return "RFC822.HEADER", (0, st.header_size), None
+    if item.name == "RFC822.TEXT":
+        assert st is not None
+        return "RFC822.TEXT", (st.header_size, size), None
+    section = item.section or Section()
+    label = item.response_name()
+    if not section.part:
+        if section.text == "":
+            return label, (0, size), None
+        assert st is not None
+        head = (0, st.header_size)
+        text = (st.header_size, size)
+    else:
+        assert st is not None
+        part = st.part(section.part)
+        if part is None:
+            return label, (0, 0), None
+        if section.text == "":
+            return label, (part.body_start, part.body_end), None
+        if section.text == "MIME":
+            return label, (part.header_start, part.body_start), None
+        inner = part.message
+        if inner is None:
+            return label, (0, 0), None
+        head = (inner.header_start, inner.body_start)
+        text = (inner.body_start, inner.body_end)
+    if section.text == "HEADER":
+        return label, head, None
+    if section.text == "TEXT":
+        return label, text, None
+    return label, head, (section.fields, section.text == "HEADER.FIELDS.NOT")
+
+
+def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
+    if partial is None:
+        return data
+    return data[partial[0]:partial[0] + partial[1]]
+
+
+def _filter_headers(head: bytes, names: tuple[str, ...], negate: bool) -> bytes:
+    """RFC 3501 §6.4.5 HEADER.FIELDS (and .NOT): the matching fields, with
+    their continuation lines, then the blank line."""
+    wanted = {n.lower() for n in names}
+    out: list[bytes] = []
+    keep = False
+    for line in head.split(b"\r\n"):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        field = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+        keep = (field in wanted) != negate
+        if keep:
+            out.append(line)
+    return b"".join(x + b"\r\n" for x in out) + b"\r\n"
+
+
+def _read_at(reader: Any, pos: int, n: int) -> bytes:
+    reader.seek(pos)
+    return reader.read(n)  # type: ignore[no-any-return]
+
+
+def _parse_structures(store: Any, session: Any, mailbox: str, uids: list[int]) -> dict[int, structure.Structure]:
+    """For messages without a sealed summary: decrypt and parse, one at a time."""
+    out = {}
+    for u in uids:
+        try:
+            reader = store.open_message(session, mailbox, u)
+        except MessageNotFound:
+            continue
+        try:
+            raw = reader.read()
+        finally:
+            reader.close()
+        out[u] = structure.parse(raw)
+        del raw
+    return out
+
+
+class _Sink:
+    """Collects (or discards) one literal of a known size, in memory only:
+    plaintext mail must never touch the disk."""
+
+    def __init__(self, size: int, discard: bool = False) -> None:
+        self.remaining = size
+        self.discard = discard
+        self._chunks: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take what belongs to the literal; returns the bytes after it once
+        complete, else None."""
+        take = data[: self.remaining]
+        self.remaining -= len(take)
+        if not self.discard and take:
+            self._chunks.append(take)
+        if self.remaining > 0:
+            return None
+        return data[len(take):]
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)

@@ -1,0 +1,174 @@
+"""The IMAP service of ``postvault serve``: listeners, thread pool, sessions.
+
+Two listeners from ``[listen]``: ``imaps`` (implicit TLS, RFC 8314) and
+``imap`` (STARTTLS required before any login). Both use the runtime's
+``TLSContextHolder`` through asyncio (``transport.py``), so SIGHUP's new
+certificate applies to the next handshake on either port.
+
+Invariants:
+- Store calls, password checks and decryption run on one dedicated
+  ``ThreadPool`` (``[imap] threads``), started in ``start`` and stopped in
+  ``stop`` after the last session is gone; the reactor never blocks.
+- At most ``[imap] max_connections_per_ip`` connections per client address;
+  the next one gets ``* BYE`` and is closed before it can log in.
+- ``stop`` stops listening, tells idle sessions BYE at once, lets running
+  commands finish for up to ``drain_seconds``, then closes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from ..runtime import Runtime
+from .cred import make_portal
+from .mailbox import RecentClaims
+from .server import SWITCHABLE, IMAPServer
+from .transport import Bridge
+
+log = logging.getLogger("postvault.imapd")
+T = TypeVar("T")
+
+
+class IMAPService:
+    """What ``serve.build_services`` starts and stops."""
+
+    name = "imap"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.limits = runtime.config.imap
+        self.store = runtime.store
+        self.bus = getattr(runtime.store, "bus", None)
+        self.recent = RecentClaims()
+        self.portal = make_portal(self)
+        self.pool = ThreadPool(minthreads=2, maxthreads=self.limits.threads, name="postvault-imap")
+        self.sessions: set[IMAPServer] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._gone: asyncio.Event | None = None
+
+    # -- what sessions use ------------------------------------------------------
+
+    @property
+    def policy(self) -> Any:
+        return self.runtime.policy.policy
+
+    def tls_context(self) -> Any:
+        return self.runtime.tls.context
+
+    def run(self, f: Callable[..., T], *args: Any, **kw: Any) -> defer.Deferred[T]:
+        return deferToThreadPool(reactor, self.pool, f, *args, **kw)
+
+    def disabled_for(self, client: str, account: str) -> set[str]:
+        """Capabilities switched off for this client ID name and account."""
+        out: set[str] = set()
+        client, account = client.lower(), account.lower()
+        for who, caps in self.limits.disable_for_clients:
+            if client and who in client:
+                out |= caps
+        for who, caps in self.limits.disable_for_accounts:
+            if account and who == account:
+                out |= caps
+        return out & SWITCHABLE
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        self.pool.start()
+        self._gone = asyncio.Event()
+        listening = []
+        listen = self.runtime.config.listen
+        for kind, endpoint, implicit in (("imaps", listen.imaps, True), ("imap", listen.imap, False)):
+            if endpoint is None:
+                continue
+            server = await loop.create_server(
+                lambda implicit=implicit: self._bridge(implicit), endpoint.host, endpoint.port,
+                ssl=self.runtime.tls.context if implicit else None, ssl_handshake_timeout=30 if implicit else None,
+                reuse_address=True)
+            self._servers.append(server)
+            listening.append(f"{kind} {endpoint}")
+        return listening
+
+    def _bridge(self, implicit: bool) -> Bridge:
+        return Bridge(lambda: self._protocol(implicit), secure=implicit, on_close=self._closed)
+
+    def _protocol(self, implicit: bool) -> Any:
+        proto = IMAPServer(self, implicit)
+        return _Guard(self, proto)
+
+    def admit(self, proto: IMAPServer) -> bool:
+        ip = proto.client_ip
+        if self._per_ip[ip] >= self.limits.max_connections_per_ip:
+            return False
+        self._per_ip[ip] += 1
+        self.sessions.add(proto)
+        return True
+
+    def _closed(self, bridge: Bridge) -> None:
+        pass
+
+    def release(self, proto: IMAPServer) -> None:
+        if proto in self.sessions:
+            self.sessions.discard(proto)
+            self._per_ip[proto.client_ip] -= 1
+            if self._per_ip[proto.client_ip] <= 0:
+                del self._per_ip[proto.client_ip]
+        if not self.sessions and self._gone is not None:
+            self._gone.set()
+
+    async def stop(self, drain_seconds: float) -> None:
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions and self._gone is not None:
+            self._gone.clear()
+            try:
+                await asyncio.wait_for(self._gone.wait(), drain_seconds)
+            except asyncio.TimeoutError:
+                log.warning("closing %d IMAP sessions that did not finish in time", len(self.sessions))
+                for session in list(self.sessions):
+                    if session.transport is not None:
+                        session.transport.abortConnection()
+        for server in self._servers:
+            await server.wait_closed()
+        await asyncio.get_running_loop().run_in_executor(None, self.pool.stop)
+
+
+class _Guard:
+    """Wraps a session for the per-address limit (a Twisted protocol proxy:
+    the first call after the TCP accept decides admission)."""
+
+    def __init__(self, service: IMAPService, proto: IMAPServer) -> None:
+        self.service = service
+        self.proto = proto
+        self.admitted = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self.proto.client_ip = transport.getPeer().host
+        if not self.service.admit(self.proto):
+            transport.write(b"* BYE Too many connections from your address; close some and try again\r\n")
+            transport.loseConnection()
+            return
+        self.admitted = True
+        self.proto.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.admitted:
+            self.proto.dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.admitted:
+            try:
+                self.proto.connectionLost(reason)
+            finally:
+                self.service.release(self.proto)
