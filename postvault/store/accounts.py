@@ -1,31 +1,39 @@
 """Accounts: creation with a key pair, password checks, login into an
-``AccountSession``, password changes, invitations and sign-up, contacts and
-the failed-login records behind the auth limits.
+``AccountSession``, password changes, invitations and sign-up, notification
+preferences and the failed-login records behind the auth limits. Address
+books are in ``contacts``.
 
 Key handling (second look required on every change here):
-- A private key exists unwrapped only inside an ``AccountSession`` in memory.
+- A private key exists unwrapped only inside an ``AccountSession`` in memory
+  (and, for a re-invitation, for the length of one transaction).
 - At rest it is wrapped under Argon2id(password) or, while an invited
-  colleague has not signed up, under HKDF(256-bit invitation token). The
-  token itself is never stored, only its SHA-256.
+  colleague has not signed up, under HKDF(256-bit invitation token) plus an
+  escrow to each inviting member's public key (see "invitations" below).
+  The token itself is never stored, only its SHA-256.
 - A password change or sign-up re-wraps the private key; mail is untouched.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Literal
 from zoneinfo import available_timezones
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import AccountExists, AuthenticationFailed, IntegrityError, InvalidInput, NoSuchAccount
 from . import audit, crypto, passwords, serverkeys
+from .contacts import ContactsStore
 from .db import unit_of_work
-from .models import Account, AddressBookEntry, AuthFailure, Invitation, Mailbox
+from .models import Account, AuthFailure, Invitation, InvitationEscrow, Mailbox, MessageCopy, NotificationPrefs
 from .types import (
     DEFAULT_MAILBOXES,
     AccountInfo,
@@ -36,6 +44,103 @@ from .types import (
     normalize_email,
     now,
 )
+
+DEFAULT_INVITATION_TTL = timedelta(days=14)
+# Purpose label of the escrow wrap's "message id" slot (see invitations).
+_ESCROW_PURPOSE = b"postvault/v1/invitation-escrow/"
+
+NotifyMode = Literal["every", "batched", "off"]
+NotifyVerdict = Literal["send", "hold", "skip"]
+NOTIFY_MODES: tuple[NotifyMode, ...] = ("every", "batched", "off")
+DEFAULT_INTERVAL_MINUTES = 30
+MIN_INTERVAL_MINUTES = 1
+MAX_INTERVAL_MINUTES = 7 * 24 * 60
+
+
+class InvitationNeedsKey(InvalidInput):
+    """A pending colleague's link can't be renewed without the key that
+    protects its waiting mail (the member's password), or without giving
+    that mail up."""
+
+
+@dataclass(frozen=True)
+class InvitationResult:
+    """What ``invite_colleague`` did. ``token`` is set only when a new
+    sign-up link was made; it is a secret (kept out of repr)."""
+
+    status: Literal["invited", "reinvited", "already_active", "already_pending"]
+    colleague: str
+    member: str
+    member_practice: str
+    token: str | None = field(default=None, repr=False)
+    expires_at: datetime | None = None
+    waiting: int = 0  # messages waiting for the colleague (carried over)
+    discarded: int = 0  # waiting messages deleted with the old key pair
+
+
+@dataclass(frozen=True)
+class InvitationStatus:
+    colleague: str
+    state: str  # pending | active | disabled
+    link_expires_at: datetime | None  # the live link, if any
+    waiting: int
+    escrow_members: tuple[str, ...]  # members who can renew the link with their password
+
+
+@dataclass(frozen=True)
+class NotificationSettings:
+    address: str  # where notifications go
+    custom_address: bool  # False: the account's own address
+    mode: NotifyMode
+    interval_minutes: int
+
+
+@dataclass(frozen=True)
+class NotifyState:
+    """What the notification schedule decides on (all server-readable)."""
+
+    account_state: str
+    mode: NotifyMode
+    interval: timedelta
+    last_sent_at: datetime | None
+    held_since: datetime | None
+    unread: int  # INBOX messages without \Seen
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    account: str
+    address: str
+    role: str
+
+
+class _Unset:
+    """Marker: an argument that was not given (None means "clear it")."""
+
+
+UNSET = _Unset()
+
+
+def _escrow_id(colleague: Account) -> bytes:
+    return _ESCROW_PURPOSE + colleague.key_owner.encode()
+
+
+def _decode_token(token: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError, binascii.Error):
+        raw = b""
+    if len(raw) != 32:
+        raise InvalidInput("this sign-up link is not valid; check that it was copied whole")
+    return raw
+
+
+def _settings(acct: Account, prefs: NotificationPrefs | None) -> NotificationSettings:
+    mode: NotifyMode = "off" if not acct.notify_enabled else (prefs.mode if prefs else "every")  # type: ignore[assignment]
+    return NotificationSettings(
+        acct.notify_email or acct.email, acct.notify_email is not None, mode,
+        prefs.interval_minutes if prefs else DEFAULT_INTERVAL_MINUTES,
+    )
 
 
 def _check_practice(name: str) -> str:
@@ -56,11 +161,15 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
-class AccountStore:
+class AccountStore(ContactsStore):
     """The account half of ``Store``."""
 
     _sessions: sessionmaker[Session]
     kdf: KdfSettings
+    # From MailStore (Store mixes both): waiting mail dropped with a
+    # discarded key pair goes the way expunged mail goes.
+    _drop_orphans: Callable[[Session, set[int]], list[str]]
+    _discard_blob: Callable[[str], None]
 
     def create_account(
         self,
@@ -153,47 +262,6 @@ class AccountStore:
             rows = s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
             return {a.email.lower(): self._info(a) for a in rows}
 
-    def add_contact(self, member_email: str, colleague_email: str, name: str = "", practice: str = "") -> None:
-        """Put a colleague in a member's address book (idempotent)."""
-        colleague_email = normalize_email(colleague_email)
-        with unit_of_work(self._sessions) as s:
-            colleague = s.scalar(select(Account).where(func.lower(Account.email) == colleague_email.lower()))
-            self._upsert_contact(s, self._account(s, member_email), colleague_email, name, practice, colleague)
-
-    @staticmethod
-    def _upsert_contact(
-        s: Session, member: Account, email: str, name: str, practice: str, colleague: Account | None
-    ) -> None:
-        if member.role != "member":
-            raise InvalidInput(f"{member.email} is not a member; only members have an address book")
-        stamp = now()
-        entry = s.scalar(
-            select(AddressBookEntry).where(
-                AddressBookEntry.member_id == member.id, func.lower(AddressBookEntry.email) == email.lower()
-            )
-        )
-        if entry is None:
-            entry = AddressBookEntry(member_id=member.id, email=email, extra="{}", created_at=stamp, name="", practice="")
-            s.add(entry)
-        entry.name = name or entry.name
-        entry.practice = practice or entry.practice
-        entry.colleague_id = colleague.id if colleague is not None else None
-        entry.updated_at = stamp
-
-    def contacts(self, email: str) -> list[str]:
-        """A member's address book, or the members who invited a colleague."""
-        with self._sessions() as s:
-            acct = self._account(s, email)
-            if acct.role == "member":
-                rows = s.scalars(select(AddressBookEntry.email).where(AddressBookEntry.member_id == acct.id))
-            else:
-                rows = s.scalars(
-                    select(Account.email)
-                    .join(AddressBookEntry, AddressBookEntry.member_id == Account.id)
-                    .where(AddressBookEntry.colleague_id == acct.id)
-                )
-            return sorted(rows)
-
     def _check_password(
         self, email: str, password: str, client_ip: str | None, protocol: str | None
     ) -> Account:
@@ -276,86 +344,289 @@ class AccountStore:
             ) if client_ip else []
         return [_aware(t) for t in by_account], [_aware(t) for t in by_ip]
 
+    # -- invitations ------------------------------------------------------
+    #
+    # Key handling (second look required). A pending colleague has an
+    # X25519 key pair from the moment of its first invitation, so members
+    # can write to it at once: delivery wraps each message's content key to
+    # the public key, no secret needed. The private key is kept in two
+    # kinds of wraps, and nowhere else:
+    #
+    # 1. Under HKDF(token) on the account row (``wrapped_private_key``),
+    #    for exactly one live sign-up link at a time. The 256-bit token is
+    #    only in the email (or printed by --print-link) and, as its SHA-256,
+    #    in ``invitations``. Re-inviting OVERWRITES this wrap with one under
+    #    the new token and marks the older invitations "revoked": an old
+    #    link then fails twice over (its row says revoked, and nothing is
+    #    wrapped under its token any more), even for someone who kept a
+    #    copy of the link.
+    # 2. An escrow per inviting member (``invitation_escrow``): the private
+    #    key wrapped to that MEMBER's public key with the same ECIES
+    #    construction as content keys (X25519 + HKDF-SHA256 + AES-256-GCM),
+    #    bound to the member (its key_owner as owner) and to the colleague
+    #    (an id under a purpose label no message id can take: message ids
+    #    are 32 hex digits). Only that member's private key opens it, i.e.
+    #    the member's password (CLI --member-password-stdin) or a logged-in
+    #    session (web). That is what lets the member issue a new link
+    #    without the old token: a new token cannot be made from nothing,
+    #    since the mail already waiting is sealed to the existing key pair.
+    #
+    # What the escrow exposes: whoever holds the member's password (and the
+    # database) can read what waits for the pending colleague, including
+    # mail from OTHER members who wrote to it before sign-up. We accept that
+    # for the window before sign-up: the inviting office vouches for the
+    # colleague's address in the first place, and the alternative is losing
+    # that mail on every expired link. The escrow is deleted at sign-up,
+    # when the key moves under the colleague's own password; it is never
+    # made after sign-up. A disk copy alone (no password, no live link) still
+    # reveals nothing. Without an escrow (a member who did not make the key
+    # pair) or without the member's password, a new link is only possible
+    # with a NEW key pair, and the waiting mail, sealed to the old one, is
+    # deleted: refused unless the caller says --discard-waiting-mail.
+
     def invite(
         self,
         member_email: str,
         colleague_email: str,
         *,
-        ttl: timedelta = timedelta(days=14),
+        ttl: timedelta = DEFAULT_INVITATION_TTL,
         actor: str = "admin",
     ) -> str | None:
-        """Invite a colleague: a pending account with its key pair, wrapped
-        under a key derived from a fresh 256-bit token, which is returned (to
-        put in the sign-up link) and stored only as a SHA-256 hash.
+        """Invite a colleague; the sign-up token, or None when no new link
+        was made (the colleague is active, or already holds a live link).
+        See ``invite_colleague``."""
+        return self.invite_colleague(member_email, colleague_email, ttl=ttl, actor=actor).token
 
-        Mail sent to the colleague before sign-up is sealed to that key pair
-        and becomes readable once ``sign_up`` re-wraps it under a password.
-        An already signed-up colleague is only added to the member's address
-        book; the result is then None.
+    def invite_colleague(
+        self,
+        member_email: str,
+        colleague_email: str,
+        *,
+        ttl: timedelta = DEFAULT_INVITATION_TTL,
+        actor: str = "admin",
+        member_session: AccountSession | None = None,
+        discard_waiting_mail: bool = False,
+    ) -> InvitationResult:
+        """Invite a colleague into a member's address book.
+
+        - No account yet: a pending account with its key pair, a sign-up
+          token (returned; stored only as SHA-256) and an escrow of the key
+          for this member. Status "invited".
+        - Active account: only the address-book entry. "already_active".
+        - Pending account, and ``member_session`` of a member holding an
+          escrow: a new token, the key carried over, older links revoked.
+          "reinvited".
+        - Pending, ``discard_waiting_mail``: a new key pair and token; the
+          mail waiting for the colleague is deleted (it is sealed to the old
+          key). "reinvited" with ``discarded`` > 0 if there was any.
+        - Pending with a live link otherwise: only the address-book entry
+          (so a second member shows up in the colleague's contacts).
+          "already_pending".
+        - Pending without a live link otherwise: ``InvitationNeedsKey``.
         """
         colleague_email = normalize_email(colleague_email)
-        token = secrets.token_bytes(32)
-        with unit_of_work(self._sessions) as s:
-            member = self._account(s, member_email)
-            existing = s.scalar(select(Account).where(func.lower(Account.email) == colleague_email.lower()))
-            if existing is not None and existing.state == "active":
-                self._upsert_contact(s, member, existing.email, "", "", existing)
-                return None
-            if existing is not None:
-                # Re-wrapping a pending key pair under a new token needs the
-                # old token or the inviting member's session; that arrives
-                # with the sign-up pages.
-                raise InvalidInput(f"{colleague_email} has already been invited and has not signed up yet")
+        doomed_blobs: list[str] = []
+        try:
+            with unit_of_work(self._sessions) as s:
+                return self._invite(
+                    s, member_email, colleague_email, ttl, actor, member_session, discard_waiting_mail, doomed_blobs
+                )
+        finally:
+            # After the commit (or rollback): a blob goes only if no row
+            # points at it any more.
+            for blob_id in doomed_blobs:
+                self._discard_blob(blob_id)
+
+    def _invite(
+        self,
+        s: Session,
+        member_email: str,
+        colleague_email: str,
+        ttl: timedelta,
+        actor: str,
+        member_session: AccountSession | None,
+        discard: bool,
+        doomed_blobs: list[str],
+    ) -> InvitationResult:
+        member = self._account(s, member_email)
+        if member.role != "member" or member.state != "active":
+            raise InvalidInput(f"{member.email} is not an active member; only members invite colleagues")
+        if member_session is not None and member_session.account_id != member.id:
+            raise InvalidInput("the session given is not the inviting member's")
+        acct = s.scalar(select(Account).where(func.lower(Account.email) == colleague_email.lower()))
+        result = functools.partial(InvitationResult, colleague=colleague_email, member=member.email,
+                                   member_practice=member.practice_name)
+        if acct is not None and acct.id == member.id:
+            raise InvalidInput("a member cannot invite itself")
+        if acct is not None and acct.state != "pending":
+            if acct.state != "active":
+                raise InvalidInput(f"the account of {acct.email} is disabled; ask the administrator")
+            self._upsert_contact(s, member, acct.email, "", "", acct)
+            return result(status="already_active", colleague=acct.email)
+        if acct is None:
             pair = crypto.generate_keypair()
-            key_owner = secrets.token_hex(16)
-            kdf = crypto.KdfParams.for_token()
-            wrapped = crypto.wrap_private_key(
-                pair.private, crypto.derive_wrapping_key(token, kdf), key_owner.encode()
-            )
             stamp = now()
             acct = Account(
-                key_owner=key_owner, email=colleague_email, role="colleague", state="pending",
+                key_owner=secrets.token_hex(16), email=colleague_email, role="colleague", state="pending",
                 practice_name="(invited)", timezone="UTC", mailbox_name=colleague_email, notify_enabled=True,
-                notify_email=None, password_hash=None, public_key=pair.public, wrapped_private_key=wrapped,
-                kdf_params=kdf.to_json(), created_at=stamp, updated_at=stamp,
+                notify_email=None, password_hash=None, public_key=pair.public, wrapped_private_key=b"",
+                kdf_params="", created_at=stamp, updated_at=stamp,
             )
             s.add(acct)
             s.flush()
             self._create_default_mailboxes(s, acct.id)
             self._upsert_contact(s, member, colleague_email, "", "", acct)
-            s.add(
-                Invitation(
-                    colleague_id=acct.id, member_id=member.id, token_hash=hashlib.sha256(token).digest(),
-                    state="pending", expires_at=stamp + ttl, created_at=stamp,
-                )
+            self._escrow(s, acct, member, pair.private)
+            token, expires = self._new_link(s, acct, member, pair.private, ttl)
+            audit.record(s, "invitation.create", actor=actor, account=acct.email, detail=f"member={member.email}")
+            return result(status="invited", token=token, expires_at=expires)
+
+        self._upsert_contact(s, member, acct.email, "", "", acct)
+        waiting = self._waiting_messages(s, acct)
+        escrow = s.scalar(
+            select(InvitationEscrow).where(InvitationEscrow.colleague_id == acct.id, InvitationEscrow.member_id == member.id)
+        )
+        if member_session is not None and escrow is not None:
+            private = crypto.unwrap_content_key(
+                escrow.wrapped_key, member_session.private_key, member_session.key_owner, _escrow_id(acct)
             )
-            audit.record(s, "invitation.create", actor=actor, account=colleague_email, detail=f"member={member.email}")
-        return base64.urlsafe_b64encode(token).decode().rstrip("=")
+            if crypto.public_key_of(private) != acct.public_key:
+                # The escrow must open to THE key pair mail is sealed to; if
+                # not, someone rewrote a row, and a new link would hand out
+                # the wrong key.
+                raise IntegrityError("the escrowed key does not match the pending account's public key")
+            token, expires = self._new_link(s, acct, member, private, ttl)
+            audit.record(s, "invitation.reissue", actor=actor, account=acct.email,
+                         detail=f"member={member.email} carried_over={len(waiting)}")
+            return result(status="reinvited", token=token, expires_at=expires, waiting=len(waiting))
+        if discard:
+            pair = crypto.generate_keypair()
+            # Every escrow holds the old private key: useless now, and it
+            # must not outlive the mail it could open.
+            s.execute(delete(InvitationEscrow).where(InvitationEscrow.colleague_id == acct.id))
+            acct.public_key = pair.public
+            for copy in waiting:
+                s.delete(copy)
+            s.flush()
+            doomed_blobs += self._drop_orphans(s, {c.message_id for c in waiting})
+            self._escrow(s, acct, member, pair.private)
+            token, expires = self._new_link(s, acct, member, pair.private, ttl)
+            audit.record(s, "invitation.reissue", actor=actor, account=acct.email,
+                         detail=f"member={member.email} discarded={len(waiting)}")
+            return result(status="reinvited", token=token, expires_at=expires, discarded=len(waiting))
+        live = self._live_invitation(s, acct)
+        if live is not None:
+            return result(status="already_pending", expires_at=_aware(live.expires_at), waiting=len(waiting))
+        how = (
+            "run the invitation again with the member's password (--member-password-stdin) to carry it over"
+            if escrow is not None
+            else "only a member who invited them before can carry it over, with their password"
+        )
+        raise InvitationNeedsKey(
+            f"{acct.email} was invited but never signed up, and the link is no longer valid. "
+            f"A new link needs the key that protects the {len(waiting)} message(s) waiting for them: {how}; "
+            "or start over with --discard-waiting-mail (the waiting mail is deleted; senders keep it in Sent)"
+        )
+
+    @staticmethod
+    def _escrow(s: Session, colleague: Account, member: Account, private: bytes) -> None:
+        """Wrap the pending private key to the member's public key (see above)."""
+        wrapped = crypto.wrap_content_key(private, member.public_key, member.key_owner.encode(), _escrow_id(colleague))
+        row = s.scalar(
+            select(InvitationEscrow).where(
+                InvitationEscrow.colleague_id == colleague.id, InvitationEscrow.member_id == member.id
+            )
+        )
+        if row is None:
+            s.add(InvitationEscrow(colleague_id=colleague.id, member_id=member.id, wrapped_key=wrapped, created_at=now()))
+        else:
+            row.wrapped_key, row.created_at = wrapped, now()
+
+    @staticmethod
+    def _new_link(s: Session, acct: Account, member: Account, private: bytes, ttl: timedelta) -> tuple[str, datetime]:
+        """A fresh token: the one live wrap on the account, older links revoked."""
+        token = secrets.token_bytes(32)
+        kdf = crypto.KdfParams.for_token()
+        acct.wrapped_private_key = crypto.wrap_private_key(
+            private, crypto.derive_wrapping_key(token, kdf), acct.key_owner.encode()
+        )
+        acct.kdf_params = kdf.to_json()
+        stamp = now()
+        acct.updated_at = stamp
+        s.execute(
+            update(Invitation)
+            .where(Invitation.colleague_id == acct.id, Invitation.state == "pending")
+            .values(state="revoked")
+        )
+        s.add(
+            Invitation(
+                colleague_id=acct.id, member_id=member.id, token_hash=hashlib.sha256(token).digest(),
+                state="pending", expires_at=stamp + ttl, created_at=stamp,
+            )
+        )
+        return base64.urlsafe_b64encode(token).decode().rstrip("="), stamp + ttl
+
+    @staticmethod
+    def _live_invitation(s: Session, acct: Account) -> Invitation | None:
+        rows = s.scalars(
+            select(Invitation).where(Invitation.colleague_id == acct.id, Invitation.state == "pending")
+        )
+        live = [i for i in rows if _aware(i.expires_at) > now()]
+        return max(live, key=lambda i: _aware(i.expires_at), default=None)
+
+    @staticmethod
+    def _waiting_messages(s: Session, acct: Account) -> list[MessageCopy]:
+        return list(
+            s.scalars(
+                select(MessageCopy).join(Mailbox, Mailbox.id == MessageCopy.mailbox_id).where(Mailbox.account_id == acct.id)
+            )
+        )
+
+    def invitation_status(self, colleague_email: str) -> InvitationStatus:
+        """Where a colleague's invitation stands, for pages and the CLI."""
+        with self._sessions() as s:
+            acct = self._account(s, colleague_email)
+            live = self._live_invitation(s, acct) if acct.state == "pending" else None
+            inviters = s.scalars(
+                select(Account.email).join(InvitationEscrow, InvitationEscrow.member_id == Account.id)
+                .where(InvitationEscrow.colleague_id == acct.id)
+            )
+            return InvitationStatus(
+                acct.email, acct.state, _aware(live.expires_at) if live is not None else None,
+                len(self._waiting_messages(s, acct)), tuple(sorted(inviters)),
+            )
 
     def sign_up(self, token: str, practice_name: str, timezone_name: str, password: str) -> AccountInfo:
         """Complete an invitation: the private key moves from the token's
-        wrap to the password's; waiting mail is untouched and now readable."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (ValueError, TypeError):
-            raw = b""
-        if len(raw) != 32:
-            raise InvalidInput("this sign-up link is not valid")
+        wrap to the password's; waiting mail is untouched and now readable.
+        The escrows go: from now on only the colleague's password opens
+        the key."""
+        raw = _decode_token(token)
         practice_name = _check_practice(practice_name)
         _check_timezone(timezone_name)
         with unit_of_work(self._sessions) as s:
             inv = s.scalar(select(Invitation).where(Invitation.token_hash == hashlib.sha256(raw).digest()))
-            if inv is None or inv.state != "pending":
-                raise InvalidInput("this sign-up link has already been used or was replaced by a newer one")
+            if inv is None:
+                raise InvalidInput("this sign-up link is not valid; check that it was copied whole")
+            if inv.state == "used":
+                raise InvalidInput("this sign-up link has already been used; sign in with your password instead")
+            if inv.state != "pending":
+                raise InvalidInput(
+                    "this sign-up link was replaced by a newer invitation; use the link in the most recent email"
+                )
             if _aware(inv.expires_at) <= now():
                 raise InvalidInput("this sign-up link has expired; ask the office that invited you for a new one")
             acct = s.get(Account, inv.colleague_id)
             assert acct is not None
+            if acct.state != "pending":
+                raise InvalidInput("this sign-up link has already been used; sign in with your password instead")
             private = crypto.unwrap_private_key(
                 acct.wrapped_private_key,
                 crypto.derive_wrapping_key(raw, crypto.KdfParams.from_json(acct.kdf_params)),
                 acct.key_owner.encode(),
             )
+            if crypto.public_key_of(private) != acct.public_key:
+                raise IntegrityError("the account's stored public key does not match its private key")
             kdf = crypto.KdfParams.for_password(self.kdf.memory_kib, self.kdf.iterations, self.kdf.lanes)
             acct.wrapped_private_key = crypto.wrap_private_key(
                 private, crypto.derive_wrapping_key(passwords.password_bytes(password), kdf), acct.key_owner.encode()
@@ -367,8 +638,109 @@ class AccountStore:
             acct.timezone = timezone_name
             acct.updated_at = now()
             inv.state, inv.used_at = "used", now()
+            s.execute(delete(InvitationEscrow).where(InvitationEscrow.colleague_id == acct.id))
+            s.execute(
+                update(Invitation)
+                .where(Invitation.colleague_id == acct.id, Invitation.state == "pending")
+                .values(state="revoked")
+            )
             audit.record(s, "signup", actor=acct.email, account=acct.email)
             return self._info(acct)
+
+    # -- notification preferences -----------------------------------------
+
+    def notification_settings(self, email: str) -> NotificationSettings:
+        """Where and how often an account hears about new mail."""
+        with self._sessions() as s:
+            acct = self._account(s, email)
+            prefs = s.get(NotificationPrefs, acct.id)
+            return _settings(acct, prefs)
+
+    def set_notification_settings(
+        self,
+        email: str,
+        *,
+        mode: NotifyMode | None = None,
+        interval_minutes: int | None = None,
+        address: str | None | _Unset = UNSET,
+        actor: str | None = None,
+    ) -> NotificationSettings:
+        """Change what is given: ``mode`` (every | batched | off),
+        ``interval_minutes`` (for batched), ``address`` (None: the account's
+        own address)."""
+        if mode is not None and mode not in NOTIFY_MODES:
+            raise InvalidInput(f"notification mode must be one of {', '.join(NOTIFY_MODES)}")
+        if interval_minutes is not None and not MIN_INTERVAL_MINUTES <= interval_minutes <= MAX_INTERVAL_MINUTES:
+            raise InvalidInput(
+                f"notification interval must be {MIN_INTERVAL_MINUTES} to {MAX_INTERVAL_MINUTES} minutes"
+            )
+        new_address = normalize_email(address) if isinstance(address, str) else None
+        with unit_of_work(self._sessions) as s:
+            acct = self._account(s, email)
+            prefs = self._prefs(s, acct)
+            if mode is not None:
+                prefs.mode = mode
+                acct.notify_enabled = mode != "off"
+            if interval_minutes is not None:
+                prefs.interval_minutes = interval_minutes
+            if not isinstance(address, _Unset):
+                acct.notify_email = new_address
+            acct.updated_at = now()
+            audit.record(s, "account.notifications", actor=actor or acct.email, account=acct.email,
+                         detail=f"mode={prefs.mode} interval={prefs.interval_minutes}")
+            return _settings(acct, prefs)
+
+    @staticmethod
+    def _prefs(s: Session, acct: Account) -> NotificationPrefs:
+        prefs = s.get(NotificationPrefs, acct.id)
+        if prefs is None:
+            prefs = NotificationPrefs(
+                account_id=acct.id, mode="every" if acct.notify_enabled else "off",
+                interval_minutes=DEFAULT_INTERVAL_MINUTES, last_sent_at=None, held_since=None,
+            )
+            s.add(prefs)
+        return prefs
+
+    def claim_notification(
+        self, email: str, at: datetime, decide: Callable[[NotifyState, datetime], NotifyVerdict]
+    ) -> NotifyTarget | None:
+        """Decide, in one write transaction, whether ``email`` gets a
+        notification at ``at``; record it. Serialized per database (BEGIN
+        IMMEDIATE), so two deliveries at once cannot both pass a "one per N
+        minutes" rule. ``decide`` is pure (``postvault.notices.schedule``)."""
+        with unit_of_work(self._sessions) as s:
+            acct = self._account(s, email)
+            prefs = self._prefs(s, acct)
+            inbox = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct.id, Mailbox.name == "INBOX"))
+            unread = s.scalar(
+                select(func.count(MessageCopy.id)).where(
+                    MessageCopy.mailbox_id == inbox, ~MessageCopy.flags.contains("\\Seen", autoescape=True)
+                )
+            ) or 0
+            state = NotifyState(
+                acct.state, prefs.mode if acct.notify_enabled else "off",  # type: ignore[arg-type]
+                timedelta(minutes=prefs.interval_minutes),
+                _aware(prefs.last_sent_at) if prefs.last_sent_at else None,
+                _aware(prefs.held_since) if prefs.held_since else None, unread,
+            )
+            verdict = decide(state, at)
+            if verdict == "send":
+                prefs.last_sent_at, prefs.held_since = at, None
+                return NotifyTarget(acct.email, acct.notify_email or acct.email, acct.role)
+            if verdict == "hold":
+                prefs.held_since = prefs.held_since or at
+            else:
+                prefs.held_since = None
+            return None
+
+    def held_notifications(self) -> list[str]:
+        """Accounts with a notification held back by their interval."""
+        with self._sessions() as s:
+            rows = s.scalars(
+                select(Account.email).join(NotificationPrefs, NotificationPrefs.account_id == Account.id)
+                .where(NotificationPrefs.held_since.is_not(None))
+            )
+            return sorted(rows)
 
     def change_password(self, email: str, old_password: str, new_password: str) -> None:
         """Re-wrap the private key under the new password; mail is not touched."""

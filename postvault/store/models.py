@@ -236,3 +236,65 @@ class AuthFailure(Base):
     account: Mapped[str] = mapped_column(String(320))
     client_ip: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class InvitationEscrow(Base):
+    """A pending colleague's private key, wrapped to an inviting member's
+    public key, so that member can re-invite (new token) without the old
+    token and the mail waiting for the colleague carries over.
+
+    Kept only until sign-up; see ``AccountStore.invite_colleague`` for the
+    key handling and what this copy exposes.
+    """
+
+    __tablename__ = "invitation_escrow"
+    __table_args__ = (UniqueConstraint("colleague_id", "member_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    colleague_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    # ECIES (X25519 + HKDF + AES-GCM) to the member's public key, bound to
+    # the member and the colleague: eph_pub || nonce || ciphertext+tag.
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NotificationPrefs(Base):
+    """How often an account hears about new mail by email (no row: every
+    message). The mail itself is never in the notification."""
+
+    __tablename__ = "notification_prefs"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(16))  # every | batched | off
+    interval_minutes: Mapped[int] = mapped_column(Integer)
+    last_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A delivery that the interval held back: a notification follows when
+    # the interval is over, if mail is still unread then.
+    held_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+
+
+class OutboundMail(Base):
+    """One message waiting to leave (or that left): invitations and
+    notifications only, which carry no PHI. An invitation does carry its
+    sign-up link, so ``body`` is emptied as soon as the message is sent or
+    given up (SQLite's secure_delete zeroes the freed pages)."""
+
+    __tablename__ = "outbound_queue"
+    __table_args__ = (Index("ix_outbound_queue_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # invitation | notification | notice
+    # The account the message is about, for the audit log (never in detail).
+    account: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    mail_from: Mapped[str] = mapped_column(String(320))
+    recipient: Mapped[str] = mapped_column(String(320))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16))  # queued | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    give_up_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The last SMTP reply or connection error: server text, never content.
+    last_error: Mapped[str] = mapped_column(Text)
