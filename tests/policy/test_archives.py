@@ -155,6 +155,62 @@ def test_zip_bomb_refused_from_its_declared_sizes(zeros_300mb: tuple[bytes, int,
     assert scan_archive(bomb, Kind.ZIP, Limits(), names) == Finding(Problem.BOMB)
 
 
+def overlapping_zip_bomb(entries: int = 180, block: int = 2 * MiB) -> bytes:
+    """A zip of a few kilobytes that really expands to ``entries * block``
+    bytes: every central directory entry points at the same compressed
+    member (the "overlapping files" construction, Fifield 2019)."""
+    stream, crc = deflate_zeros(block)
+    name = b"zeros.bin"
+    local = (
+        struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(stream), block, len(name), 0) + name
+    )
+    entry = (
+        struct.pack(
+            "<4s6H3I5HII",
+            b"PK\x01\x02",
+            20,
+            20,
+            0,
+            8,
+            0,
+            0,
+            crc,
+            len(stream),
+            block,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + name
+    )
+    central = entry * entries
+    eocd = struct.pack(
+        "<4s4H2IH", b"PK\x05\x06", 0, 0, entries, entries, len(central), len(local) + len(stream), 0
+    )
+    return local + stream + central + eocd
+
+
+def test_ten_kilobyte_zip_bomb_is_refused_without_expanding() -> None:
+    bomb = overlapping_zip_bomb()
+    assert len(bomb) < 16_000
+    with zipfile.ZipFile(io.BytesIO(bomb)) as zf:  # what any extractor would write out
+        assert sum(i.file_size for i in zf.infolist()) == 360 * MiB
+    start = time.perf_counter()
+    d, peak = peak_memory(lambda: as_attachment(bomb, "scans.zip"))
+    assert time.perf_counter() - start < 0.5
+    assert_refused(d, "attachment.archive_bomb", 552, "5.3.4")
+    assert peak < 5 * MiB
+    # Its honest twin: one of the entries alone, 2 MiB of zeros from 2 KB, is
+    # still refused by ratio; with a generous ratio it passes.
+    single = overlapping_zip_bomb(entries=1)
+    assert_refused(as_attachment(single, "scans.zip"), "attachment.archive_bomb")
+    assert as_attachment(single, "scans.zip", AttachmentPolicy(archive_max_ratio=10_000)) == ALLOW
+
+
 def test_zip_that_lies_about_its_size_is_not_expanded(zeros_300mb: tuple[bytes, int, int]) -> None:
     stream, crc, size = zeros_300mb
     # Declares 1 KB; a nested ".zip" member is read in full, so this is the

@@ -19,6 +19,7 @@ is noisy.
 from __future__ import annotations
 
 import email.policy
+import re
 from email.message import Message
 from email.parser import BytesParser
 
@@ -285,6 +286,18 @@ def test_elided_parse_equals_full_parse_examples(eol: bytes) -> None:
     ).replace(b"\r\n", eol)
     assert_same_parse(raw)
     assert attachments._parse(raw, P).ranges
+
+
+def test_hyphen_heavy_text_takes_the_dense_scan() -> None:
+    # More hyphens than the one-at-a-time scan handles: the "\n--" scan
+    # takes over and must find the same lines.
+    text = b"".join(b"row-%d-a-b-c\r\n-- note %d\r\n" % (i, i) for i in range(15_000))
+    raw = message(attachment(text, "a.txt", "text/plain", "7bit"), attachment(pe_file(), "b.pdf"))
+    assert raw.count(b"-") > attachments._DENSE_HYPHENS
+    expected = [m.start() + 1 for m in re.finditer(rb"[\r\n](?=--)", raw)]
+    assert attachments._dash_lines(raw) == expected
+    assert_same_parse(raw)
+    assert check_attachments(raw, P).rule == "attachment.executable"
 
 
 def test_delivery_status_is_parsed_whole() -> None:
