@@ -424,13 +424,12 @@ class IMAPServer(imap4.IMAP4Server):
     def _lookup(self, name: str) -> tuple[Any, ...]:
         entry = getattr(self, f"{self.state}_{name}", None) if name.isalnum() else None
         if entry is None:
-            anywhere = any(getattr(self, f"{s}_{name}", None) for s in ("unauth", "auth", "select")) \
-                if name.isalnum() else False
-            if not anywhere:
+            where = {s for s in ("unauth", "auth", "select") if name.isalnum() and getattr(self, f"{s}_{name}", None)}
+            if not where:
                 raise BadCommand(f"Unknown command {name}.")
-            if self.state == "unauth":
+            if self.state == "unauth" and where & {"auth", "select"}:
                 raise BadCommand(f"{name} needs you to log in first.")
-            if self.state == "auth":
+            if self.state == "auth" and "select" in where:
                 raise BadCommand(f"{name} needs a selected folder; SELECT one first.")
             raise BadCommand(f"{name} is not valid in this state.")
         cap = COMMAND_CAPABILITY.get(name)
@@ -704,7 +703,7 @@ class IMAPServer(imap4.IMAP4Server):
             if first and initial is not None:
                 response = initial  # RFC 4959 SASL-IR
             else:
-                self.sendContinuationRequest(base64.b64encode(challenge) if challenge else None)
+                self.sendLine(b"+ " + base64.b64encode(challenge))
                 response = await self._wait_line("sasl")
                 if response.strip() == b"*":
                     raise BadCommand("AUTHENTICATE cancelled.")

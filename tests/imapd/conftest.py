@@ -1,0 +1,147 @@
+"""Fixtures for the IMAP tests: the real ``postvault serve`` as a subprocess
+on free loopback ports (``POSTVAULT_LISTEN_*`` overrides, HTTPS off), over
+a home made by ``postvault init``; accounts made through the store in this
+process (the SQLite store is shared between the two processes).
+
+The server runs once per test session; each test makes its own accounts,
+so tests never see each other's mail. Argon2id runs with one pass here
+(``POSTVAULT_STORE_KDF_ITERATIONS=1``) to keep account creation quick; the
+memory cost is the shipped one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from postvault.conf.load import load_config
+from postvault.home import init_home, open_store
+from postvault.store.api import Store
+
+PASSWORD = "correct horse battery staple"
+HOST = "mail.example.test"
+_counter = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    home: Path
+    imaps: int
+    imap: int
+    submissions: int
+    submission: int
+    store: Store
+    proc: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.home / "certs" / "ca.pem"
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.check_hostname = False
+        return ctx
+
+    def account(self, role: str = "member", invited_by: str | None = None, name: str = "") -> str:
+        """A fresh account; colleagues are invited by ``invited_by``."""
+        n = next(_counter)
+        email = f"{name or role}{n}@{'dental' if role == 'member' else 'ortho'}{n}.test"
+        if role == "colleague":
+            inviter = invited_by or self.account("member")
+            self.store.create_account(email, "colleague", f"Ortho {n}", PASSWORD, invited_by=inviter)
+        else:
+            self.store.create_account(email, "member", f"Dental {n}", PASSWORD)
+        return email
+
+
+def _env(home: Path, ports: dict[str, int]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
+    env.update({
+        "POSTVAULT_STORE_KDF_ITERATIONS": "1",
+        "POSTVAULT_LISTEN_IMAPS": f"127.0.0.1:{ports['imaps']}",
+        "POSTVAULT_LISTEN_IMAP": f"127.0.0.1:{ports['imap']}",
+        "POSTVAULT_LISTEN_SUBMISSIONS": f"127.0.0.1:{ports['submissions']}",
+        "POSTVAULT_LISTEN_SUBMISSION": f"127.0.0.1:{ports['submission']}",
+        "POSTVAULT_LISTEN_HTTPS": "",
+        "POSTVAULT_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def start_server(home: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], dict[str, int], Path]:
+    ports = {k: free_port() for k in ("imaps", "imap", "submissions", "submission")}
+    env = _env(home, ports)
+    env.update(extra_env or {})
+    log = home / f"serve-{ports['imaps']}.log"
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)],
+                            env=env, stdout=subprocess.PIPE, stderr=out, text=True)
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("postvault ready"):
+            return proc, ports, log
+    proc.kill()
+    raise RuntimeError("postvault serve did not start:\n" + log.read_text())
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("imap") / "home"
+    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
+    try:
+        init_home(home, HOST)
+        store = open_store(load_config(home))
+    finally:
+        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
+        os.environ.update(saved)
+    proc, ports, log = start_server(home)
+    try:
+        yield Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"], store, proc,
+                     log)
+    finally:
+        stop_server(proc)
+        store.close()
+
+
+@pytest.fixture
+def member(server: Server) -> str:
+    return server.account("member")
+
+
+@pytest.fixture
+def colleague(server: Server, member: str) -> str:
+    return server.account("colleague", invited_by=member)
