@@ -253,7 +253,8 @@ def _path_escapes(name: str) -> bool:
     """True for a member path that would be written outside the folder it is
     extracted to: an absolute path, a drive letter, or a ".." component."""
     path = name.replace("\\", "/")
-    if path.startswith("/") or (len(path) >= 2 and path[1] == ":"):
+    drive = len(path) >= 2 and path[1] == ":" and path[0].isascii() and path[0].isalpha()
+    if path.startswith("/") or drive:
         return True
     return ".." in path.split("/")
 
@@ -262,9 +263,9 @@ class _PieceReader:
     """A read-only file object over an iterator of byte pieces (for tarfile's
     stream mode and for sniffing decompressed data)."""
 
-    def __init__(self, pieces: Iterator[bytes], prefix: bytes = b"") -> None:
+    def __init__(self, pieces: Iterator[bytes]) -> None:
         self._pieces = pieces
-        self._buf = prefix
+        self._buf = b""
         self._pos = 0
 
     def read(self, n: int = -1) -> bytes:
