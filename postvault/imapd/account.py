@@ -120,18 +120,17 @@ class Account:
         """SELECT/EXAMINE: one snapshot, one recent claim."""
         snap = await self.snapshot(canonical)
         claims = self.service.recent
-        box = snap.mailbox
         if writable:
-            first = claims.claim(self.session.account_id, box.name, box.uidnext)
+            first = claims.claim(self.session.account_id, snap)
         else:
-            first = claims.peek(self.session.account_id, box.name, box.uidnext)
+            first = claims.peek(self.session.account_id, snap)
         return SelectedMailbox(snap, writable, first)
 
     async def status(self, canonical: str, items: list[str]) -> list[tuple[str, int]]:
         """STATUS (RFC 3501 §6.3.10) plus APPENDLIMIT (RFC 7889 §3)."""
         snap = await self.snapshot(canonical)
         box = snap.mailbox
-        recent_from = self.service.recent.peek(self.session.account_id, box.name, box.uidnext)
+        recent_from = self.service.recent.peek(self.session.account_id, snap)
         out = []
         for item in items:
             if item == "MESSAGES":

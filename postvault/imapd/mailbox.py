@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 
 from twisted.mail import imap4
@@ -40,23 +41,35 @@ FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
 class RecentClaims:
     """Which UIDs of a mailbox some session has already seen as \\Recent:
-    (account id, mailbox name) -> the uidnext at the last claim."""
+    (account id, mailbox name) -> the first UID nobody has claimed yet.
+
+    Kept in memory: before any session of this process claims a mailbox,
+    what arrived since the process started counts as recent."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claimed: dict[tuple[int, str], int] = {}
+        self.started = datetime.now(timezone.utc)
 
-    def peek(self, account_id: int, mailbox: str, uidnext: int) -> int:
-        """The first recent UID; a mailbox no session has selected since
-        start-up has nothing recent."""
-        with self._lock:
-            return self._claimed.setdefault((account_id, mailbox), uidnext)
+    def first_new(self, snapshot: MailboxSnapshot) -> int:
+        """The first UID that arrived since start-up (uidnext if none)."""
+        for m in snapshot.messages:
+            when = m.internal_date if m.internal_date.tzinfo else m.internal_date.replace(tzinfo=timezone.utc)
+            if when >= self.started:
+                return m.uid
+        return snapshot.mailbox.uidnext
 
-    def claim(self, account_id: int, mailbox: str, uidnext: int) -> int:
-        """Like ``peek``, and take everything below ``uidnext`` for the caller."""
+    def peek(self, account_id: int, snapshot: MailboxSnapshot) -> int:
+        """The first recent UID, claiming nothing (EXAMINE, STATUS)."""
         with self._lock:
-            first = self._claimed.setdefault((account_id, mailbox), uidnext)
-            self._claimed[(account_id, mailbox)] = max(first, uidnext)
+            return self._claimed.get((account_id, snapshot.mailbox.name), self.first_new(snapshot))
+
+    def claim(self, account_id: int, snapshot: MailboxSnapshot) -> int:
+        """Like ``peek``, and take everything below uidnext for the caller."""
+        key = (account_id, snapshot.mailbox.name)
+        with self._lock:
+            first = self._claimed.get(key, self.first_new(snapshot))
+            self._claimed[key] = max(first, snapshot.mailbox.uidnext)
             return first
 
 

@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import base64
 import inspect
+import io
 import logging
 import time
 from collections.abc import Callable
+from datetime import timezone
 from typing import Any
 
 from twisted.cred import credentials
@@ -560,7 +562,7 @@ class IMAPServer(imap4.IMAP4Server):
             if self.mbox is not box:
                 return
             if box.writable:
-                self.service.recent.claim(self.account.session.account_id, box.name, snap.mailbox.uidnext)
+                self.service.recent.claim(self.account.session.account_id, snap)
             for line in box.apply(snap, allow_expunge, claim_recent=box.writable).lines:
                 self.sendUntaggedResponse(line)
         finally:
@@ -899,7 +901,8 @@ class IMAPServer(imap4.IMAP4Server):
         if not message:
             raise IMAPNo("An empty message can't be stored.", "CANNOT")
         flags = [f for f in flags if f.lower() != "\\recent"]
-        import io
+        if date is not None:
+            date = date.astimezone(timezone.utc)  # stored as UTC; the database keeps no zone
 
         try:
             result = await account.run(self.store.append, account.session, canonical, io.BytesIO(message),

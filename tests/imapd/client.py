@@ -133,6 +133,8 @@ def replay(path: Path, client: Client, values: dict[str, str], tls: ssl.SSLConte
                 values[name] = m[i].decode()
         elif line.strip() == "!starttls":
             client.starttls(tls)
+        elif line.startswith("!send "):  # that many "x" octets (a literal's body)
+            client.send(b"x" * int(line.split()[1]))
         elif line.startswith("!sleep "):
             time.sleep(float(line.split()[1]))
         elif line.strip() == "!closed":
