@@ -9,6 +9,7 @@ that re-reads the mailbox at once must find the change).
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -77,6 +78,24 @@ def _head(data: bytes) -> bytes:
     head = data[:MAX_HEADER_SCAN]
     end = head.find(b"\r\n\r\n")
     return head if end < 0 else head[: end + 2]
+
+
+def _decode_many(uids: Sequence[int], docs: Sequence[bytes]) -> dict[int, dict[str, Any]]:
+    """JSON-decode many summaries, with the cyclic garbage collector paused.
+
+    Decoding 10,000 summaries allocates a few hundred thousand small dicts
+    and lists, none of them garbage, and the collector's passes over them
+    doubled the time. JSON makes no reference cycles, so nothing is missed;
+    the pause is short, and the collector is switched back on only if it was
+    on (never turned on behind the back of someone who turned it off).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return {uid: json.loads(doc) for uid, doc in zip(uids, docs)}
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class MailStore:
@@ -441,14 +460,14 @@ class MailStore:
         keys = crypto.unwrap_content_keys(
             ((r.wrapped_key, r.public_id.encode()) for r in rows), session.private_key, session.key_owner
         )
-        out: dict[int, dict[str, Any]] = {}
-        missing: list[tuple[int, str, str, bytes, int]] = []
-        for r, content_key in zip(rows, keys):
-            if r.sealed_summary is None:
-                missing.append((r.id, r.public_id, r.blob_id, content_key, r.uid))
-                continue
-            doc = crypto.open_small(content_key, SUMMARY_LABEL, r.public_id.encode(), r.sealed_summary)
-            out[r.uid] = json.loads(doc)
+        missing = [
+            (r.id, r.public_id, r.blob_id, k, r.uid) for r, k in zip(rows, keys) if r.sealed_summary is None
+        ]
+        sealed = [(r, k) for r, k in zip(rows, keys) if r.sealed_summary is not None]
+        docs = crypto.open_small_many(
+            SUMMARY_LABEL, ((k, r.public_id.encode(), r.sealed_summary) for r, k in sealed)
+        )
+        out = _decode_many([r.uid for r, _ in sealed], docs)
         if missing:
             out.update(self._backfill_summaries(missing))
         return out
