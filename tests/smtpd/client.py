@@ -110,6 +110,7 @@ def message(frm: str, to: str | list[str], subject: str = "Appointment", *, body
     msg["From"] = frm
     msg["To"] = ", ".join([to] if isinstance(to, str) else to)
     msg["Subject"] = subject
+    msg["Date"] = "Tue, 02 Jan 2024 09:30:00 -0500"
     if msgid:
         msg["Message-ID"] = msgid
     if in_reply_to:
@@ -126,3 +127,25 @@ def message(frm: str, to: str | list[str], subject: str = "Appointment", *, body
 
 def enhanced(lines: list[str]) -> bool:
     return all(ENHANCED.match(line) for line in lines)
+
+
+def stuff(msg: bytes) -> bytes:
+    """``msg`` as DATA sends it: dot-stuffed (RFC 5321 section 4.5.2), ended by CR LF . CR LF."""
+    if not msg.endswith(b"\r\n"):
+        msg += b"\r\n"
+    body = (b"\r\n" + msg).replace(b"\r\n.", b"\r\n..")[2:]
+    return body + b".\r\n"
+
+
+def transaction(c: Raw, rcpts: list[str], payload: bytes, *, sender: str) -> tuple[int, list[str]]:
+    """MAIL, RCPT for each, DATA and ``payload`` (bytes exactly as sent,
+    ending with the end-of-data line); the reply to the end of data."""
+    code, lines = c.cmd(f"MAIL FROM:<{sender}>")
+    assert code == 250, lines
+    for rcpt in rcpts:
+        code, lines = c.cmd(f"RCPT TO:<{rcpt}>")
+        assert code == 250, lines
+    code, lines = c.cmd("DATA")
+    assert code == 354, lines
+    c.send(payload)
+    return c.reply()
