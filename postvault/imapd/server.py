@@ -127,6 +127,10 @@ def _opt_atom(cur: Cursor) -> bytes | None:
     return None
 
 
+def _opt_seq(cur: Cursor) -> Any:
+    return cur.seq_set() if cur.maybe_sp() else None
+
+
 def _status_items(cur: Cursor) -> list[str]:
     cur.sp()
     cur.expect(b"(")
@@ -984,10 +988,14 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendUntaggedResponse(line)
         return b"EXPUNGE completed"
 
-    def _expunge_dispatch(self, tag: bytes, *args: Any, uid: bool = False) -> Any:
-        return self.do_EXPUNGE(tag, *args, uid=uid)
+    def _expunge_args(self, tag: bytes, seqset: Any, uid: bool = False) -> Any:
+        if uid and seqset is None:
+            raise BadCommand("UID EXPUNGE needs a set of UIDs.")
+        if not uid and seqset is not None:
+            raise BadCommand("Unexpected extra arguments at the end of the command.")
+        return self.do_EXPUNGE(tag, seqset, uid=uid)
 
-    select_EXPUNGE = (_expunge_dispatch,)
+    select_EXPUNGE = (_expunge_args, _opt_seq)
 
     async def do_STORE(self, tag: bytes, seqset: Any, mode_raw: bytes, flags: list[str], uid: bool = False) -> bytes:
         mode_text = mode_raw.upper()
