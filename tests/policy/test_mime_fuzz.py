@@ -2,7 +2,8 @@
 
 1. check_attachments never raises: not on arbitrary bytes, not on
    structured MIME with random headers, bodies, line endings and broken
-   boundaries, not on valid messages with bytes spliced in.  It allows or
+   boundaries, not on valid messages with bytes spliced in; nor does
+   scan_archive on damaged zip, tar, gzip, bzip2 and xz archives.  It allows or
    refuses, always with a one-line printable reply.
 2. The fast path is faithful: parsing the message with long body runs
    elided (postvault.policy.attachments._parse) gives the same MIME tree,
@@ -28,9 +29,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from postvault.policy import attachments
-from postvault.policy.attachments import check_attachments
+from postvault.policy.archives import Finding, Limits, scan_archive
+from postvault.policy.attachments import check_attachments, name_problem
 from postvault.policy.decision import Decision
-from postvault.policy.schema import AttachmentPolicy
+from postvault.policy.schema import DEFAULT_BLOCKED_EXTENSIONS, AttachmentPolicy
+from postvault.policy.sniff import Kind
 from tests.policy.test_attachments import PDF, attachment, message
 from tests.policy.test_sniff import pe_file
 
@@ -208,6 +211,42 @@ def test_arbitrary_attachments_never_raise(data: bytes, name: str) -> None:
     for prefix in (b"", b"PK\x03\x04", b"\x1f\x8b\x08\x00", b"BZh9", b"\xfd7zXZ\x00"):
         raw = message(attachment(prefix + data, name))
         assert_decision(check_attachments(raw, P))
+
+
+def _archive_seeds() -> list[tuple[bytes, Kind]]:
+    import gzip
+    import zipfile
+
+    from tests.policy.test_archives import make_tar, nested_zip
+    from tests.policy.test_attachments import make_zip
+
+    return [
+        (make_zip({"a.pdf": PDF, "d/b.txt": b"hello" * 50}), Kind.ZIP),
+        (make_zip({"a.pdf": PDF}, zipfile.ZIP_BZIP2), Kind.ZIP),
+        (make_zip({"a.pdf": PDF}, zipfile.ZIP_LZMA), Kind.ZIP),
+        (nested_zip(3), Kind.ZIP),
+        (make_tar({"a.pdf": PDF, "b.txt": b"x" * 700}), Kind.TAR),
+        (make_tar({"a.pdf": PDF}, "w:gz"), Kind.GZIP),
+        (make_tar({"a.pdf": PDF}, "w:bz2"), Kind.BZIP2),
+        (make_tar({"a.pdf": PDF}, "w:xz"), Kind.XZ),
+        (gzip.compress(PDF * 10), Kind.GZIP),
+    ]
+
+
+@settings(FUZZ, max_examples=150)
+@given(
+    st.sampled_from(_archive_seeds()),
+    st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), min_size=1, max_size=8),
+)
+def test_damaged_archives_never_raise(seed: tuple[bytes, Kind], flips: list[tuple[int, int]]) -> None:
+    data, kind = seed
+    damaged = bytearray(data)
+    for pos, value in flips:
+        damaged[pos % len(damaged)] = value
+    finding = scan_archive(
+        bytes(damaged), kind, Limits(), lambda n: name_problem(n, DEFAULT_BLOCKED_EXTENSIONS)
+    )
+    assert finding is None or isinstance(finding, Finding)
 
 
 # ---------------------------------------------------------------- the fast path is faithful
