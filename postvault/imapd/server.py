@@ -84,6 +84,8 @@ log = logging.getLogger("postvault.imapd")
 NONSYNC_LIMIT = 4096
 STREAM_CHUNK = 64 * 1024
 FETCH_BATCH = 100
+IDLE_POLL_WITH_BUS = 10.0
+IDLE_POLL_WITHOUT_BUS = 0.5
 UID_COMMANDS = {"COPY", "FETCH", "STORE", "SEARCH", "MOVE", "EXPUNGE"}
 # Commands during which EXPUNGE must not be sent (RFC 3501 §7.4.1).
 NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}
@@ -394,12 +396,41 @@ class IMAPServer(imap4.IMAP4Server):
             if size > limit:
                 # RFC 7889 §4: refuse before the continuation request.
                 return b"NO [TOOBIG] The message is larger than this server accepts (%d bytes)." % limit
+            early = self._append_refusal()
+            if early is not None:
+                return early
         elif self._cmd_bytes + size > self.limits.max_literal_size:
             return b"BAD [TOOBIG] Literal too large for this command."
         if nonsync and size > NONSYNC_LIMIT:
             # RFC 7888 §4: LITERAL- allows non-synchronizing literals up to 4096.
             return b"BAD [TOOBIG] Non-synchronizing literals are limited to 4096 octets; use {N} instead."
         return None
+
+    def _append_refusal(self) -> bytes | None:
+        """An APPEND the folder policy refuses is refused before the client
+        uploads the message (only when the name is not itself a literal)."""
+        if self.account is None or len(self._parts) != 1:
+            return None
+        first = self._parts[0]
+        assert isinstance(first, bytes)
+        try:
+            cur = Cursor([first])
+            cur.tag()
+            cur.sp()
+            cur.atom()
+            cur.sp()
+            if cur.peek() == 0x7B:
+                return None
+            name = cur.mailbox()
+        except BadCommand:
+            return None
+        resolved = self.account.resolve(name)
+        if not resolved.allowed:
+            return None  # answered with the reason once the command is complete
+        decision = folders.may_append(self.account.role, resolved.name)  # type: ignore[arg-type]
+        if decision.allowed:
+            return None
+        return b"NO [CANNOT] " + decision.text.encode("utf-8", "replace")
 
     def _respond_raw(self, tag: bytes, text: bytes) -> None:
         status, _, message = text.partition(b" ")
@@ -573,10 +604,11 @@ class IMAPServer(imap4.IMAP4Server):
             self._sync_lock.release()
 
     def _start_idle_poll(self) -> None:
-        if self.service.bus is not None and not self.limits.poll_always:
-            return
+        # With the change bus, polling only catches other processes' changes
+        # (the CLI); without it, it is how IDLE learns anything.
+        every = IDLE_POLL_WITH_BUS if self.service.bus is not None else IDLE_POLL_WITHOUT_BUS
         self._idle_poll = task.LoopingCall(self._poll_once)
-        self._idle_poll.start(0.5, now=False).addErrback(lambda f: None)
+        self._idle_poll.start(every, now=False).addErrback(lambda f: None)
 
     def _stop_idle_poll(self) -> None:
         if self._idle_poll is not None and self._idle_poll.running:
