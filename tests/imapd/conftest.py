@@ -59,6 +59,13 @@ class Server:
         ctx.check_hostname = False
         return ctx
 
+    @property
+    def sender(self) -> str:
+        """One colleague shared by tests that only need mail from someone."""
+        if not hasattr(self, "_sender"):
+            self._sender = self.account("colleague")
+        return self._sender
+
     def account(self, role: str = "member", invited_by: str | None = None, name: str = "") -> str:
         """A fresh account; colleagues are invited by ``invited_by``."""
         n = next(_counter)
