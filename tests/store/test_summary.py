@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from unittest import mock
 from email import message_from_bytes
-from email.message import EmailMessage, Message as EmailMsg
+from email.message import EmailMessage
+from email.message import Message as EmailMsg
 from email.policy import compat32
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
