@@ -12,9 +12,9 @@ The order of checks follows maddy's per-stage checks:
   and a wrong password, in about the same time (bcrypt runs for both).
   aiosmtpd's ``authenticator`` callback is synchronous, so these are async
   ``auth_*`` methods on the handler, which aiosmtpd prefers to its own.
-- MAIL: the envelope sender must be the account (553 5.7.1); the policy,
-  the address book and the sender's conversation partners are read once
-  for the transaction.
+- MAIL: the envelope sender must be the account (553 5.7.1); the policy
+  and the address book are read once for the transaction (the sender's
+  conversation partners too, if a recipient needs them).
 - RCPT: each recipient at once (``policy.recipients.check_recipient``):
   550 5.1.1 for no account, 550 5.7.1 for one the sender may not write to;
   more than ``[smtp] max_recipients`` get 452 4.5.3 (RFC 5321 section
@@ -65,6 +65,9 @@ log = logging.getLogger("postvault.smtpd")
 
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _HEADER = re.compile(rb"^(Message-ID|Date)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# Without these a message starts a conversation (check_conversation's
+# thread=None), and the store need not be asked about its thread.
+_THREAD_HEADER = re.compile(rb"^(In-Reply-To|References)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 # What the email package may raise on a hostile header (see
 # policy/attachments.py); such a From is "cannot be read", not a crash.
 _HEADER_ERRORS = (email.errors.MessageError, IndexError, ValueError, TypeError, AttributeError, LookupError)
@@ -156,17 +159,12 @@ class SubmissionHandler:
             _refused(server, "mail", "sender.not-account", 553)
             return replies.SENDER_NOT_YOU.format(given=address, account=account.email)
         policy = self.runtime.policy.policy
-        book, partners = await asyncio.to_thread(self._sender_facts, account.email)
+        book = await asyncio.to_thread(self.store.contacts, account.email)
         envelope.policy = policy
-        envelope.sender = Sender(account.email, cast(Role, account.role), book)
-        envelope.partners = partners
+        envelope.sender = Sender(account.email, cast(Role, account.role), frozenset(a.lower() for a in book))
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
-
-    def _sender_facts(self, email_address: str) -> tuple[frozenset[str], frozenset[str]]:
-        book = frozenset(a.lower() for a in self.store.contacts(email_address))
-        return book, self.store.conversation_partners(email_address)
 
     # -- RCPT ---------------------------------------------------------------------
 
@@ -184,8 +182,18 @@ class SubmissionHandler:
         found = (await asyncio.to_thread(self.store.accounts, [address])).get(key)
         # A disabled account receives nothing, like one that does not exist.
         role = cast(Role, found.role) if found is not None and found.state != "disabled" else None
-        rcpt = Recipient(found.email if found and role else address, role, key in envelope.partners)
+        rcpt = Recipient(found.email if found and role else address, role)
         decision = check_recipient(envelope.sender, rcpt, envelope.policy)
+        if not decision.allowed and role is not None:
+            # A shared conversation only ever allows more, so the sender's
+            # conversation partners (a query that grows with its mailbox)
+            # are looked up only when they could change the answer.
+            if envelope.partners is None:
+                envelope.partners = await asyncio.to_thread(self.store.conversation_partners,
+                                                            envelope.sender.email)
+            if key in envelope.partners:
+                rcpt = Recipient(rcpt.email, role, shares_conversation=True)
+                decision = check_recipient(envelope.sender, rcpt, envelope.policy)
         if not decision.allowed:
             _refused(server, "rcpt", decision.rule, decision.code)
             return decision.smtp_reply
@@ -217,8 +225,10 @@ class SubmissionHandler:
             _refused(server, "data", refusal[0], 553)
             return refusal[1]
 
-        cited, held, participants = await asyncio.to_thread(self.store.thread_facts, account.email, head)
-        thread = ThreadFacts(cited, held, participants) if cited else None
+        thread = None
+        if _THREAD_HEADER.search(head):
+            cited, held, participants = await asyncio.to_thread(self.store.thread_facts, account.email, head)
+            thread = ThreadFacts(cited, held, participants) if cited else None
         decision = check_conversation(sender, envelope.recipients, thread, policy)
         if not decision.allowed:
             _refused(server, "data", decision.rule, decision.code)

@@ -114,7 +114,8 @@ class SubmissionEnvelope(Envelope):
         # Taken once at MAIL, so a reload never mixes two policies in one message.
         self.policy: Policy | None = None
         self.sender: Sender | None = None
-        self.partners: frozenset[str] = frozenset()
+        # The sender's conversation partners, looked up on first need.
+        self.partners: frozenset[str] | None = None
         self.recipients: list[Recipient] = []
 
 
@@ -363,9 +364,12 @@ class SubmissionProtocol(SMTP):
         # RFC 4954 section 5: a server offering AUTH accepts the AUTH=
         # parameter of MAIL. We never relay, so its value does not matter.
         if arg:
-            address, bracket, params = arg.rpartition(">")
-            if bracket:
-                arg = address + bracket + _AUTH_PARAM.sub("", params)
+            # Parameters follow the address: after its ">", or its first space.
+            head, bracket, params = arg.partition(">")
+            if not bracket:
+                head, space, params = arg.partition(" ")
+                params = space + params
+            arg = head + bracket + _AUTH_PARAM.sub("", params)
         await super().smtp_MAIL(arg)
 
     async def smtp_VRFY(self, arg: str) -> None:

@@ -24,6 +24,7 @@ class Raw:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock: socket.socket = ctx.wrap_socket(sock, server_hostname="localhost") if implicit else sock
         self.buf = b""
+        self.errors = 0  # 4xx/5xx replies seen: the server closes after [smtp] max_errors
         self.greeting = self.reply()
 
     def send(self, data: bytes) -> None:
@@ -47,6 +48,8 @@ class Raw:
             line = self._line(timeout).decode("utf-8", "replace")
             lines.append(line)
             if line[3:4] != "-":
+                if line[:1] in ("4", "5"):
+                    self.errors += 1
                 return int(line[:3]), lines
 
     def cmd(self, line: str | bytes) -> tuple[int, list[str]]:

@@ -97,7 +97,8 @@ class Server:
         cost 12 makes every AUTH cost a quarter second). Reset with RSET;
         replaced if the server closed it (e.g. after too many errors)."""
         client = self._pool.get(user)
-        if client is not None:
+        # Well before the server's limit of refused commands (20).
+        if client is not None and client.errors < 10:
             try:
                 if client.cmd("RSET")[0] == 250:
                     return client
