@@ -587,11 +587,18 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def _updates(self, allow_expunge: bool) -> None:
         box = self.mbox
-        if box is None or not box.dirty or self.account is None:
+        if box is None or self.account is None:
+            return
+
+        def due() -> bool:
+            # Ghosts: expunges seen earlier that may be announced only now.
+            return box.dirty or (allow_expunge and bool(box.ghosts))
+
+        if not due():
             return
         await self._sync_lock.acquire()
         try:
-            if self.mbox is not box or not box.dirty:
+            if self.mbox is not box or not due():
                 return
             snap = await self.account.snapshot(box.name)
             if self.mbox is not box:
