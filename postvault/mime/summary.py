@@ -88,10 +88,14 @@ part has no body); line ends may be CRLF or bare LF. A boundary delimiter is
 a line of "--" + boundary, then "--" for the last, then optional spaces and
 tabs (RFC 2046 §5.1.1).
 
-Work is bounded: at most ``MAX_DEPTH`` levels of nesting, ``MAX_PARTS`` parts
-in all, ``MAX_HEADER_FIELDS`` fields per header, ``MAX_ADDRESSES`` addresses
-per field; beyond them the structure is cut short (a too-deep multipart or
-message becomes an application/octet-stream leaf) and ``limited`` is set.
+Work is bounded: at most ``MAX_DEPTH`` levels of nesting, ``MAX_PARTS``
+parts in all, ``MAX_HEADER_FIELDS`` fields in the first ``MAX_HEADER_SCAN``
+octets of a header, ``MAX_ADDRESSES`` addresses in the first
+``MAX_ADDRESS_FIELD`` characters of a field, ``MAX_NEAR_MISSES`` lines per
+multipart that look like a boundary but are not one; beyond them the
+structure is cut short (a too-deep multipart or message becomes an
+application/octet-stream leaf) and ``limited`` is set. Offsets stay exact
+whatever is cut.
 """
 
 from __future__ import annotations
@@ -118,6 +122,14 @@ MAX_PARTS = 1000
 MAX_HEADER_FIELDS = 1000
 MAX_ADDRESSES = 1000
 MAX_PARAMS = 100
+# Header bytes read for fields, per part; offsets stay exact beyond it.
+MAX_HEADER_SCAN = 256 * 1024
+# Characters of one address field parsed (about a thousand addresses).
+MAX_ADDRESS_FIELD = 64 * 1024
+# Lines that start like a delimiter but are not one ("--boundaryX"), per
+# multipart: each costs a step in Python, so a hostile body of millions of
+# them is cut short instead of costing seconds.
+MAX_NEAR_MISSES = 10_000
 _MAX_CONTINUATION = 999  # RFC 2231 segment numbers we accept
 
 MISSING_DOMAIN = "MISSING_DOMAIN"
@@ -187,6 +199,9 @@ def _fields(raw: bytes, start: int, end: int, wanted: frozenset[str], state: _St
         if name is not None and name in wanted and name not in out:
             out[name] = _text(b"".join(pieces)).strip(" \t\r\n")
 
+    if end - start > MAX_HEADER_SCAN:
+        state.limited = True
+        end = start + MAX_HEADER_SCAN
     for line in raw[start:end].split(b"\n"):
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -342,9 +357,9 @@ def _simple(value: str | None) -> str | None:
 # --------------------------------------------------------------------------
 
 _ADDR_TOKEN = re.compile(
-    r'(?P<ws>[ \t\r\n]+)'
+    r'[ \t\r\n]+'
     r'|"(?P<q>(?:[^"\\]|\\.)*)"?'
-    r'|(?P<lit>\[[^\]]*\]?)'
+    r'|(?P<l>\[[^\]]*\]?)'
     r'|(?P<sp>[<>@,;:])'
     r'|(?P<c>\()'
     r'|(?P<w>[^ \t\r\n"(<>@,;:\[]+)',
@@ -352,46 +367,53 @@ _ADDR_TOKEN = re.compile(
 )
 
 
+def _comment(value: str, i: int) -> tuple[str, int]:
+    """The comment opening at ``value[i]`` (nesting allowed, RFC 5322
+    §3.2.2) and the position after it; an unclosed one runs to the end."""
+    depth, j, buf = 1, i + 1, []
+    n = len(value)
+    while j < n:
+        ch = value[j]
+        if ch == "\\" and j + 1 < n:
+            buf.append(value[j + 1])
+            j += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return "".join(buf), j + 1
+        buf.append(ch)
+        j += 1
+    return "".join(buf), n
+
+
 def _addr_tokens(value: str) -> list[tuple[str, str]]:
     """(kind, text) with kind one of w (atom), q (quoted, unescaped), l
     (domain literal), c (comment text), or the special character itself."""
     toks: list[tuple[str, str]] = []
-    i, n = 0, len(value)
-    while i < n:
-        if value[i] == "(":
-            depth, j, buf = 1, i + 1, []
-            while j < n:
-                ch = value[j]
-                if ch == "\\" and j + 1 < n:
-                    buf.append(value[j + 1])
-                    j += 2
-                    continue
-                if ch == "(":
-                    depth += 1
-                elif ch == ")":
-                    depth -= 1
-                    if depth == 0:
-                        j += 1
-                        break
-                buf.append(ch)
-                j += 1
-            toks.append(("c", "".join(buf)))
-            i = j
-            continue
-        m = _ADDR_TOKEN.match(value, i)
-        if m is None or m.end() == i:  # cannot happen; never loop forever
-            i += 1
-            continue
-        kind = m.lastgroup or "w"
-        if kind == "q":
-            toks.append(("q", _QUOTED_PAIR.sub(r"\1", m.group("q"))))
-        elif kind == "lit":
-            toks.append(("l", m.group("lit")))
-        elif kind == "sp":
-            toks.append((m.group("sp"), m.group("sp")))
-        elif kind == "w":
-            toks.append(("w", m.group("w")))
-        i = m.end()
+    pos = 0
+    while pos < len(value):
+        # finditer until a comment, which needs a hand-written scan
+        # (nesting); then resume after it.
+        for m in _ADDR_TOKEN.finditer(value, pos):
+            kind = m.lastgroup
+            if kind is None:
+                continue  # white space
+            if kind == "c":
+                text, pos = _comment(value, m.start())
+                toks.append(("c", text))
+                break
+            text = m.group(kind)
+            if kind == "q":
+                toks.append(("q", _QUOTED_PAIR.sub(r"\1", text) if "\\" in text else text))
+            elif kind == "sp":
+                toks.append((text, text))
+            else:
+                toks.append((kind, text))
+        else:
+            break
     return toks
 
 
@@ -419,6 +441,9 @@ def _addr_spec(tokens: Sequence[tuple[str, str]]) -> tuple[str, str]:
 def _addresses(value: str | None, state: _State) -> list[list[str | None]] | None:
     if value is None:
         return None
+    if len(value) > MAX_ADDRESS_FIELD:
+        state.limited = True
+        value = value[:MAX_ADDRESS_FIELD]
     toks = _addr_tokens(value)
     out: list[list[str | None]] = []
     in_group = False
@@ -504,20 +529,24 @@ def _lines(raw: bytes, start: int, end: int) -> int:
     return n if raw[end - 1] == 0x0A else n + 1
 
 
-def _delimiters(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int, bool]]:
+def _delimiters(raw: bytes, start: int, end: int, boundary: bytes, state: _State) -> list[tuple[int, int, bool]]:
     """Boundary delimiter lines in ``raw[start:end]``: (line start, line end
     incl. its line break, is the close delimiter), up to the close one."""
     delim = b"--" + boundary
     found: list[tuple[int, int, bool]] = []
-    pos = start
+    misses = 0
+    # Only line starts are candidates: search for LF + delimiter, so that
+    # occurrences inside lines are skipped at C speed.
+    i = start if raw.startswith(delim, start, end) else -1
+    search = start  # where the next LF + delimiter may begin
     while len(found) <= MAX_PARTS:
-        i = raw.find(delim, pos, end)
         if i < 0:
-            break
-        pos = i + 1
-        if i != start and raw[i - 1] != 0x0A:
-            continue  # not at the start of a line
-        k = i + len(delim)
+            j = raw.find(b"\n" + delim, search, end)
+            if j < 0:
+                break
+            i = j + 1
+        pos, k, i = i, i + len(delim), -1
+        search = pos  # past this candidate's LF
         close = raw.startswith(b"--", k, end)
         if close:
             k += 2
@@ -530,11 +559,17 @@ def _delimiters(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple
         elif raw[k] == 0x0D and (k + 1 == end or raw[k + 1] == 0x0A):
             line_end = min(k + 2, end)
         else:
-            continue  # "--boundaryX": another boundary, or text
-        found.append((i, line_end, close))
+            misses += 1  # "--boundaryX": another boundary, or text
+            if misses > MAX_NEAR_MISSES:
+                state.limited = True
+                break
+            continue
+        found.append((pos, line_end, close))
         if close:
             break
-        pos = line_end
+        # From the line break that ends this delimiter: the next delimiter
+        # may follow at once.
+        search = line_end - 1
     return found
 
 
@@ -635,7 +670,7 @@ def _empty_part(at: int) -> Part:
 
 
 def _children(raw: bytes, start: int, end: int, boundary: str, depth: int, digest: bool, state: _State) -> list[Part]:
-    delims = _delimiters(raw, start, end, boundary.encode("utf-8", "surrogateescape"))
+    delims = _delimiters(raw, start, end, boundary.encode("utf-8", "surrogateescape"), state)
     parts: list[Part] = []
     for n, (_, line_end, close) in enumerate(delims):
         if close:

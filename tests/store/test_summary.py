@@ -195,6 +195,22 @@ def test_depth_and_part_caps_bound_the_work() -> None:
     assert wide["limited"] and len(wide["body"]["parts"]) < summary_mod.MAX_PARTS
 
 
+@pytest.mark.parametrize("raw", [
+    b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--ax\n" * 300_000,  # near-miss delimiters
+    b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--a" * 1_000_000,  # inside one line
+    b"To: " + b"a@b, " * 400_000 + b"\r\n\r\n",  # one huge address field
+    b"Subject: " + b"x\r\n " * 1_000_000 + b"\r\n\r\nbody",  # one huge header
+    b"To: " + b"(" * 200_000 + b"\r\n\r\n",  # an endless comment
+], ids=["near-misses", "mid-line", "addresses", "header", "comment"])
+def test_hostile_sizes_cost_little(raw: bytes) -> None:
+    t0 = time.perf_counter()
+    s = summarize(raw)
+    elapsed = time.perf_counter() - t0
+    print(f" {len(raw) / 1e6:.1f} MB in {elapsed * 1000:.0f} ms", end="")
+    assert elapsed < 10  # a sanity bound only; typically well under a second
+    walk(s["body"], (0, len(raw)))  # offsets exact whatever was cut
+
+
 def walk(part: dict, parent: tuple[int, int]) -> list[dict]:  # type: ignore[type-arg]
     start, head, body = part["offsets"]
     assert parent[0] <= start and start + head + body <= parent[1], (part["offsets"], parent)
