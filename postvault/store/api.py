@@ -16,6 +16,11 @@ Invariants:
 - UIDs come from ``mailboxes.uidnext`` under a write lock on the mailbox
   row (BEGIN IMMEDIATE on SQLite, SELECT ... FOR UPDATE elsewhere); they are
   strictly ascending and never reused (RFC 3501 §2.3.1.1).
+- Each message's summary (ENVELOPE, BODYSTRUCTURE, part offsets:
+  ``postvault.mime.summary``) is made when it is sealed and kept sealed under
+  its content key; ``summaries`` lists a folder without reading a blob.
+- Every committed change to a mailbox is announced on ``Store.bus``
+  (``notify.ChangeBus``), after the commit, for IMAP IDLE.
 """
 
 from __future__ import annotations

@@ -388,11 +388,14 @@ def test_ten_thousand_summaries(store: Store, people: dict[str, str]) -> None:
         for i in range(n):
             pid = secrets.token_hex(16)
             key = crypto.new_content_key()
-            messages.append(dict(public_id=pid, blob_id="0" * 64, size=1000, created_at=stamp, origin="submission",
-                                 sealed_summary=crypto.seal_small(key, SUMMARY_LABEL, pid.encode(), doc)))
-            copies.append(dict(mailbox_id=box.id, uid=i + 1, flags="", internal_date=stamp, size=1000, modseq=1,
-                               wrapped_key=crypto.wrap_content_key(key, colleague.public_key, colleague.key_owner,
-                                                                   pid.encode())))
+            messages.append({
+                "public_id": pid, "blob_id": "0" * 64, "size": 1000, "created_at": stamp, "origin": "submission",
+                "sealed_summary": crypto.seal_small(key, SUMMARY_LABEL, pid.encode(), doc),
+            })
+            copies.append({
+                "mailbox_id": box.id, "uid": i + 1, "flags": "", "internal_date": stamp, "size": 1000, "modseq": 1,
+                "wrapped_key": crypto.wrap_content_key(key, colleague.public_key, colleague.key_owner, pid.encode()),
+            })
         s.execute(insert(Message), messages)
         ids = dict(s.execute(select(Message.public_id, Message.id)).all())
         for m, c in zip(messages, copies):
