@@ -1,0 +1,107 @@
+"""New-mail notifications: no PHI in what is queued or sent, preferences
+every / batched / off, the notification address."""
+
+from __future__ import annotations
+
+import dataclasses
+from email.message import EmailMessage
+
+from postvault.conf.schema import Config, Relay
+from postvault.notices.hooks import after_delivery, outbound_queue, sweep_held
+from postvault.outbound.sender import Sender
+from postvault.outbound.worker import run_once
+from postvault.store.api import Store
+from tests.conftest import PASSWORD
+from tests.outbound.conftest import Clock
+from tests.outbound.sink import Certs, sink
+
+MARKERS = ("SUBJECT-MARKER-7f3a", "BODY-MARKER-91c2", "ATTACHMENT-MARKER-5d0e", "PATIENT-MARKER-Jane-Roe")
+
+
+def phi_mail(msgid: str = "<phi@dental.test>") -> bytes:
+    m = EmailMessage()
+    m["From"] = "office@dental.test"
+    m["To"] = "dr@ortho.test"
+    m["Subject"] = f"{MARKERS[0]} about {MARKERS[3]}"
+    m["Message-ID"] = msgid
+    m.set_content(f"{MARKERS[1]}: findings for {MARKERS[3]}\n")
+    m.add_attachment(b"%PDF-1.4 x-ray", maintype="application", subtype="pdf", filename=f"{MARKERS[2]}.pdf")
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
+
+
+def queued_bodies(store: Store, config: Config) -> list[bytes]:
+    queue = outbound_queue(store, config)
+    return [queue.body(e.id) for e in queue.entries() if e.kind == "notification"]
+
+
+def scan(data: bytes) -> list[str]:
+    text = data.decode("ascii", "replace").replace("=\r\n", "")
+    return [m for m in MARKERS if m.lower() in text.lower()]
+
+
+def test_notification_carries_no_phi_queued_or_sent(
+    store: Store, config: Config, people: dict[str, str], certs: Certs
+) -> None:
+    result = store.deliver(phi_mail(), people["member"], [people["colleague"]])
+    assert after_delivery(store, config, result, people["member"]) == 1
+    [body] = queued_bodies(store, config)
+    assert scan(body) == []
+    assert b"Subject: New secure message from Smile Dental" in body
+    assert b"mail.example.test" in body and b"To: dr@ortho.test" in body
+
+    with sink(certs) as (handler, port):
+        notify = dataclasses.replace(config.notify, relay=Relay("127.0.0.1", port), relay_ca=certs.ca)
+        run_once(outbound_queue(store, config), Sender(notify, config.hostname, timeout=10))
+    [sent] = handler.received
+    assert scan(sent.data) == [] and sent.rcpt_tos == [people["colleague"]]
+    assert queued_bodies(store, config) == [b""]  # emptied once sent
+
+
+def test_preferences_every_batched_off(store: Store, config: Config, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    clock = Clock()
+
+    def deliver(n: int) -> int:
+        result = store.deliver(phi_mail(f"<m{n}@dental.test>"), member, [colleague])
+        return after_delivery(store, config, result, member, clock=clock)
+
+    assert store.notification_settings(colleague).mode == "every"
+    assert [deliver(1), deliver(2)] == [1, 1]
+
+    store.set_notification_settings(colleague, mode="batched", interval_minutes=15)
+    clock.advance(minutes=1)
+    assert deliver(3) == 0  # one went out a minute ago: held
+    assert store.held_notifications() == [colleague]
+    clock.advance(minutes=10)
+    assert sweep_held(store, config, clock=clock) == 0  # interval not over yet
+    clock.advance(minutes=5)
+    assert sweep_held(store, config, clock=clock) == 1  # still unread after 15 minutes: one summary
+    assert store.held_notifications() == []
+    bodies = queued_bodies(store, config)
+    assert b"Subject: New secure messages are waiting for you" in bodies[-1] and scan(bodies[-1]) == []
+
+    # Held, then read before the interval ends: nothing more to tell.
+    clock.advance(minutes=1)
+    assert deliver(4) == 0
+    session = store.login(colleague, PASSWORD)
+    uids = [m.uid for m in store.snapshot(session, "INBOX").messages]
+    store.set_flags(session, "INBOX", uids, ["\\Seen"], "add")
+    clock.advance(minutes=30)
+    assert sweep_held(store, config, clock=clock) == 0 and store.held_notifications() == []
+
+    store.set_notification_settings(colleague, mode="off")
+    assert deliver(5) == 0
+    assert len(queued_bodies(store, config)) == 3
+
+
+def test_notification_address_and_pending_accounts(store: Store, config: Config, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    settings = store.set_notification_settings(colleague, address="front-desk@ortho.test")
+    assert settings.address == "front-desk@ortho.test" and settings.custom_address
+    store.invite_colleague(member, "pending@ortho.test")
+    result = store.deliver(phi_mail(), member, [colleague, "pending@ortho.test"])
+    # The invited colleague has its invitation; no notification until sign-up.
+    assert after_delivery(store, config, result, member) == 1
+    [entry] = [e for e in outbound_queue(store, config).entries() if e.kind == "notification"]
+    assert entry.recipient == "front-desk@ortho.test" and entry.account == colleague
+    assert store.set_notification_settings(colleague, address=None).address == colleague
