@@ -92,6 +92,62 @@ def cmd_colleague_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contacts_import(args: argparse.Namespace) -> int:
+    """One line per row, then one summary line; exit 1 if a row was refused."""
+    from ..contacts.importer import import_file
+
+    config = load_config(resolve_home(args.home))
+    path = Path(args.file)
+    store = open_store(config)
+    try:
+        report = import_file(store, config, path, args.member, invite=args.invite)
+    finally:
+        store.close()
+    for line in report.lines:
+        print(line)
+    print(report.summary(path), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    from ..notices.hooks import invite_and_send
+
+    config = load_config(resolve_home(args.home))
+    store = open_store(config)
+    try:
+        session = None
+        if args.member_password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+            # The member's own key opens the escrow of the pending key pair
+            # (see store.accounts, invitations); the password is not kept.
+            session = store.login(args.member, password, protocol="cli")
+        result = invite_and_send(
+            store, config, args.member, args.email, member_session=session,
+            discard_waiting_mail=args.discard_waiting_mail, send_email=not args.print_link,
+        )
+    finally:
+        store.close()
+    until = f"{result.expires_at:%Y-%m-%d %H:%M} UTC" if result.expires_at else ""
+    how = "printed below, not emailed" if args.print_link else "emailed"
+    if result.status == "invited":
+        print(f"invited {result.colleague} for {result.member}; the link is valid until {until} ({how})")
+    elif result.status == "reinvited":
+        mail = (f"{result.discarded} waiting message(s) deleted" if result.discarded
+                else f"{result.waiting} waiting message(s) carried over")
+        print(f"new link for {result.colleague}, valid until {until} ({how}); the old link no longer works; {mail}")
+    elif result.status == "already_pending":
+        print(f"{result.colleague} was invited already and has not signed up yet (link valid until {until}); "
+              f"in the address book of {result.member}. For a new link (the old one stops working) run again "
+              "with --member-password-stdin")
+    else:
+        print(f"{result.colleague} already has an account; in the address book of {result.member}")
+    if args.print_link and result.token is not None:
+        from ..notices.links import signup_link
+
+        print(signup_link(config, result.token))
+    return 0
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     """Every problem as FILE:LINE: key: ..., one per line (so editors can
     jump to them), and exit 1; or one OK line."""

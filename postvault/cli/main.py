@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.set_defaults(func=commands.cmd_colleague_add)
 
+    contacts = sub.add_parser("contacts", help="manage members' address books")
+    contacts_sub = contacts.add_subparsers(dest="contacts_command", required=True, metavar="SUBCOMMAND")
+    p = with_home(contacts_sub.add_parser(
+        "import", help="import a PMS colleague export (CSV: name, practice, email) into a member's address book"))
+    p.add_argument("file", metavar="FILE.csv", help="UTF-8 CSV, comma or semicolon separated, with a header row")
+    p.add_argument("--member", required=True, help="the member whose address book it is")
+    p.add_argument("--invite", action="store_true", help="invite every colleague in the file who has no account yet")
+    p.set_defaults(func=commands.cmd_contacts_import)
+
+    p = with_home(sub.add_parser("invite", help="invite a colleague: a pending account and a one-time sign-up link"))
+    p.add_argument("email", help="the colleague's address")
+    p.add_argument("--member", required=True, help="the inviting member's address")
+    p.add_argument("--print-link", action="store_true",
+                   help="print the sign-up link instead of emailing it (hand it over yourself; it is a secret)")
+    p.add_argument("--member-password-stdin", action="store_true",
+                   help="read the member's password from stdin: needed to issue a new link to a colleague "
+                        "invited before, so that mail waiting for them carries over")
+    p.add_argument("--discard-waiting-mail", action="store_true",
+                   help="issue a new link without the member's password: a new key pair, and the mail "
+                        "waiting for the colleague is deleted")
+    p.set_defaults(func=commands.cmd_invite)
+
     policy = sub.add_parser("policy", help="check the policy file")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
     p = with_home(policy_sub.add_parser("check", help="validate the policy file, listing every problem with its line"))
