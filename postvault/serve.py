@@ -42,9 +42,10 @@ class Service(Protocol):
 
 def build_services(runtime: Runtime) -> list[Service]:
     from .imapd.service import IMAPService
+    from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
 
-    return [SubmissionService(runtime), IMAPService(runtime)]
+    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime)]
 
 
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
