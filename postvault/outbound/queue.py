@@ -122,6 +122,12 @@ class OutboundQueue:
         """Rows due now, each leased to the caller (see module docstring)."""
         stamp = self.clock()
         claimed: list[QueuedMail] = []
+        due = select(OutboundMail.id).where(OutboundMail.state == "queued", OutboundMail.next_attempt_at <= stamp)
+        with self._sessions() as s:
+            # A plain read first: the worker polls every few seconds, and an
+            # empty queue must not take SQLite's write lock each time.
+            if s.scalar(due.limit(1)) is None:
+                return claimed
         with unit_of_work(self._sessions) as s:
             rows = s.scalars(
                 select(OutboundMail)

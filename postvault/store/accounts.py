@@ -259,7 +259,9 @@ class AccountStore(ContactsStore):
         """The accounts among ``emails``, keyed by lower-cased address."""
         wanted = {e.strip().lower() for e in emails}
         with self._sessions() as s:
-            rows = s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
+            rows: Iterable[Account] = (
+                s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
+            )
             return {a.email.lower(): self._info(a) for a in rows}
 
     def _check_password(
