@@ -1178,6 +1178,9 @@ class IMAPServer(imap4.IMAP4Server):
         return b"FETCH completed"
 
     select_FETCH = (do_FETCH, A_SEQ, A_FETCH)
+    # UID is a prefix, handled in _execute (RFC 3501 §6.4.8; with MOVE and
+    # EXPUNGE from RFC 6851 and RFC 4315): Twisted's do_UID must not run.
+    select_UID = None
 
     async def _audit_read(self, ids: list[str]) -> None:
         account = self._acct()

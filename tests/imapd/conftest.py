@@ -94,6 +94,18 @@ def _env(home: Path, ports: dict[str, int]) -> dict[str, str]:
 
 
 def start_server(home: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], dict[str, int], Path]:
+    """Start ``postvault serve``; a free port can be taken by someone else
+    before the server binds it, so a failed start is retried on new ports."""
+    for attempt in range(3):
+        try:
+            return _start_once(home, extra_env)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(home: Path, extra_env: dict[str, str] | None) -> tuple[subprocess.Popen[str], dict[str, int], Path]:
     ports = {k: free_port() for k in ("imaps", "imap", "submissions", "submission")}
     env = _env(home, ports)
     env.update(extra_env or {})
@@ -110,6 +122,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None) -> tuple[s
         if line.startswith("postvault ready"):
             return proc, ports, log
     proc.kill()
+    proc.wait()
     raise RuntimeError("postvault serve did not start:\n" + log.read_text())
 
 

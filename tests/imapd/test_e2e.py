@@ -59,6 +59,20 @@ def test_member_writes_colleague_replies(server: Server, tmp_path: Path) -> None
     assert read_until(watcher, b"i OK", 5)[-1] == b"i OK IDLE terminated"
     watcher.close()
 
+    # Thunderbird then APPENDs its own copy to "Sent Items": the copy SMTP
+    # already filed is recognised, and the answer names it (no duplicate).
+    member_imap = raw_session(server, member)
+    copy = (f"From: {member}\r\nTo: {colleague}\r\nSubject: Referral for patient 42\r\n"
+            "Message-Id: <referral42@dental.test>\r\n\r\nPlease see patient 42.\r\n").encode()
+    member_imap.send(b'p APPEND "Sent Items" (\\Seen) {%d}\r\n' % len(copy))
+    assert member_imap.response().startswith(b"+")
+    member_imap.send(copy + b"\r\n")
+    answer = read_until(member_imap, b"p ", 5)[-1]
+    assert re.fullmatch(rb"p OK \[APPENDUID \d+ 1\] APPEND completed", answer), answer
+    member_imap.close()
+    sent_box = server.store.snapshot(server.store.login(member, PASSWORD), "Sent")
+    assert len(sent_box.messages) == 1
+
     colleague_dir = tmp_path / "colleague"
     colleague_dir.mkdir()
     mbsync(mbsync_rc(server, colleague, colleague_dir))

@@ -164,3 +164,18 @@ def test_connections_per_address_are_limited(server: Server) -> None:
     finally:
         for c in held:
             c.close()
+
+
+def test_logs_carry_no_passwords_or_content(server: Server) -> None:
+    member = server.account("member")
+    server.store.deliver(b"Subject: Secret diagnosis 7Q\r\n\r\nConfidential body 7Q\r\n", server.sender, [member])
+    c = raw_session(server, member)
+    c.command("a", 'LOGIN nobody@x.test "Wrong-Password-7Q"')
+    c.command("s", "SELECT INBOX")
+    c.command("f", "FETCH 1 (BODY[] ENVELOPE)")
+    c.command("b", "FETCH 1 (BOGUS[)")
+    c.close()
+    time.sleep(0.2)
+    log = server.log.read_text()
+    for secret in (PASSWORD, "Wrong-Password-7Q", "Secret diagnosis", "Confidential body"):
+        assert secret not in log
