@@ -198,7 +198,6 @@ class SelectedMailbox:
             out.lines.append(b"%d RECENT" % len(self.recent))
         self.uidnext = snap.mailbox.uidnext
         self.highestmodseq = snap.mailbox.highestmodseq
-        self.dirty = False
         return out
 
     def forget(self, uids: list[int]) -> list[bytes]:

@@ -572,7 +572,8 @@ class IMAPServer(imap4.IMAP4Server):
             return
         box.dirty = True
         if self._waiting is not None and self._waiting_mode == "idle":
-            defer.Deferred.fromCoroutine(self._updates(True))
+            d = defer.Deferred.fromCoroutine(self._updates(True))
+            d.addErrback(lambda f: log.warning("IDLE update failed: %s", f.type.__name__))
 
     async def _check_changed(self) -> None:
         """Cheap look for changes the bus can't tell (another process)."""
@@ -600,6 +601,9 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             if self.mbox is not box or not due():
                 return
+            # Cleared before the snapshot: a change committed while it is
+            # being read sets it again, and is picked up by the next round.
+            box.dirty = False
             snap = await self.account.snapshot(box.name)
             if self.mbox is not box:
                 return
