@@ -34,6 +34,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+RUNNING: list[Serve] = []
+
+
+@pytest.fixture(autouse=True)
+def no_server_left_behind() -> Iterator[None]:
+    """A failed test must not leave a server running."""
+    yield
+    while RUNNING:
+        serve = RUNNING.pop()
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait(30)
+        if not serve.log.closed:
+            serve.log.close()
+
+
 class Serve:
     """``postvault serve --home HOME`` with only the submission listeners."""
 
@@ -60,6 +76,7 @@ class Serve:
                     break
                 line += chunk
         self.ready = line.decode()
+        RUNNING.append(self)
         assert self.ready.startswith("postvault ready: "), (self.ready, log.read_text())
 
     def kill9(self) -> None:
