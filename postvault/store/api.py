@@ -40,6 +40,7 @@ from .dbblobs import DatabaseBlobStore
 from .mail import MailStore
 from .models import Account
 from .notify import ChangeBus
+from .offices import OfficesStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
 
@@ -52,7 +53,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore):
+class Store(AccountStore, MailStore, OfficesStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:

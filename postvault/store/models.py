@@ -298,3 +298,21 @@ class OutboundMail(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The last SMTP reply or connection error: server text, never content.
     last_error: Mapped[str] = mapped_column(Text)
+
+
+class OfficeAllowance(Base):
+    """An attachment type a member office allows, from its office settings
+    page, for its own conversations (issue 6: "request this file be
+    allowed"). Only extensions the admin's policy lets a member lift are
+    ever honoured (``store.offices.office_bounds``, checked again at every
+    message), so a row left over from a looser policy lifts nothing."""
+
+    __tablename__ = "office_allowances"
+    __table_args__ = (UniqueConstraint("member_id", "extension"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    extension: Mapped[str] = mapped_column(String(32))  # lower case, no dot
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Who allowed it (the member's address, or "admin"), for the office page.
+    created_by: Mapped[str] = mapped_column(String(320))
