@@ -44,8 +44,9 @@ def build_services(runtime: Runtime) -> list[Service]:
     from .imapd.service import IMAPService
     from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
+    from .web.service import WebService
 
-    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime)]
+    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime)]
 
 
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
