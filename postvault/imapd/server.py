@@ -563,6 +563,12 @@ class IMAPServer(imap4.IMAP4Server):
 
     def on_change(self, change: Any) -> None:
         """A committed change from the store's bus (reactor thread)."""
+        if change.kind == "logout":
+            # The password changed (web pages): this session's login no
+            # longer stands; the client must log in with the new one.
+            self.sendUntaggedResponse(b"BYE Your password was changed; please log in again with the new one")
+            self._close()
+            return
         for i, (mailbox, kind, uids, _) in enumerate(self._expect):
             if mailbox == change.mailbox and kind == change.kind and set(change.uids) <= uids:
                 del self._expect[i]

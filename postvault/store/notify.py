@@ -28,7 +28,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["exists", "flags", "expunge"]
+ChangeKind = Literal["exists", "flags", "expunge", "logout"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class Change:
 
     ``exists``: messages with these UIDs were added; ``flags``: their flags
     changed; ``expunge``: they were removed. UIDs ascend.
+    ``logout`` (mailbox "" and no UIDs): the account's password changed, so
+    every open session of it must end (the web pages publish it; IMAP
+    sessions say BYE and close).
     """
 
     account_id: int
