@@ -78,9 +78,12 @@ def _email_ok(text: str) -> str | None:
     if not text or len(text) > 320 or any(c in text for c in "\r\n\0"):
         return None
     try:
-        return validate_email(text, check_deliverability=False).normalized
+        # As the PMS import checks: syntax only (no DNS from a web form),
+        # the reserved .test domain allowed, stored in ASCII (IDNA) form.
+        checked = validate_email(text, check_deliverability=False, allow_smtputf8=False, test_environment=True)
     except EmailNotValidError:
         return None
+    return checked.ascii_email or checked.normalized
 
 
 class WebApp:
