@@ -83,7 +83,7 @@ log = logging.getLogger("postvault.imapd")
 # RFC 7888 §4 (LITERAL-): the largest non-synchronizing literal we take.
 NONSYNC_LIMIT = 4096
 STREAM_CHUNK = 64 * 1024
-FETCH_BATCH = 100
+FETCH_BATCH = 500
 IDLE_POLL_WITH_BUS = 10.0
 IDLE_POLL_WITHOUT_BUS = 0.5
 UID_COMMANDS = {"COPY", "FETCH", "STORE", "SEARCH", "MOVE", "EXPUNGE"}
@@ -1170,6 +1170,23 @@ class IMAPServer(imap4.IMAP4Server):
                 live = [(s, u) for s, u in batch if u not in box.ghosts and u in box.meta]
                 missing = missing or len(live) < len(batch)
                 structures = await self._structures(box, [u for _, u in live]) if need_structure and live else {}
+                if not any(_needs_bytes(i) for i in items):
+                    # Metadata and summaries only: one write per batch.
+                    out = []
+                    for seq, u in live:
+                        if need_structure and u not in structures:
+                            missing = True
+                            continue
+                        wanted = items if u not in seen_now or any(i.name == "FLAGS" for i in items) \
+                            else [*items, FetchItem("FLAGS")]
+                        st = structures.get(u)
+                        out.append(b"* %d FETCH (" % seq + b" ".join(_simple_item(i, box, u, st) or b""
+                                                                      for i in wanted) + b")\r\n")
+                        if content:
+                            read.append(box.meta[u].message_id)
+                    self.transport.write(b"".join(out))
+                    await self.transport.drained()
+                    continue
                 for seq, u in live:
                     if need_structure and u not in structures:
                         missing = True
@@ -1235,24 +1252,9 @@ class IMAPServer(imap4.IMAP4Server):
             for n, item in enumerate(items):
                 if n:
                     pieces.append(b" ")
-                name = item.name
-                if name == "UID":
-                    pieces.append(b"UID %d" % u)
-                elif name == "FLAGS":
-                    pieces.append(b"FLAGS (" + flag_text(box.flags.get(u, frozenset()), u in box.recent) + b")")
-                elif name == "INTERNALDATE":
-                    pieces.append(b'INTERNALDATE "' + format_date_time(meta.internal_date).encode() + b'"')
-                elif name == "RFC822.SIZE":
-                    pieces.append(b"RFC822.SIZE %d" % meta.size)
-                elif name == "ENVELOPE":
-                    assert st is not None
-                    pieces.append(b"ENVELOPE " + render.envelope(st.envelope))
-                elif name == "BODYSTRUCTURE":
-                    assert st is not None
-                    pieces.append(b"BODYSTRUCTURE " + render.body(st.body, True))
-                elif name == "BODY" and item.section is None:
-                    assert st is not None
-                    pieces.append(b"BODY " + render.body(st.body, False))
+                simple = _simple_item(item, box, u, st)
+                if simple is not None:
+                    pieces.append(simple)
                 else:
                     assert reader is not None
                     label, rng, fields = _section_range(item, st, meta.size)
@@ -1299,6 +1301,30 @@ class IMAPServer(imap4.IMAP4Server):
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------
+
+
+def _simple_item(item: FetchItem, box: SelectedMailbox, u: int, st: structure.Structure | None) -> bytes | None:
+    """A FETCH item answered from the view or the summary; None for
+    sections, which need the sealed message."""
+    name = item.name
+    if name == "UID":
+        return b"UID %d" % u
+    if name == "FLAGS":
+        return b"FLAGS (" + flag_text(box.flags.get(u, frozenset()), u in box.recent) + b")"
+    if name == "INTERNALDATE":
+        return b'INTERNALDATE "' + format_date_time(box.meta[u].internal_date).encode() + b'"'
+    if name == "RFC822.SIZE":
+        return b"RFC822.SIZE %d" % box.meta[u].size
+    if name == "ENVELOPE":
+        assert st is not None
+        return b"ENVELOPE " + render.envelope(st.envelope)
+    if name == "BODYSTRUCTURE":
+        assert st is not None
+        return b"BODYSTRUCTURE " + render.body(st.body, True)
+    if name == "BODY" and item.section is None:
+        assert st is not None
+        return b"BODY " + render.body(st.body, False)
+    return None
 
 
 def _needs_structure(item: FetchItem) -> bool:
