@@ -79,6 +79,14 @@ class SubmissionHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.store = runtime.store
+        # SQLite has one writer at a time, and a writer that finds the lock
+        # taken sleeps in steps of up to 100 ms (its busy handler). Two
+        # deliveries at once keep the disk busy (one seals and fsyncs its
+        # blob while the other commits) without a queue of sleepers: in
+        # bench/smtp_load.py at C=10 this cut p99 latency from about 2.5 s
+        # to 0.5-0.8 s at the same or better throughput.
+        sqlite = self.store.engine.dialect.name == "sqlite"
+        self._deliveries = asyncio.Semaphore(2 if sqlite else 16)
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
     # Only these two methods may start with "auth_": aiosmtpd offers every
@@ -245,8 +253,9 @@ class SubmissionHandler:
             return decision.smtp_reply
 
         final = _stamp(server, session, envelope, raw, head_end)
-        result = await asyncio.to_thread(self.store.deliver, final, account.email, list(envelope.rcpt_tos),
-                                         client_ip=server.peer_ip or None, protocol="smtp")
+        async with self._deliveries:
+            result = await asyncio.to_thread(self.store.deliver, final, account.email, list(envelope.rcpt_tos),
+                                             client_ip=server.peer_ip or None, protocol="smtp")
         log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
                  result.message_id, len(result.delivered), len(final))
         return replies.QUEUED.format(queue_id=result.message_id)

@@ -92,7 +92,7 @@ class Raw:
                 if not data:
                     return True
                 self.buf += data
-        except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+        except (ConnectionError, ssl.SSLError):
             return True
         except socket.timeout:
             return False

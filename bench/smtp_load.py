@@ -1,0 +1,361 @@
+"""SMTP submission under load: Postvault next to a bare aiosmtpd server.
+
+Run as ``python bench/smtp_load.py`` (``--quick`` for a smoke run). Prints
+Markdown for docs/benchmarks.md.
+
+C concurrent sessions, each over implicit TLS (port-465 style) and
+authenticated with AUTH PLAIN before the clock starts, send N messages of
+each size (10 KB of text; 1 MB and 10 MB with a base64 attachment) to:
+
+- **Postvault**: ``postvault serve`` as a subprocess on a fresh home folder
+  (policy, reply-only checks, attachment checks, sealing, SQLite commit
+  with fsync, a copy in INBOX and in Sent);
+- **bare**: aiosmtpd with the same TLS context and no checks, whose only
+  work is to write each message to its own file and fsync it (on a worker
+  thread, so sessions overlap): the upper bound for a Python server.
+
+Rounds alternate between the two servers so that load from elsewhere on the
+machine falls on both alike. Reported: messages/s and MB/s (decimal) over
+the wall time of each round (median of rounds), p50/p99 latency of single
+messages (all rounds), and Postvault's share of the bare server's figures.
+Goals (issue 4): >= 60 % of bare messages/s at 10 KB and C=10, and >= 80 %
+of bare MB/s at 10 MB.
+
+Everything stays on 127.0.0.1; every loop is bounded by N and timeouts.
+``--profile-out FILE`` also records a py-spy profile of the Postvault
+server (all threads) during its first 10 KB round, if py-spy is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from pathlib import Path
+
+# Run from a checkout without installing: make the package importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MB = 1_000_000
+PASSWORD = "bench passphrase for postvault load"
+SENDER, RECIPIENT = "office@bench.test", "clinic@bench.test"
+SIZES = {"10 KB": 10_000, "1 MB": 1_000_000, "10 MB": 10_000_000}
+DEFAULT_N = {"10 KB": 300, "1 MB": 40, "10 MB": 20}
+QUICK_N = {"10 KB": 30, "1 MB": 10, "10 MB": 10}
+
+
+# --- the bare server (runs in a child process) --------------------------------
+
+
+def bare_server(port: int, cert: Path, key: Path, out: Path) -> None:
+    """aiosmtpd over TLS with AUTH that accepts PASSWORD; each message is
+    written to its own file and fsynced before 250."""
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+    from postvault.certs.context import server_context
+
+    counter = iter(range(10**9))
+
+    def store(data: bytes) -> None:
+        path = out / f"{next(counter):08d}.eml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    class Handler:
+        async def handle_DATA(self, server: SMTP, session: object, envelope: object) -> str:
+            await asyncio.to_thread(store, envelope.content)  # type: ignore[attr-defined]
+            return "250 2.0.0 OK"
+
+    def authenticator(server: SMTP, session: object, envelope: object, mechanism: str, data: object) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and data.password == PASSWORD.encode()
+        return AuthResult(success=ok)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ctx = server_context(cert, key)
+        await loop.create_server(
+            lambda: SMTP(Handler(), hostname="bare.bench.test", authenticator=authenticator, auth_required=True,
+                         auth_require_tls=False, data_size_limit=64 * MB, loop=loop),
+            "127.0.0.1", port, ssl=ctx)
+        print("bare ready", flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+
+    import warnings
+
+    warnings.simplefilter("ignore")  # aiosmtpd warns about auth_require_tls=False; the transport is TLS
+    asyncio.run(main())
+
+
+# --- servers as child processes ------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], word: bytes, seconds: float = 120) -> None:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline, seen = time.monotonic() + seconds, b""
+    import select
+
+    while time.monotonic() < deadline and word not in seen:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            seen += chunk
+    if word not in seen:
+        proc.kill()
+        raise SystemExit(f"server did not start: {seen!r}")
+
+
+@dataclass
+class Servers:
+    work: Path
+    postvault_port: int = 0
+    bare_port: int = 0
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    postvault_pid: int = 0
+
+    def start(self, concurrency: int) -> None:
+        from postvault.conf.load import load_config
+        from postvault.home import init_home, open_store
+
+        home = self.work / "home"
+        init_home(home, "mail.example.test")
+        store = open_store(load_config(home, environ={}))
+        store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
+        store.create_account(RECIPIENT, "member", "Bench Clinic", PASSWORD)
+        store.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
+        self.postvault_port, self.bare_port = free_port(), free_port()
+        env.update(POSTVAULT_LISTEN_IMAPS="", POSTVAULT_LISTEN_IMAP="", POSTVAULT_LISTEN_HTTPS="",
+                   POSTVAULT_LISTEN_SUBMISSION="", POSTVAULT_LISTEN_SUBMISSIONS=f"127.0.0.1:{self.postvault_port}",
+                   POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP=str(max(50, concurrency + 5)))
+        log = (self.work / "postvault.log").open("wb")
+        pv = subprocess.Popen([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)], env=env,
+                              stdout=subprocess.PIPE, stderr=log)
+        self.procs.append(pv)
+        wait_ready(pv, b"postvault ready")
+        self.postvault_pid = pv.pid
+        out = self.work / "bare-out"
+        out.mkdir()
+        bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(self.bare_port),
+                                 str(home / "certs/server.pem"), str(home / "certs/server.key"), str(out)],
+                                stdout=subprocess.PIPE, stderr=(self.work / "bare.log").open("wb"))
+        self.procs.append(bare)
+        wait_ready(bare, b"bare ready")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+# --- the load ----------------------------------------------------------------------
+
+
+def make_message(size: int, n: int) -> bytes:
+    msg = EmailMessage(policy=SMTP_POLICY)
+    msg["From"] = SENDER
+    msg["To"] = RECIPIENT
+    msg["Subject"] = f"bench {n}"
+    msg["Message-ID"] = f"<bench-{n}-{size}@bench.test>"
+    msg["Date"] = "Tue, 02 Jan 2024 09:30:00 +0000"
+    if size < 100_000:
+        line = "Patient notes for the benchmark, nothing else. " * 1 + "\n"
+        msg.set_content(line * max(1, (size - 300) // len(line)))
+    else:
+        msg.set_content("Scan attached.\n")
+        raw = int((size - 600) * 3 / 4 * 76 / 78)  # base64 with CRLF every 76 characters
+        # A PDF header, so the attachment check sees a document, not a program.
+        msg.add_attachment(b"%PDF-1.7\n" + os.urandom(raw - 9), maintype="application", subtype="pdf",
+                           filename="scan.pdf")
+    return msg.as_bytes()
+
+
+@dataclass
+class Round:
+    seconds: float
+    latencies: list[float]
+    count: int
+    size: int
+
+
+def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[bytes]) -> Round:
+    clients = []
+    for _ in range(concurrency):
+        c = smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=300)
+        c.login(SENDER, PASSWORD)
+        clients.append(c)
+    shares = [messages[i::concurrency] for i in range(concurrency)]
+    barrier = threading.Barrier(concurrency + 1)
+
+    def work(i: int) -> list[float]:
+        out = []
+        barrier.wait(120)
+        for m in shares[i]:
+            t = time.perf_counter()
+            refused = clients[i].sendmail(SENDER, [RECIPIENT], m)
+            out.append(time.perf_counter() - t)
+            if refused:
+                raise SystemExit(f"refused: {refused}")
+        return out
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(work, i) for i in range(concurrency)]
+        barrier.wait(120)
+        started = time.perf_counter()
+        latencies = [x for f in futures for x in f.result()]
+        seconds = time.perf_counter() - started
+    for c in clients:
+        c.quit()
+    return Round(seconds, latencies, len(messages), sum(len(m) for m in messages))
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def summarize(rounds: list[Round]) -> dict[str, float]:
+    lat = [x for r in rounds for x in r.latencies]
+    return {
+        "msgs": statistics.median(r.count / r.seconds for r in rounds),
+        "mbs": statistics.median(r.size / MB / r.seconds for r in rounds),
+        "p50": percentile(lat, 50) * 1000,
+        "p99": percentile(lat, 99) * 1000,
+        "n": sum(r.count for r in rounds),
+    }
+
+
+def py_spy(pid: int, out: str, seconds: int) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("(py-spy is not installed; no profile)", file=sys.stderr)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw",
+                             "--output", out, "--nonblocking", "--threads"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import aiosmtpd
+
+    return (f"Machine: {platform.machine()}, {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"aiosmtpd {aiosmtpd.__version__}, OpenSSL {ssl.OPENSSL_VERSION.split()[1]}; clients and both servers "
+            "on the same machine over loopback.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", "-c", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per server and size (interleaved)")
+    parser.add_argument("--quick", action="store_true", help="few messages, one round: a smoke run")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
+    parser.add_argument("--profile-out", help="py-spy raw profile of Postvault's first 10 KB round")
+    parser.add_argument("--bare-server", nargs=4, metavar=("PORT", "CERT", "KEY", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server:
+        port, cert, key, out = args.bare_server
+        bare_server(int(port), Path(cert), Path(key), Path(out))
+        return
+    from postvault.certs.context import client_context
+
+    counts = QUICK_N if args.quick else DEFAULT_N
+    rounds = 1 if args.quick else args.rounds
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="pv-smtp-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        servers = Servers(Path(tmp))
+        servers.start(args.concurrency)
+        ctx = client_context(Path(tmp) / "home/certs/ca.pem")
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        try:
+            for size_name in sizes:
+                n = counts[size_name]
+                messages = [make_message(SIZES[size_name], i) for i in range(n)]
+                # Warm up both (imports, first bcrypt-free paths, page cache).
+                for port in (servers.postvault_port, servers.bare_port):
+                    run_round(port, ctx, min(2, args.concurrency), messages[:2])
+                done: dict[str, list[Round]] = {"Postvault": [], "bare aiosmtpd": []}
+                for r in range(rounds):
+                    for name, port in (("Postvault", servers.postvault_port), ("bare aiosmtpd", servers.bare_port)):
+                        spy = None
+                        if args.profile_out and name == "Postvault" and size_name == "10 KB" and r == 0:
+                            spy = py_spy(servers.postvault_pid, args.profile_out, 600)
+                        done[name].append(run_round(port, ctx, args.concurrency, messages))
+                        if spy is not None:
+                            spy.send_signal(signal.SIGINT)
+                            spy.wait(60)
+                        print(f"  {size_name} {name} round {r + 1}: {n / done[name][-1].seconds:.1f} msg/s",
+                              file=sys.stderr, flush=True)
+                results[size_name] = {name: summarize(rs) for name, rs in done.items()}
+        finally:
+            servers.stop()
+    print_report(results, args.concurrency, rounds, counts)
+
+
+def print_report(results: dict[str, dict[str, dict[str, float]]], concurrency: int, rounds: int,
+                 counts: dict[str, int]) -> None:
+    print(machine_line())
+    print()
+    print(f"C = {concurrency} concurrent TLS sessions, AUTH before the clock starts; {rounds} round(s) per server "
+          "and size, interleaved.")
+    print()
+    print("| size | server | messages | msg/s | MB/s | p50 ms | p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size, by_server in results.items():
+        for name, r in by_server.items():
+            print(f"| {size} | {name} | {int(r['n'])} | {r['msgs']:.1f} | {r['mbs']:.1f} | {r['p50']:.0f} | "
+                  f"{r['p99']:.0f} |")
+    print()
+    print("| size | Postvault / bare, msg/s | Postvault / bare, MB/s |")
+    print("| --- | --- | --- |")
+    ratio: Callable[[str, str], float] = lambda s, k: results[s]["Postvault"][k] / results[s]["bare aiosmtpd"][k]
+    for size in results:
+        print(f"| {size} | {ratio(size, 'msgs'):.0%} | {ratio(size, 'mbs'):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
