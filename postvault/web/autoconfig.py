@@ -27,8 +27,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from ..conf.schema import Config
-from ..store.types import normalize_email
 from ..errors import InvalidInput
+from ..store.types import normalize_email
 
 SERVICE = "Postvault Secure Messaging"
 SHORT = "Postvault"

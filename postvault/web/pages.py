@@ -35,10 +35,20 @@ from ..notices.hooks import invite_and_send
 from ..policy.passwords import password_problem
 from ..policy.schema import Policy
 from ..runtime import Runtime
-from ..store.accounts import MAX_INTERVAL_MINUTES, MIN_INTERVAL_MINUTES, InvitationNeedsKey
+from ..store.accounts import (
+    MAX_INTERVAL_MINUTES,
+    MIN_INTERVAL_MINUTES,
+    InvitationNeedsKey,
+)
 from ..store.notify import Change
-from ..store.offices import SignupLink, allowance_problem, office_bounds, parse_extensions
-from . import autoconfig, templates as t
+from ..store.offices import (
+    SignupLink,
+    allowance_problem,
+    office_bounds,
+    parse_extensions,
+)
+from . import autoconfig
+from . import templates as t
 from .csrf import CsrfKeys, same
 from .http import PRE_COOKIE, SESSION_COOKIE, Response, WebRequest, cookie, redirect
 from .sessions import Clock, SessionStore, WebSession
@@ -130,7 +140,9 @@ class WebApp:
         try:
             return await self._dispatch(req)
         except Exception:  # noqa: BLE001 - any bug becomes a 500 page, never a traceback to the browser
-            log.exception("web: %s %s failed", req.method, req.path)
+            # The path without a sign-up token: a token in a log is a key.
+            shown = "/signup/..." if req.path.startswith("/signup/") else req.path[:100]
+            log.exception("web: %s %s failed", req.method, shown)
             return self.error(500, "Something went wrong", "The server could not finish this request. "
                               "Nothing was changed unless the page said so; please try again.")
 
@@ -523,17 +535,18 @@ class WebApp:
         if s.role != "member":
             members = await self.run(self.store.contacts, s.email)
             infos = await self.run(self.store.accounts, members)
-            rows = [(infos[m.lower()].practice_name if m.lower() in infos else "", m) for m in members]
+            inviters = [(infos[m.lower()].practice_name if m.lower() in infos else "", m) for m in members]
             content: list[Any] = [
                 tags.p("The offices that invited you. You can reply to their messages in your mail program."),
-                t.table("Your contacts", ["Practice", "Email address"], rows) if rows else tags.p("No contacts yet."),
+                t.table("Your contacts", ["Practice", "Email address"], inviters) if inviters
+                else tags.p("No contacts yet."),
                 tags.p(tags.a("Download these contacts (vCard)", href="/contacts.vcf", download="contacts.vcf")),
             ]
             return self.page(req, "Contacts", *content, status=status, current="/contacts", errors=errors)
         book = await self.run(self.store.address_book, s.email)
         states = {"none": "Not invited", "pending": "Invited, not signed up", "active": "Has an account",
                   "disabled": "Account disabled"}
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         for c in book:
             edit = tags.form(t.hidden("csrf", s.csrf), t.hidden("email", c.email),
                              tags.input(type="text", name="name", value=c.name,
@@ -650,9 +663,9 @@ class WebApp:
             result = await self.run(invite_and_send, self.store, self.runtime.config, s.email, email, actor=s.email,
                                     member_session=s.account)
         except InvitationNeedsKey:
-            return await self.contacts_page(req, errors=[
-                "This colleague was invited by another office and the link has expired; only that office can "
-                "send a new one without losing the messages waiting for the colleague."], status=409)
+            why = ("This colleague was invited by another office and the link has expired; only that office can "
+                   "send a new one without losing the messages waiting for the colleague.")
+            return await self.contacts_page(req, errors=[why], status=409)
         except (InvalidInput, NoSuchAccount) as exc:
             return await self.contacts_page(req, errors=[str(exc)], status=422)
         return redirect(f"/contacts?done={result.status}")

@@ -68,14 +68,14 @@ class _CappedBody(io.BytesIO):
 class _Transport(StreamTransport):
     """The IMAP adapter plus the TCP switches Twisted's HTTP channel calls."""
 
-    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
+    def setTcpNoDelay(self, enabled: bool) -> None:
         # asyncio sets TCP_NODELAY on every TCP socket it creates already.
         return None
 
-    def getTcpNoDelay(self) -> bool:  # noqa: N802
+    def getTcpNoDelay(self) -> bool:
         return True
 
-    def setTcpKeepAlive(self, enabled: bool) -> None:  # noqa: N802
+    def setTcpKeepAlive(self, enabled: bool) -> None:
         return None
 
 

@@ -9,8 +9,18 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from postvault.conf.schema import Endpoint
-from postvault.policy.schema import AttachmentPolicy, OfficeException, Policy, SessionPolicy
-from postvault.store.offices import NEVER_ALLOWABLE, allowance_problem, office_bounds, parse_extensions
+from postvault.policy.schema import (
+    AttachmentPolicy,
+    OfficeException,
+    Policy,
+    SessionPolicy,
+)
+from postvault.store.offices import (
+    NEVER_ALLOWABLE,
+    allowance_problem,
+    office_bounds,
+    parse_extensions,
+)
 from postvault.store.types import AccountSession
 from postvault.web import autoconfig
 from postvault.web.csrf import CsrfKeys, same
