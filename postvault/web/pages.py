@@ -684,8 +684,8 @@ class WebApp:
         inactive = [e for e in stored if e not in bounds]
         content: list[Any] = [
             tags.p("Some file types are blocked in attachments because they can carry harmful content. If your "
-                   "office and its colleagues need to exchange one of them (for example 3D scans or imaging "
-                   "files), allow it here. It applies at once to every message of your conversations, in both "
+                   "office and its colleagues need to exchange one of them (for example disk images from an "
+                   "imaging device), allow it here. It applies at once to every message of your conversations, in both "
                    "directions. Programs and scripts can never be allowed, and every file is still checked "
                    "for hidden programs."),
             t.facts([("Allowed by your administrator", ", ".join(admin) or "none"),
@@ -698,7 +698,7 @@ class WebApp:
             t.form("/office", s.csrf,
                    t.field("extensions", "File types your office allows", typed if typed is not None
                            else ", ".join(stored), required=False,
-                           help="File extensions separated by commas, e.g. \u201cstl, dcm\u201d. "
+                           help="File extensions separated by commas, e.g. \u201ciso, docm\u201d. "
                                 "Leave empty to allow none."),
                    submit="Save office settings"),
             tags.details(tags.summary("File types an office may allow"), tags.p(", ".join(sorted(bounds)),
