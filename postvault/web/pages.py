@@ -685,9 +685,9 @@ class WebApp:
         content: list[Any] = [
             tags.p("Some file types are blocked in attachments because they can carry harmful content. If your "
                    "office and its colleagues need to exchange one of them (for example disk images from an "
-                   "imaging device), allow it here. It applies at once to every message of your conversations, in both "
-                   "directions. Programs and scripts can never be allowed, and every file is still checked "
-                   "for hidden programs."),
+                   "imaging device), allow it here. It applies at once to every message of your conversations, "
+                   "in both directions. Programs and scripts can never be allowed, and every file is still "
+                   "checked for hidden programs."),
             t.facts([("Allowed by your administrator", ", ".join(admin) or "none"),
                      ("Allowed by your office", ", ".join(stored) or "none")]),
         ]
