@@ -51,6 +51,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 
 from ..errors import AuthenticationFailed, LoginLimited
 from ..login import authenticate
+from ..notices.hooks import after_delivery, invite_and_send
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
 from ..policy.recipients import Recipient, Role, Sender, ThreadFacts, check_conversation, check_recipient
@@ -190,6 +191,9 @@ class SubmissionHandler:
         found = (await asyncio.to_thread(self.store.accounts, [address])).get(key)
         # A disabled account receives nothing, like one that does not exist.
         role = cast(Role, found.role) if found is not None and found.state != "disabled" else None
+        invite = found is None and envelope.sender.role == "member" and key in envelope.sender.address_book
+        if invite:
+            role = "colleague"  # it will be one, pending, once the message is accepted
         rcpt = Recipient(found.email if found and role else address, role)
         decision = check_recipient(envelope.sender, rcpt, envelope.policy)
         if not decision.allowed and role is not None:
@@ -208,6 +212,8 @@ class SubmissionHandler:
         envelope.rcpt_tos.append(rcpt.email)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.recipients.append(rcpt)
+        if invite:
+            envelope.to_invite.append(rcpt.email)
         return replies.RECIPIENT_OK
 
     # -- DATA ---------------------------------------------------------------------
@@ -246,16 +252,26 @@ class SubmissionHandler:
         offices = [r.email for r in envelope.recipients if r.role == "member"]
         if sender.role == "member":
             offices.append(sender.email)
-        allowed = frozenset().union(*(policy.office(m).allow_extensions for m in offices))
+        # policy.toml's exceptions plus what each office allowed itself on its
+        # settings page, within the admin's bounds.
+        allowed = await asyncio.to_thread(self.store.conversation_allowances, offices, policy)
         decision = await asyncio.to_thread(check_attachments, raw, policy.attachments, allowed)
         if not decision.allowed:
             _refused(server, "data", decision.rule, decision.code)
             return decision.smtp_reply
 
         final = _stamp(server, session, envelope, raw, head_end)
+        config = self.runtime.config
+        for colleague in envelope.to_invite:
+            # The pending account (and its key pair) must exist before the
+            # message is sealed to it; the sign-up email goes to the queue.
+            await asyncio.to_thread(invite_and_send, self.store, config, account.email, colleague,
+                                    actor=account.email)
         async with self._deliveries:
             result = await asyncio.to_thread(self.store.deliver, final, account.email, list(envelope.rcpt_tos),
                                              client_ip=server.peer_ip or None, protocol="smtp")
+        # Stored: from here on nothing may turn the 250 into a failure.
+        await asyncio.to_thread(after_delivery, self.store, config, result, account.email)
         log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
                  result.message_id, len(result.delivered), len(final))
         return replies.QUEUED.format(queue_id=result.message_id)

@@ -117,6 +117,11 @@ class SubmissionEnvelope(Envelope):
         # The sender's conversation partners, looked up on first need.
         self.partners: frozenset[str] | None = None
         self.recipients: list[Recipient] = []
+        # Address-book colleagues without an account yet: invited (pending
+        # account and key pair made, sign-up link mailed) just before the
+        # message is delivered to them (issue 6: "automatically when a member
+        # first writes to a colleague without an account").
+        self.to_invite: list[str] = []
 
 
 class SubmissionProtocol(SMTP):
