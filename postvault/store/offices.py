@@ -162,7 +162,8 @@ class OfficesStore:
             acct = self._account(s, member)
             if acct.role != "member" or acct.state != "active":
                 raise InvalidInput("only an active member office has attachment settings")
-            rows = {r.extension: r for r in s.scalars(select(OfficeAllowance).where(OfficeAllowance.member_id == acct.id))}
+            query = select(OfficeAllowance).where(OfficeAllowance.member_id == acct.id)
+            rows = {r.extension: r for r in s.scalars(query)}
             added, removed = wanted - rows.keys(), rows.keys() - wanted
             for ext in removed:
                 s.delete(rows[ext])

@@ -68,11 +68,12 @@ def spki_hash(cert_pem: bytes) -> str:
 
 @pytest.fixture
 def browser(server: Server, tmp_path: Path) -> Iterator[object]:
+    spki = spki_hash((server.home / "certs" / "server.pem").read_bytes())
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                 "--disable-dev-shm-usage", "--window-size=1100,1300", f"--user-data-dir={tmp_path / 'profile'}",
-                f"--ignore-certificate-errors-spki-list={spki_hash((server.home / 'certs' / 'server.pem').read_bytes())}",
+                f"--ignore-certificate-errors-spki-list={spki}",
                 f"--host-resolver-rules=MAP {HOST} 127.0.0.1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
