@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from email.parser import HeaderParser
 from typing import TYPE_CHECKING, cast
 
-from aiosmtpd.smtp import MISSING, AuthResult
+from aiosmtpd.smtp import AuthResult
 
 from ..errors import AuthenticationFailed, LoginLimited
 from ..login import authenticate
@@ -96,15 +96,9 @@ class SubmissionHandler:
     async def auth_PLAIN(self, server: SubmissionProtocol, args: list[str]) -> AuthResult:
         """RFC 4616: [authzid] NUL authcid NUL passwd, base64, as an initial
         response or after an empty challenge."""
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            blob = await _b64(server, args[1])
-            if blob is None:
-                return AuthResult(success=False, handled=True)
-        assert isinstance(blob, bytes)
+        blob = await _response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
         if len(parts) != 3:
             await server.push("501 5.5.2 Can't split auth value")
@@ -118,18 +112,12 @@ class SubmissionHandler:
     async def auth_LOGIN(self, server: SubmissionProtocol, args: list[str]) -> AuthResult:
         """The LOGIN mechanism (draft-murchison-sasl-login): user name and
         password in two base64 challenges; many clients still use it."""
-        if len(args) == 1:
-            user = await server.challenge_auth(replies.LOGIN_USERNAME_CHALLENGE)
-            if user is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            user = await _b64(server, args[1])
-            if user is None:
-                return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(replies.LOGIN_PASSWORD_CHALLENGE)
-        if password is MISSING:
+        user = await _response(server, args, replies.LOGIN_USERNAME_CHALLENGE)
+        if user is None:
             return AuthResult(success=False, handled=True)
-        assert isinstance(user, bytes) and isinstance(password, bytes)
+        password = await server.challenge_auth(replies.LOGIN_PASSWORD_CHALLENGE)
+        if not isinstance(password, bytes):  # MISSING: cancelled or not base64, already answered
+            return AuthResult(success=False, handled=True)
         return await self._login(server, user, password, "LOGIN")
 
     async def _login(self, server: SubmissionProtocol, user: bytes, password: bytes, mechanism: str) -> AuthResult:
@@ -277,12 +265,17 @@ class SubmissionHandler:
         return replies.QUEUED.format(queue_id=result.message_id)
 
 
-async def _b64(server: SubmissionProtocol, text: str) -> bytes | None:
-    """An AUTH initial response; "=" is the empty one (RFC 4954 section 4)."""
-    if text == "=":
+async def _response(server: SubmissionProtocol, args: list[str], challenge: str) -> bytes | None:
+    """The client's first SASL response: the initial response on the AUTH
+    line ("=" is the empty one, RFC 4954 section 4), else the answer to
+    ``challenge``. None if it was cancelled or malformed (already answered)."""
+    if len(args) == 1:
+        blob = await server.challenge_auth(challenge)
+        return blob if isinstance(blob, bytes) else None
+    if args[1] == "=":
         return b""
     try:
-        return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+        return base64.b64decode(args[1].encode("ascii", "replace"), validate=True)
     except (binascii.Error, ValueError):
         await server.push("501 5.5.2 Can't decode base64")
         return None

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 import re
 import secrets
 import ssl
@@ -97,7 +98,7 @@ class SubmissionSession(Session):
 
     # aiosmtpd's login_data property logs a deprecation warning each time
     # smtp_AUTH sets it; we never read it.
-    @property  # type: ignore[override]
+    @property
     def login_data(self) -> Any:
         return self._login_data
 
@@ -471,9 +472,7 @@ class SubmissionProtocol(SMTP):
         return body, None
 
 
-def _limits_dict() -> Any:
-    from collections import defaultdict
-
+def _limits_dict() -> defaultdict[str, int]:
     return defaultdict(lambda: SMTP.command_size_limit, COMMAND_LIMITS)
 
 

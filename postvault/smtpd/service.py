@@ -114,7 +114,7 @@ class SubmissionService:
             if endpoint is None:
                 continue
             server = await loop.create_server(
-                lambda implicit=implicit: self._protocol(implicit),  # type: ignore[misc]
+                lambda implicit=implicit: self._protocol(implicit),
                 endpoint.host, endpoint.port,
                 ssl=self.runtime.tls.context if implicit else None,
                 ssl_handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
