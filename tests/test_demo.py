@@ -8,18 +8,14 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from postvault.certs.context import client_context
+from tests.support import free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_demo(home: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[str], str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,16 +26,13 @@ import pytest
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
+from tests.support import free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
 _counter = itertools.count(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

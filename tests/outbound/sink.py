@@ -4,7 +4,6 @@ AUTH, and scripted replies to DATA."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, SMTP
 
 from postvault.certs.context import server_context
 from postvault.certs.devca import make_dev_certs
+from tests.support import free_port
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,6 @@ class SinkHandler:
         return "250 2.0.0 OK"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Authenticator:

@@ -8,7 +8,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,14 +23,11 @@ from postvault.store.api import AccountSession, Store
 from postvault.store.models import Message, MessageCopy
 
 from .client import PASSWORD, Raw, message, stuff, transaction
+from tests.support import free_port
 
 SENDER, RECIPIENT = "office@crash.test", "front@crash.test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 RUNNING: list[Serve] = []

@@ -16,7 +16,6 @@ import http.client
 import itertools
 import os
 import re
-import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from postvault.conf.schema import Config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.outbound.sink import Certs, SinkHandler, sink, write_certs
+from tests.support import free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -45,10 +45,6 @@ _counter = itertools.count(1)
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
