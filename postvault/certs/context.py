@@ -111,7 +111,7 @@ def _check_key(key_file: Path) -> bytes:
     except ValueError:
         raise TLSConfigError(
             f"TLS private key file {key_file} does not contain a valid PEM private key "
-            "(expected '-----BEGIN PRIVATE KEY-----' or similar)"
+            "(expected a PEM private key block, e.g. one that 'postvault init' writes)"
         ) from None
     return key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
