@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
@@ -51,9 +52,9 @@ class Server:
         return self.home / "certs" / "ca.pem"
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        ctx.check_hostname = False
-        return ctx
+        # The project's own client context: verifies the dev CA and the name
+        # (the certificate carries localhost and 127.0.0.1).
+        return client_context(self.ca)
 
     @property
     def sender(self) -> str:

@@ -30,6 +30,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.conf.schema import Config
 from postvault.home import init_home, open_store
@@ -139,9 +140,9 @@ class Server:
         return self.home / "certs" / "ca.pem"
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        ctx.check_hostname = False
-        return ctx
+        # The project's own client context: verifies the dev CA and the name
+        # (the certificate carries localhost and 127.0.0.1).
+        return client_context(self.ca)
 
     def client(self) -> Client:
         return Client(self.https, self.context())

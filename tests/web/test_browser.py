@@ -56,6 +56,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
 
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 from selenium.webdriver.support.ui import Select
 
 
@@ -240,6 +241,9 @@ def test_life_cycle_in_the_browser(server: Server, browser: object, tmp_path: Pa
 
     # 9. Log out; the used link now says so and names whom to ask.
     driver.find_element(By.CSS_SELECTOR, "nav form button").click()  # type: ignore[attr-defined]
+    # The click returns before the next page has loaded; wait for it (bounded)
+    # rather than read the old page on a busy machine.
+    WebDriverWait(driver, 20).until(lambda d: "You are logged out" in d.page_source)
     assert "You are logged out" in driver.page_source  # type: ignore[attr-defined]
     shot(driver, "09-logged-out")
     driver.get(link[0])  # type: ignore[attr-defined]
