@@ -1232,7 +1232,8 @@ class IMAPServer(imap4.IMAP4Server):
                               account=account.email, message=public_id, client_ip=self.client_ip,
                               protocol="imap", detail=f"fetch: {why}")
         what = "A stored message" if len(damaged) == 1 else f"{len(damaged)} stored messages"
-        raise IMAPNo(f"{what} failed its integrity check and was not sent; the administrator has been told.",
+        were = "was" if len(damaged) == 1 else "were"
+        raise IMAPNo(f"{what} failed an integrity check and {were} not sent; the administrator has been told.",
                      "SERVERBUG")
 
     async def _audit_read(self, ids: list[str]) -> None:
