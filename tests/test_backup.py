@@ -6,6 +6,7 @@ that home served again and read over IMAP with the same passwords."""
 from __future__ import annotations
 
 import imaplib
+import io
 import os
 import re
 import shutil
@@ -16,15 +17,19 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from postvault.backup.make import make_backup
 from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store import audit
+from postvault.store.models import Message
 from tests.imapd.conftest import start_server, stop_server
 
 PASSWORD = "correct horse battery staple"
@@ -310,3 +315,74 @@ def test_restore_refuses_a_damaged_backup_and_leaves_nothing(tmp_path: Path, dam
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert ("truncated" if damage == "truncate" else "differs from its name") in proc.stderr
     assert not (tmp_path / "target").exists()
+
+
+class ExpungeOnFirstBar(io.StringIO):
+    """A terminal-like progress stream (so Progress draws a tqdm bar at
+    once) that expunges messages the moment the blob copy starts: between
+    the database snapshot and the blob copy, the race the backup handles."""
+
+    def __init__(self, expunge: Callable[[], None]) -> None:
+        super().__init__()
+        self.expunge = expunge
+        self.fired = False
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not self.fired and "backup: blobs" in s:
+            self.fired = True
+            self.expunge()
+        return super().write(s)
+
+
+def test_blobs_expunged_between_snapshot_and_copy(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    store = open_store(load_config(home, environ={}))
+    try:
+        for n in range(6):
+            # No Sent copy: expunging the INBOX copy deletes the blob.
+            store.deliver(raw_message(f"t7m{n:03d}"), SENDER, [READER], save_sent=False)
+        session = store.login(READER, PASSWORD)
+        doomed = [m.uid for m in store.snapshot(session, "INBOX").messages[:3]]
+
+        def expunge() -> None:
+            store.set_flags(session, "INBOX", doomed, ["\\Deleted"], "add")
+            assert store.expunge(session, "INBOX", doomed) == doomed
+
+        stream = ExpungeOnFirstBar(expunge)
+        result = make_backup(home, tmp_path / "b.tar", progress_stream=stream)
+    finally:
+        store.close()
+    assert stream.fired and "round 2" in stream.getvalue()
+    assert result.manifest.counts["messages"] == 3 and result.manifest.counts["blobs"] == 3
+    assert result.manifest.missing_blobs == []
+    target = tmp_path / "restored"
+    assert cli("restore", str(tmp_path / "b.tar"), "--home", str(target)).returncode == 0
+    check = cli("fsck", "--home", str(target))
+    assert check.returncode == 0 and "3 messages" in check.stdout, check.stdout
+
+
+def test_a_blob_already_missing_is_reported_not_fatal(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    store = open_store(load_config(home, environ={}))
+    try:
+        kept = store.deliver(raw_message("t6m000"), SENDER, [READER])
+        lost = store.deliver(raw_message("t6m001"), SENDER, [READER])
+        blob_root = load_config(home, environ={}).store.blobs
+        assert blob_root is not None
+        with store._sessions() as s:
+            blob_id = s.scalar(select(Message.blob_id).where(Message.public_id == lost.message_id))
+    finally:
+        store.close()
+    (blob_root / blob_id[:2] / blob_id[2:]).unlink()
+    out = tmp_path / "b.tar"
+    made = cli("backup", "--home", str(home), "--out", str(out))
+    assert made.returncode == 1 and out.is_file()
+    assert "warning: 1 blob(s) the database refers to were already missing" in made.stdout
+    target = tmp_path / "restored"
+    assert cli("restore", str(out), "--home", str(target)).returncode == 0
+    check = cli("fsck", "--home", str(target))
+    assert check.returncode == 1 and f"blob {blob_id} of message {lost.message_id} is missing" in check.stdout
+    assert kept.message_id not in check.stdout
