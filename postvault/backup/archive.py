@@ -75,7 +75,7 @@ class Manifest:
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Manifest":
+    def from_json(cls, data: bytes) -> Manifest:
         try:
             doc = json.loads(data)
         except ValueError:

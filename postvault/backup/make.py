@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -50,6 +51,7 @@ from .archive import HashingReader, Manifest, member_info
 from .openpgp import encrypting_sink
 
 MAX_ROUNDS = 5
+_PARTIAL = re.compile(r"\..+\.partial-[0-9a-f]{8}")
 _TAR_BUFFER = 64 * 1024
 
 
@@ -96,7 +98,10 @@ def make_backup(home: Path, out: Path, *, encrypt_to: str | None = None, gnupg_h
     work = Path(tempfile.mkdtemp(prefix=".postvault-backup-", dir=db_path.parent))
     result = BackupResult(out, Manifest(), encrypt_to is not None)
     try:
-        fd = os.open(tmp_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(tmp_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise BackupError(f"--out: cannot write in {out.parent}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as f:
             if encrypt_to is not None:
                 with encrypting_sink(f, encrypt_to, gnupg_home) as sink:
@@ -153,10 +158,12 @@ def _write_archive(sink: BinaryIO, home: Path, config: Config, db_path: Path, wo
             files += 1
         snapshot = _snapshot_and_blobs(tar, db_path, blob_root, work, m, progress_stream)
         _add_file(tar, snapshot, archive.DB, m)
-        with sqlite3.connect(snapshot) as con:
+        con = sqlite3.connect(snapshot)
+        try:
             for table, key in (("accounts", "accounts"), ("messages", "messages"), ("message_copies", "copies")):
                 m.counts[key] = int(con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-        con.close()
+        finally:
+            con.close()
         m.counts["files"] = files
         data = m.to_json()
         tar.addfile(member_info(archive.MANIFEST, len(data)), io.BytesIO(data))
@@ -180,11 +187,8 @@ def _home_files(home: Path, skip_files: set[Path], skip_dirs: set[Path],
         dirnames[:] = keep
         for name in sorted(filenames):
             p = here / name
-            if p in skip_files or name.startswith("."):
-                # Dot files: our own partial outputs and snapshots.
-                if p not in skip_files:
-                    skipped += 1
-                continue
+            if p in skip_files or _PARTIAL.fullmatch(name):
+                continue  # the live database, this backup, others' partial outputs
             if not p.is_file():  # sockets, fifos, dangling links
                 skipped += 1
                 continue
@@ -195,10 +199,16 @@ def _home_files(home: Path, skip_files: set[Path], skip_dirs: set[Path],
 
 
 def _add_file(tar: tarfile.TarFile, path: Path, name: str, m: Manifest) -> None:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        h = HashingReader(f)
-        tar.addfile(member_info(name, st.st_size, st.st_mtime), h)  # type: ignore[arg-type]
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h = HashingReader(f)
+            tar.addfile(member_info(name, st.st_size, st.st_mtime), h)  # type: ignore[arg-type]
+    except PermissionError:
+        raise BackupError(f"{path}: permission denied; run the backup as the user that runs Postvault") from None
+    except OSError as exc:
+        # tarfile raises when a file shrinks under it (a log rotated).
+        raise BackupError(f"{path} changed or could not be read while it was copied ({exc}); try again") from None
     m.members[name] = {"sha256": h.sha256.hexdigest(), "size": h.size}
 
 

@@ -96,7 +96,7 @@ def encrypting_sink(out: BinaryIO, spec: str, gnupg_home: Path | None) -> Iterat
             try:
                 box["result"] = gpg.encrypt_file(reader, recipients, armor=False, always_trust=True,
                                                  extra_args=_EXTRA)
-            except Exception as exc:  # reported below, in the caller's thread
+            except (OSError, ValueError) as exc:  # reported by _check, in the caller's thread
                 box["error"] = exc
             finally:
                 # If gpg stopped early, the producer's next write fails
@@ -105,23 +105,17 @@ def encrypting_sink(out: BinaryIO, spec: str, gnupg_home: Path | None) -> Iterat
 
         thread = threading.Thread(target=run, name="gpg-encrypt", daemon=True)
         thread.start()
-        failed: BaseException | None = None
         try:
             yield writer
-        except BaseException as exc:
-            failed = exc
         finally:
             try:
                 writer.close()
             except BrokenPipeError:
                 pass
             thread.join()
-        result = box.get("result")
-        if "error" in box or result is None or not result.ok:
-            status = getattr(result, "status", None) or box.get("error") or "no result"
-            raise BackupError(f"GnuPG could not encrypt the backup: {status}") from None
-        if failed is not None:
-            raise failed
+            # A gpg failure is the cause of whatever the producer saw
+            # (usually BrokenPipeError), so it is the error reported.
+            _check(box, "encrypt")
 
 
 @contextmanager
@@ -155,31 +149,30 @@ def decrypting_source(src: BinaryIO, gnupg_home: Path | None) -> Iterator[Binary
     def run() -> None:
         try:
             box["result"] = gpg.decrypt_file(src, always_trust=True)
-        except Exception as exc:
+        except (OSError, ValueError) as exc:  # reported by _check
             box["error"] = exc
         finally:
             _close_quietly(writer)
 
     thread = threading.Thread(target=run, name="gpg-decrypt", daemon=True)
     thread.start()
-    failed: BaseException | None = None
     try:
         yield reader
         # Whatever follows the archive's end must still pass through gpg
         # for its integrity check to run.
         while reader.read(_BUFFER):
             pass
-    except BaseException as exc:
-        failed = exc
     finally:
         reader.close()
         thread.join()
+        _check(box, "decrypt")
+
+
+def _check(box: dict[str, Any], verb: str) -> None:
     result = box.get("result")
     if "error" in box or result is None or not result.ok:
         status = getattr(result, "status", None) or box.get("error") or "no result"
-        raise BackupError(f"GnuPG could not decrypt the backup: {status}") from None
-    if failed is not None:
-        raise failed
+        raise BackupError(f"GnuPG could not {verb} the backup: {status}")
 
 
 def _close_quietly(f: BinaryIO) -> None:
@@ -195,4 +188,4 @@ def looks_encrypted(head: bytes) -> bool:
         return True
     # A tar header has "ustar" at offset 257; an OpenPGP packet's first
     # byte always has its high bit set (RFC 4880 §4.2).
-    return not head[257:262] == b"ustar" and bool(head) and head[0] & 0x80 == 0x80
+    return head[257:262] != b"ustar" and bool(head) and head[0] & 0x80 == 0x80

@@ -57,8 +57,11 @@ def restore_backup(src: Path, home: Path, *, gnupg_home: Path | None = None,
     if not src.is_file():
         raise BackupError(f"{src}: no such backup file")
     created = not home.exists()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(home, 0o700)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(home, 0o700)
+    except OSError as exc:
+        raise BackupError(f"cannot create {home}: {exc.strerror}") from None
     placed: list[Path] = []
     try:
         with open(src, "rb") as f:
@@ -70,16 +73,25 @@ def restore_backup(src: Path, home: Path, *, gnupg_home: Path | None = None,
             else:
                 manifest, blobs = _extract(f, home, progress_stream)
         dropped = _install(home, manifest, placed)
+    except OSError as exc:
+        _undo(home, created, placed)
+        raise BackupError(f"restore failed: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename else "")) from None
     except BaseException:
-        for path in placed:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(home, ignore_errors=True)
-        else:
-            for child in home.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _undo(home, created, placed)
         raise
     return RestoreResult(home, manifest, encrypted, blobs, dropped)
+
+
+def _undo(home: Path, created: bool, placed: list[Path]) -> None:
+    """Leave the target as empty as it was found."""
+    for path in placed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if created:
+        shutil.rmtree(home, ignore_errors=True)
+    else:
+        for child in home.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _mkdirs(path: Path, top: Path) -> None:
@@ -146,7 +158,7 @@ def _extract(stream: BinaryIO, home: Path, progress_stream: TextIO | None) -> tu
                     raise BackupError(f"the backup holds an unexpected member {name!r}; refusing it")
                 if name in seen or dest.exists():
                     raise BackupError(f"the backup holds {name!r} twice; refusing it")
-                digest, size = _write_member(reader, dest, top)
+                digest, size = _write_member(reader, dest, top)  # type: ignore[arg-type]
                 if blob_id is not None:
                     blobs += 1
                     if digest != blob_id:

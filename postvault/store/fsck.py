@@ -32,9 +32,10 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sqlalchemy import text
 
@@ -111,32 +112,32 @@ def _check_database(store: Store, report: FsckReport) -> None:
 
 # Each query returns rows that break one rule; the lambda says which, with
 # ids only.
-_INDEX_RULES: list[tuple[str, object]] = [
-    ("SELECT c.id, c.uid, b.id, b.uidnext, a.email FROM message_copies c JOIN mailboxes b ON b.id = c.mailbox_id "
-     "JOIN accounts a ON a.id = b.account_id WHERE c.uid < 1 OR c.uid >= b.uidnext",
+_INDEX_RULES: list[tuple[str, Callable[[Any], str]]] = [
+    (("SELECT c.id, c.uid, b.id, b.uidnext, a.email FROM message_copies c JOIN mailboxes b ON b.id = c.mailbox_id "
+      "JOIN accounts a ON a.id = b.account_id WHERE c.uid < 1 OR c.uid >= b.uidnext"),
      lambda r: f"copy {r[0]} has UID {r[1]}, outside 1..UIDNEXT-1 ({r[3]}) of folder {r[2]} of {r[4]}"),
-    ("SELECT mailbox_id, uid, COUNT(*) FROM message_copies GROUP BY mailbox_id, uid HAVING COUNT(*) > 1",
+    (("SELECT mailbox_id, uid, COUNT(*) FROM message_copies GROUP BY mailbox_id, uid HAVING COUNT(*) > 1"),
      lambda r: f"UID {r[1]} is used {r[2]} times in folder {r[0]}"),
-    ("SELECT c.id, c.mailbox_id FROM message_copies c LEFT JOIN mailboxes b ON b.id = c.mailbox_id "
-     "WHERE b.id IS NULL",
+    (("SELECT c.id, c.mailbox_id FROM message_copies c LEFT JOIN mailboxes b ON b.id = c.mailbox_id "
+      "WHERE b.id IS NULL"),
      lambda r: f"copy {r[0]} is in folder {r[1]}, which does not exist"),
-    ("SELECT c.id, c.message_id FROM message_copies c LEFT JOIN messages m ON m.id = c.message_id "
-     "WHERE m.id IS NULL",
+    (("SELECT c.id, c.message_id FROM message_copies c LEFT JOIN messages m ON m.id = c.message_id "
+      "WHERE m.id IS NULL"),
      lambda r: f"copy {r[0]} points at message row {r[1]}, which does not exist"),
-    ("SELECT c.id, m.public_id, c.size, m.size FROM message_copies c JOIN messages m ON m.id = c.message_id "
-     "WHERE c.size != m.size",
+    (("SELECT c.id, m.public_id, c.size, m.size FROM message_copies c JOIN messages m ON m.id = c.message_id "
+      "WHERE c.size != m.size"),
      lambda r: f"copy {r[0]} of message {r[1]} records size {r[2]}, the message {r[3]}"),
-    ("SELECT b.id, b.highestmodseq, MAX(c.modseq) FROM mailboxes b JOIN message_copies c ON c.mailbox_id = b.id "
-     "GROUP BY b.id, b.highestmodseq HAVING MAX(c.modseq) > b.highestmodseq",
+    (("SELECT b.id, b.highestmodseq, MAX(c.modseq) FROM mailboxes b JOIN message_copies c ON c.mailbox_id = b.id "
+      "GROUP BY b.id, b.highestmodseq HAVING MAX(c.modseq) > b.highestmodseq"),
      lambda r: f"folder {r[0]} has HIGHESTMODSEQ {r[1]} below a message's modseq {r[2]}"),
-    ("SELECT m.public_id FROM messages m WHERE NOT EXISTS "
-     "(SELECT 1 FROM message_copies c WHERE c.message_id = m.id)",
+    (("SELECT m.public_id FROM messages m WHERE NOT EXISTS "
+      "(SELECT 1 FROM message_copies c WHERE c.message_id = m.id)"),
      lambda r: f"message {r[0]} is in no folder"),
-    ("SELECT m.public_id, m.thread_id FROM messages m LEFT JOIN threads t ON t.id = m.thread_id "
-     "WHERE m.thread_id IS NOT NULL AND t.id IS NULL",
+    (("SELECT m.public_id, m.thread_id FROM messages m LEFT JOIN threads t ON t.id = m.thread_id "
+      "WHERE m.thread_id IS NOT NULL AND t.id IS NULL"),
      lambda r: f"message {r[0]} belongs to thread {r[1]}, which does not exist"),
-    ("SELECT p.id, p.thread_id FROM thread_participants p LEFT JOIN threads t ON t.id = p.thread_id "
-     "WHERE t.id IS NULL",
+    (("SELECT p.id, p.thread_id FROM thread_participants p LEFT JOIN threads t ON t.id = p.thread_id "
+      "WHERE t.id IS NULL"),
      lambda r: f"thread participant row {r[0]} belongs to thread {r[1]}, which does not exist"),
 ]
 
@@ -147,7 +148,7 @@ def _check_index(store: Store, report: FsckReport) -> None:
         report.copies = int(conn.execute(text("SELECT COUNT(*) FROM message_copies")).scalar_one())
         for sql, describe in _INDEX_RULES:
             for row in conn.execute(text(sql)):
-                report.add("index", describe(row))  # type: ignore[operator]
+                report.add("index", describe(row))
 
 
 def _still_there(store: Store, message_id: int) -> bool:
