@@ -36,9 +36,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     how = "encrypted to the OpenPGP key" if result.encrypted else "not encrypted"
+    blobs = "blobs inside the database" if m.blobs == "database" else f"{m.counts.get('blobs', 0)} blobs"
     print(f"backup written to {result.path}: {m.counts.get('accounts', 0)} accounts, "
-          f"{m.counts.get('messages', 0)} messages, {m.counts.get('blobs', 0)} blobs, "
-          f"{m.counts.get('files', 0)} other files; {how}")
+          f"{m.counts.get('messages', 0)} messages, {blobs}, {m.counts.get('files', 0)} other files; {how}")
     status = 0
     if m.missing_blobs:
         print(f"warning: {len(m.missing_blobs)} blob(s) the database refers to were already missing from the store; "
