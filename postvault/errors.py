@@ -81,3 +81,8 @@ class LoginLimited(PostvaultError):
     def __init__(self, decision: object) -> None:
         super().__init__(getattr(decision, "text", "too many failed logins"))
         self.decision = decision
+
+
+class BackupError(PostvaultError):
+    """A backup cannot be made, or a backup file cannot be restored (wrong
+    target, damaged or foreign file, GnuPG failure). Public text only."""

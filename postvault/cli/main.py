@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PostvaultError
-from . import commands
+from . import backup_cmd, commands, fsck_cmd
 
 log = logging.getLogger("postvault.cli")
 
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_home(policy_sub.add_parser("check", help="validate the policy file, listing every problem with its line"))
     p.add_argument("file", nargs="?", metavar="FILE", help="policy file (default: HOME/conf/policy.toml)")
     p.set_defaults(func=commands.cmd_policy_check)
+
+    backup_cmd.add_parsers(sub)
+    fsck_cmd.add_parser(sub)
     return parser
 
 

@@ -57,7 +57,7 @@ from twisted.internet import defer, reactor, task
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError
+from ..errors import IntegrityError, InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError
 from ..policy import folders
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
@@ -1162,6 +1162,7 @@ class IMAPServer(imap4.IMAP4Server):
         need_structure = any(_needs_structure(i) for i in items)
         content = any(i.content for i in items)
         read: list[str] = []
+        damaged: list[tuple[str, str]] = []
         missing = False
         self.setTimeout(None)  # a big FETCH to a slow client is not idleness
         try:
@@ -1191,7 +1192,13 @@ class IMAPServer(imap4.IMAP4Server):
                     if need_structure and u not in structures:
                         missing = True
                         continue
-                    ok = await self._fetch_one(box, seq, u, items, structures.get(u), u in seen_now)
+                    try:
+                        ok = await self._fetch_one(box, seq, u, items, structures.get(u), u in seen_now)
+                    except IntegrityError as exc:
+                        # One damaged blob must not stop a client syncing
+                        # the rest of the folder: carry on, refuse at the end.
+                        damaged.append((box.meta[u].message_id, str(exc)))
+                        continue
                     if not ok:
                         missing = True
                     elif content:
@@ -1200,6 +1207,8 @@ class IMAPServer(imap4.IMAP4Server):
             self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         if read:
             await self._audit_read(read)
+        if damaged:
+            await self._report_damaged(damaged)
         if missing:
             raise IMAPNo("Some of the requested messages no longer exist.", "EXPUNGEISSUED")
         return b"FETCH completed"
@@ -1208,6 +1217,24 @@ class IMAPServer(imap4.IMAP4Server):
     # UID is a prefix, handled in _execute (RFC 3501 §6.4.8; with MOVE and
     # EXPUNGE from RFC 6851 and RFC 4315): Twisted's do_UID must not run.
     select_UID = None
+
+    async def _report_damaged(self, damaged: list[tuple[str, str]]) -> None:
+        """Stored messages that failed authentication (or whose blob is
+        gone): an audit event and a log line each, naming the public id
+        only, then a tagged NO. RFC 5530 §3: SERVERBUG is for a server
+        that "violated one of its own invariants" - stored data that no
+        longer opens is exactly that, and not the client's fault."""
+        account = self._acct()
+        for public_id, why in damaged:
+            log.warning("FETCH: stored message %s failed its integrity check (%s); run `postvault fsck`",
+                        public_id, why)
+            await account.run(self.store.record_event, "message.integrity", actor=account.email,
+                              account=account.email, message=public_id, client_ip=self.client_ip,
+                              protocol="imap", detail=f"fetch: {why}")
+        what = "A stored message" if len(damaged) == 1 else f"{len(damaged)} stored messages"
+        were = "was" if len(damaged) == 1 else "were"
+        raise IMAPNo(f"{what} failed an integrity check and {were} not sent; the administrator has been told.",
+                     "SERVERBUG")
 
     async def _audit_read(self, ids: list[str]) -> None:
         account = self._acct()
@@ -1244,6 +1271,7 @@ class IMAPServer(imap4.IMAP4Server):
             except MessageNotFound:
                 return False
         write = self.transport.write
+        sent = False
         try:
             pieces: list[bytes] = [b"* %d FETCH (" % seq]
             names = {i.name for i in items}
@@ -1268,13 +1296,24 @@ class IMAPServer(imap4.IMAP4Server):
                     if item.partial is not None:
                         start = min(end, start + item.partial[0])
                         end = min(end, start + item.partial[1])
+                    # Authenticate the range before its length is promised:
+                    # a damaged chunk found mid-literal could not be
+                    # answered without desynchronising the client.
+                    await account.run(reader.verify, start, end - start)
                     pieces.append(label.encode() + b" {%d}\r\n" % (end - start))
                     write(b"".join(pieces))
+                    sent = True
                     pieces = []
                     await self._stream(reader, start, end - start)
             pieces.append(b")\r\n")
             write(b"".join(pieces))
             await self.transport.drained()
+        except IntegrityError:
+            if sent:
+                # Earlier items went out whole; end this FETCH response
+                # (with fewer items) so the stream stays in sync.
+                write(b")\r\n")
+            raise
         finally:
             if reader is not None:
                 await account.run(reader.close)

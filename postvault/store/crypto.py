@@ -94,6 +94,7 @@ __all__ = [
     "seal_stream",
     "SealedReader",
     "open_stream",
+    "sealed_length",
 ]
 
 KEY_LEN = 32
@@ -649,6 +650,32 @@ def _read_full(src: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
+def sealed_length(header: bytes, blob_len: int) -> int:
+    """The plaintext length a sealed blob of ``blob_len`` bytes starting
+    with ``header`` must hold, from its layout alone: no key is needed, so
+    ``postvault fsck`` can compare it with the recorded size. Raises
+    ``IntegrityError`` for a header or length that ``seal_stream`` never
+    writes. (Only the tags prove the bytes themselves; that needs keys.)"""
+    if len(header) < HEADER_LEN:
+        raise IntegrityError("sealed message is shorter than its header")
+    magic, version, chunk_size, _salt = _HEADER.unpack(header[:HEADER_LEN])
+    if magic != _BLOB_MAGIC:
+        raise IntegrityError("sealed message has an unknown format")
+    if version != _BLOB_VERSION:
+        raise IntegrityError("sealed message has an unknown version")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise IntegrityError("sealed message has an invalid chunk size")
+    body = blob_len - HEADER_LEN
+    if body < TAG_LEN:
+        raise IntegrityError("sealed message is truncated at chunk 0")
+    full = chunk_size + TAG_LEN
+    n_chunks = -(-body // full)
+    last_ct = body - (n_chunks - 1) * full
+    if last_ct < TAG_LEN or (n_chunks > 1 and last_ct == TAG_LEN):
+        raise IntegrityError(f"sealed message is malformed at chunk {n_chunks - 1}")
+    return (n_chunks - 1) * chunk_size + (last_ct - TAG_LEN)
+
+
 def _read_header(src: BinaryIO, content_key: bytes, message_id: bytes) -> _Stream:
     header = _read_full(src, HEADER_LEN)
     if len(header) != HEADER_LEN:
@@ -838,6 +865,22 @@ class SealedReader(io.RawIOBase):
             self._cached = self._stream.open_chunk(index, final, ct)
             self._cached_index = index
         return self._cached
+
+    def verify(self, start: int = 0, length: int | None = None) -> None:
+        """Authenticate the chunks that cover ``length`` bytes from ``start``
+        (to the end if None) without returning plaintext; ``IntegrityError``
+        on the first that fails. A server calls this before it promises a
+        literal of a known length, so a damaged chunk is refused before the
+        first byte is sent rather than in the middle of the literal. The
+        last chunk opened stays cached, so a range inside one chunk is
+        decrypted once in all."""
+        self._checkClosed()
+        end = self._size if length is None else min(self._size, start + length)
+        if end <= start:
+            return
+        cs = self._stream.chunk_size
+        for index in range(start // cs, (end - 1) // cs + 1):
+            self._load(index)
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         self._checkClosed()
