@@ -53,12 +53,11 @@ from aiosmtpd.smtp import AuthResult
 
 from ..errors import AuthenticationFailed, LoginLimited
 from ..login import authenticate
-from ..notices.hooks import after_delivery, invite_and_send
+from ..notices.hooks import after_deliveries, invite_and_send
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
 from ..policy.recipients import Recipient, Role, Sender, ThreadFacts, check_conversation, check_recipient
 from ..store.delivery import PreparedDelivery
-from ..store.groupcommit import GroupRunner
 from ..store.types import MAX_HEADER_SCAN, DeliveryResult
 from . import replies
 
@@ -86,10 +85,9 @@ class SubmissionHandler:
         self.store = runtime.store
         # Deliveries need no limit here: sealing runs on worker threads, and
         # the commits are one thread's (the store's group commit), so no
-        # queue of writers sleeps in SQLite's busy handler. Notifications after delivery, on one thread of their own (see
-        # _notify_batch), so that each message costs no extra hop.
-        self._notices: GroupRunner[tuple[DeliveryResult, str], int] = GroupRunner(
-            self._notify_batch, name="postvault-notify")
+        # queue of writers sleeps in SQLite's busy handler. Notifications
+        # after delivery go through the same writer thread, batched too
+        # (see _notify_batch).
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
     # Only these two methods may start with "auth_": aiosmtpd offers every
@@ -237,7 +235,7 @@ class SubmissionHandler:
         # right after the commit; a client that saw no 250 sends again).
         result = await asyncio.shield(asyncio.wrap_future(self.store.submit_delivery(outcome)))
         # Stored: from here on nothing may turn the 250 into a failure.
-        await asyncio.shield(asyncio.wrap_future(self._notices.submit((result, account.email))))
+        await asyncio.shield(asyncio.wrap_future(self.store.group_write(self._notify_batch, (result, account.email))))
         log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
                  result.message_id, len(result.delivered), len(final))
         return replies.QUEUED.format(queue_id=result.message_id)
@@ -283,8 +281,7 @@ class SubmissionHandler:
 
     def _notify_batch(self, items: Sequence[tuple[DeliveryResult, str]]) -> list[int]:
         """New-mail notifications for a batch of stored messages (never raises)."""
-        config = self.runtime.config
-        return [after_delivery(self.store, config, result, sender) for result, sender in items]
+        return after_deliveries(self.store, self.runtime.config, items)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,6 +57,9 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_HEADER_SCAN = 256 * 1024
 # APPEND to Sent of a message the server delivered this recently, with the
@@ -111,8 +114,8 @@ class MailStore:
     blobs: BlobStore
     bus: ChangeBus
     # Made on first use (class defaults: Store.__init__ is not ours to extend).
-    _committer: GroupRunner[PreparedDelivery, DeliveryResult] | None = None
-    _committer_lock = threading.Lock()
+    _writer: GroupRunner | None = None
+    _writer_lock = threading.Lock()
     _thread_key_value: bytes | None = None
     _account: Callable[[Session, str], Account]  # from AccountStore
 
@@ -350,10 +353,18 @@ class MailStore:
         holds its ``DeliveryResult`` once its transaction committed (and its
         changes are published), or the error that kept it out; then the
         blob has been discarded."""
-        with self._committer_lock:
-            if self._committer is None:
-                self._committer = GroupRunner(self._commit_deliveries, name="postvault-deliver")
-        return self._committer.submit(prepared)
+        return self.group_write(self._commit_deliveries, prepared)
+
+    def group_write(self, run_batch: Callable[[Sequence[T]], Sequence[R | BaseException]], item: T) -> Future[R]:
+        """Run ``item`` through ``run_batch`` on the store's one writer
+        thread, batched with whatever else is queued (``groupcommit``): for
+        writes that come in bursts, like the notifications of deliveries.
+        ``run_batch`` opens one write transaction for all its items and
+        returns one outcome per item."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = GroupRunner(name="postvault-writer")
+        return self._writer.submit(run_batch, item)
 
     def discard_delivery(self, prepared: PreparedDelivery) -> None:
         """Drop a prepared message that will not be submitted (its blob)."""
