@@ -24,7 +24,9 @@ of bare MB/s at 10 MB.
 Everything stays on 127.0.0.1; every loop is bounded by N and timeouts.
 ``--profile-out FILE`` also records a py-spy profile of the Postvault
 server (all threads) during its first 10 KB round (from the end of the
-sessions' logins, so bcrypt is left out), if py-spy is installed.
+sessions' logins, so bcrypt is left out), if py-spy is installed. Only
+samples of the thread holding the GIL are kept: the server is one Python
+process, so that is where its one core's time goes.
 """
 
 from __future__ import annotations
@@ -274,7 +276,7 @@ def py_spy(pid: int, out: str, seconds: int) -> subprocess.Popen[bytes] | None:
         print("(py-spy is not installed; no profile)", file=sys.stderr)
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw",
-                             "--output", out, "--nonblocking", "--threads"],
+                             "--output", out, "--nonblocking", "--threads", "--gil"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -10,7 +10,9 @@ For the SMTP side:
   already pending or active it only links the address book.
 - After ``store.deliver`` returned, call ``after_delivery(store, config,
   result, sender)``. It never raises: the message is stored and must be
-  acknowledged whatever happens to its notification.
+  acknowledged whatever happens to its notification. ``after_deliveries``
+  does the same for many deliveries in one transaction (the SMTP server
+  batches them on the store's writer thread).
 
 Both are synchronous (database work); call them on the same worker thread
 as ``store.deliver``.

@@ -25,8 +25,12 @@ The order of checks follows maddy's per-stage checks:
   attachments, with the exceptions of the member offices in the
   conversation. Only then Received, and a missing Message-ID or Date, are
   added (RFC 5321 section 4.4, RFC 6409 section 8), the message is sealed
-  and committed (``Store.deliver``), and 250 2.0.0 names the queue id. A
-  refusal stores nothing.
+  (``Store.prepare_delivery``) and committed by the store's group commit
+  (``Store.submit_delivery``: several messages per transaction, each
+  future resolved after the commit that holds it), its recipients'
+  notifications are queued (batched the same way), and 250 2.0.0 names
+  the queue id. A refusal stores nothing. All of DATA's checks and the
+  sealing run in one worker-thread call per message.
 
 Log lines carry the session id, the account and rule ids only.
 """

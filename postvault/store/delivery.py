@@ -9,15 +9,18 @@ the cited ids hashed for the thread index.
 transaction the caller opened and will commit, with SQLAlchemy Core
 statements (no ORM unit of work) and few round trips per message:
 
-- the thread: the cited ids the sender holds, else a new thread row; the
-  participants it lacks, in one multi-row insert;
-- the message row;
-- per mailbox, one ``UPDATE mailboxes SET uidnext = uidnext + 1,
-  highestmodseq = highestmodseq + 1 ... RETURNING``: that statement is the
-  row lock (inside SQLite's BEGIN IMMEDIATE; a row lock on PostgreSQL) and
-  hands out the UID, so UIDs stay strictly ascending and never reused
-  (RFC 3501 §2.3.1.1); both engines support RETURNING (SQLite >= 3.35);
-- the copies, in one multi-row insert;
+- the UIDs: per mailbox the batch files into, one ``UPDATE mailboxes SET
+  uidnext = uidnext + n, highestmodseq = highestmodseq + n ... RETURNING``
+  (n: that batch's copies there). That statement is the row lock (inside
+  SQLite's BEGIN IMMEDIATE; a row lock on PostgreSQL) and hands out n
+  consecutive UIDs, given to the messages in batch order, so UIDs stay
+  strictly ascending and never reused (RFC 3501 §2.3.1.1) and each copy
+  gets a modseq of its own, exactly as one transaction per message would;
+  both engines support RETURNING (SQLite >= 3.35);
+- per message: the thread (the cited ids the sender holds, else a new
+  thread row; the participants it lacks, in one multi-row insert) and the
+  message row;
+- the copies of the whole batch, in one multi-row insert;
 - the audit events of the whole batch: the previous hash read once, the
   chain computed exactly as ``audit.record`` does, one multi-row insert.
 
