@@ -23,7 +23,10 @@ of bare MB/s at 10 MB.
 
 Everything stays on 127.0.0.1; every loop is bounded by N and timeouts.
 ``--profile-out FILE`` also records a py-spy profile of the Postvault
-server (all threads) during its first 10 KB round, if py-spy is installed.
+server (all threads) during its first 10 KB round (from the end of the
+sessions' logins, so bcrypt is left out), if py-spy is installed. Only
+samples of the thread holding the GIL are kept: the server is one Python
+process, so that is where its one core's time goes.
 """
 
 from __future__ import annotations
@@ -217,12 +220,15 @@ class Round:
     size: int
 
 
-def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[bytes]) -> Round:
+def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[bytes],
+              logged_in: Callable[[], object] | None = None) -> Round:
     clients = []
     for _ in range(concurrency):
         c = smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=300)
         c.login(SENDER, PASSWORD)
         clients.append(c)
+    if logged_in is not None:
+        logged_in()  # e.g. start the profiler: the bcrypt logins are not the load
     shares = [messages[i::concurrency] for i in range(concurrency)]
     barrier = threading.Barrier(concurrency + 1)
 
@@ -270,7 +276,7 @@ def py_spy(pid: int, out: str, seconds: int) -> subprocess.Popen[bytes] | None:
         print("(py-spy is not installed; no profile)", file=sys.stderr)
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw",
-                             "--output", out, "--nonblocking", "--threads"],
+                             "--output", out, "--nonblocking", "--threads", "--gil"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -321,10 +327,13 @@ def main() -> None:
                 done: dict[str, list[Round]] = {"Postvault": [], "bare aiosmtpd": []}
                 for r in range(rounds):
                     for name, port in (("Postvault", servers.postvault_port), ("bare aiosmtpd", servers.bare_port)):
-                        spy = None
+                        spies: list[subprocess.Popen[bytes] | None] = []
+                        start_spy = None
                         if args.profile_out and name == "Postvault" and size_name == "10 KB" and r == 0:
-                            spy = py_spy(servers.postvault_pid, args.profile_out, 600)
-                        done[name].append(run_round(port, ctx, args.concurrency, messages))
+                            out = args.profile_out
+                            start_spy = lambda: spies.append(py_spy(servers.postvault_pid, out, 600))  # noqa: E731
+                        done[name].append(run_round(port, ctx, args.concurrency, messages, start_spy))
+                        spy = spies[0] if spies else None
                         if spy is not None:
                             spy.send_signal(signal.SIGINT)
                             spy.wait(60)

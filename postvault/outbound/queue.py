@@ -118,6 +118,16 @@ class OutboundQueue:
             s.flush()
             return row.id
 
+    def add(self, session: Session, kind: Kind, mail_from: str, recipient: str, body: bytes, *,
+            account: str | None = None) -> None:
+        """``enqueue`` inside the caller's write transaction (committed with it)."""
+        stamp = self.clock()
+        session.add(OutboundMail(
+            kind=kind, account=account, mail_from=mail_from, recipient=recipient, body=body, state="queued",
+            attempts=0, created_at=stamp, next_attempt_at=stamp, give_up_at=stamp + self.backoff.give_up_after,
+            finished_at=None, last_error="",
+        ))
+
     def claim_due(self, limit: int = 20) -> list[QueuedMail]:
         """Rows due now, each leased to the caller (see module docstring)."""
         stamp = self.clock()

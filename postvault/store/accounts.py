@@ -20,7 +20,7 @@ import binascii
 import functools
 import hashlib
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -104,7 +104,7 @@ class NotifyState:
     interval: timedelta
     last_sent_at: datetime | None
     held_since: datetime | None
-    unread: int  # INBOX messages without \Seen
+    unread: int  # INBOX messages without \Seen (-1: not counted, see claim_notifications)
 
 
 @dataclass(frozen=True)
@@ -711,29 +711,67 @@ class AccountStore(ContactsStore):
         IMMEDIATE), so two deliveries at once cannot both pass a "one per N
         minutes" rule. ``decide`` is pure (``postvault.notices.schedule``)."""
         with unit_of_work(self._sessions) as s:
-            acct = self._account(s, email)
-            prefs = self._prefs(s, acct)
+            return self._claim(s, email, at, decide)
+
+    def claim_notifications(
+        self,
+        emails: Sequence[str],
+        at: datetime,
+        decide: Callable[[NotifyState, datetime], NotifyVerdict],
+        then: Callable[[Session, list[NotifyTarget | None]], None] | None = None,
+        *,
+        count_unread: bool = True,
+    ) -> list[NotifyTarget | None | Exception]:
+        """``claim_notification`` for several deliveries, in order, in ONE
+        write transaction (an account named twice sees its first claim on
+        the second). An account that cannot be read (gone meanwhile) gets
+        its error in its place and costs the others nothing. ``then`` runs
+        inside the same transaction with the claims' outcomes (the caller
+        queues the emails there, so claims and emails commit together).
+        ``count_unread`` False: ``decide`` does not look at
+        ``NotifyState.unread`` (it is -1), and the INBOX is not counted."""
+        out: list[NotifyTarget | None | Exception] = []
+        with unit_of_work(self._sessions) as s:
+            for email in emails:
+                try:
+                    # _claim reads and decides before it changes anything,
+                    # so an error here leaves nothing half-done.
+                    out.append(self._claim(s, email, at, decide, count_unread))
+                except NoSuchAccount as exc:
+                    out.append(exc)
+            if then is not None:
+                then(s, [r if not isinstance(r, Exception) else None for r in out])
+        return out
+
+    def _claim(
+        self, s: Session, email: str, at: datetime, decide: Callable[[NotifyState, datetime], NotifyVerdict],
+        count_unread: bool = True,
+    ) -> NotifyTarget | None:
+        acct = self._account(s, email)
+        prefs = self._prefs(s, acct)
+        unread = -1
+        if count_unread:
             inbox = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct.id, Mailbox.name == "INBOX"))
             unread = s.scalar(
                 select(func.count(MessageCopy.id)).where(
                     MessageCopy.mailbox_id == inbox, ~MessageCopy.flags.contains("\\Seen", autoescape=True)
                 )
             ) or 0
-            state = NotifyState(
-                acct.state, prefs.mode if acct.notify_enabled else "off",  # type: ignore[arg-type]
-                timedelta(minutes=prefs.interval_minutes),
-                _aware(prefs.last_sent_at) if prefs.last_sent_at else None,
-                _aware(prefs.held_since) if prefs.held_since else None, unread,
-            )
-            verdict = decide(state, at)
-            if verdict == "send":
-                prefs.last_sent_at, prefs.held_since = at, None
-                return NotifyTarget(acct.email, acct.notify_email or acct.email, acct.role)
-            if verdict == "hold":
-                prefs.held_since = prefs.held_since or at
-            else:
-                prefs.held_since = None
-            return None
+        state = NotifyState(
+            acct.state, prefs.mode if acct.notify_enabled else "off",  # type: ignore[arg-type]
+            timedelta(minutes=prefs.interval_minutes),
+            _aware(prefs.last_sent_at) if prefs.last_sent_at else None,
+            _aware(prefs.held_since) if prefs.held_since else None, unread,
+        )
+        verdict = decide(state, at)
+        if verdict == "send":
+            prefs.last_sent_at, prefs.held_since = at, None
+            return NotifyTarget(acct.email, acct.notify_email or acct.email, acct.role)
+        if verdict == "hold":
+            prefs.held_since = prefs.held_since or at
+        else:
+            prefs.held_since = None
+        return None
 
     def held_notifications(self) -> list[str]:
         """Accounts with a notification held back by their interval."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.orm import Session
 
 from .models import AuditEvent
@@ -24,6 +26,59 @@ GENESIS = b"\x00" * 32
 def event_hash(prev_hash: bytes, fields: dict[str, str | None]) -> bytes:
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(prev_hash + canonical).digest()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event to append (``record_many``); the time is taken when it is written."""
+
+    event: str
+    actor: str
+    account: str | None = None
+    message: str | None = None
+    client_ip: str | None = None
+    protocol: str | None = None
+    detail: str = ""
+
+
+_TABLE = AuditEvent.__table__
+_LAST_HASH = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+
+
+def _rows(prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
+    """The rows of ``events`` chained after ``prev``: each row's hash is
+    ``event_hash(previous row's hash, its canonical fields)``."""
+    rows: list[dict[str, object]] = []
+    for e in events:
+        at = datetime.now(timezone.utc)
+        fields = {
+            "at": at.isoformat(),
+            "event": e.event,
+            "actor": e.actor,
+            "account": e.account,
+            "message": e.message,
+            "client_ip": e.client_ip,
+            "protocol": e.protocol,
+            "detail": e.detail,
+        }
+        digest = event_hash(prev, fields)
+        rows.append({
+            "at": at, "event": e.event, "actor": e.actor, "account": e.account, "message": e.message,
+            "client_ip": e.client_ip, "protocol": e.protocol, "detail": e.detail, "prev_hash": prev,
+            "hash": digest,
+        })
+        prev = digest
+    return rows
+
+
+def record_many(conn: Connection, events: Sequence[Event]) -> None:
+    """Append ``events``, in order, inside the caller's write transaction
+    (which serializes appenders): the previous hash is read once and the
+    rows go in with one multi-row insert, ids ascending in chain order."""
+    if not events:
+        return
+    last = conn.scalar(_LAST_HASH)
+    conn.execute(insert(_TABLE), _rows(last if last is not None else GENESIS, events))
 
 
 def record(
@@ -38,30 +93,7 @@ def record(
     detail: str = "",
 ) -> None:
     """Append one event inside the caller's transaction."""
-    at = datetime.now(timezone.utc)
-    last = session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
-    prev = last if last is not None else GENESIS
-    fields = {
-        "at": at.isoformat(),
-        "event": event,
-        "actor": actor,
-        "account": account,
-        "message": message,
-        "client_ip": client_ip,
-        "protocol": protocol,
-        "detail": detail,
-    }
-    session.add(
-        AuditEvent(
-            at=at,
-            event=event,
-            actor=actor,
-            account=account,
-            message=message,
-            client_ip=client_ip,
-            protocol=protocol,
-            detail=detail,
-            prev_hash=prev,
-            hash=event_hash(prev, fields),
-        )
-    )
+    # Pending ORM rows (an earlier event of this session among them) go in
+    # first, so the chain reads the newest hash and ids keep chain order.
+    session.flush()
+    record_many(session.connection(), [Event(event, actor, account, message, client_ip, protocol, detail)])

@@ -14,17 +14,22 @@ import io
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from .db import unit_of_work
+from . import delivery
+from .db import WRITE_OPTION, unit_of_work
+from .delivery import PreparedDelivery
+from .groupcommit import GroupRunner
 from .models import (
     Account,
     Mailbox,
@@ -52,6 +57,9 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_HEADER_SCAN = 256 * 1024
 # APPEND to Sent of a message the server delivered this recently, with the
@@ -101,9 +109,14 @@ def _decode_many(uids: Sequence[int], docs: Sequence[bytes]) -> dict[int, dict[s
 class MailStore:
     """The mail half of ``Store``."""
 
+    engine: Engine
     _sessions: sessionmaker[Session]
     blobs: BlobStore
     bus: ChangeBus
+    # Made on first use (class defaults: Store.__init__ is not ours to extend).
+    _writer: GroupRunner | None = None
+    _writer_lock = threading.Lock()
+    _thread_key_value: bytes | None = None
     _account: Callable[[Session, str], Account]  # from AccountStore
 
     def _publish(self, *changes: Change) -> None:
@@ -285,46 +298,119 @@ class MailStore:
     ) -> DeliveryResult:
         """Seal ``raw`` once and file it in each recipient's INBOX (and the
         sender's Sent). All recipients or none: an unknown one fails the call
-        before anything is stored."""
+        before anything is stored.
+
+        Concurrent calls are group-committed (``groupcommit``): each returns
+        once the transaction holding its message has committed."""
+        prepared = self.prepare_delivery(raw, sender, recipients, save_sent=save_sent, client_ip=client_ip,
+                                         protocol=protocol)
+        return self.submit_delivery(prepared).result()
+
+    def prepare_delivery(
+        self,
+        raw: bytes | BinaryIO,
+        sender: str,
+        recipients: Sequence[str],
+        *,
+        save_sent: bool = True,
+        client_ip: str | None = None,
+        protocol: str | None = None,
+    ) -> PreparedDelivery:
+        """The first half of ``deliver``, all of it outside the write lock:
+        the accounts read, the message sealed (its blob durably written),
+        the content key wrapped for each owner, the thread ids hashed. Hand
+        the result to ``submit_delivery`` (or ``discard_delivery``)."""
         if not recipients:
             raise InvalidInput("a message needs at least one recipient")
-        with self._sessions() as s:
-            sender_acct = self._account(s, sender)
-            rcpt_accts = {a.email.lower(): a for a in (self._account(s, r) for r in recipients)}
-        public_id, blob_id, size, key, head, sealed_summary = self._seal(_bytes_of(raw))
-        stamp = now()
-        changes = []
+        with self.engine.connect() as conn:
+            owners = delivery.load_owners(conn, [sender, *recipients])
+        sender_owner, rcpts = owners[0], {o.email.lower(): o for o in owners[1:]}
+        data = _bytes_of(raw)
+        thread_key = self._thread_key()
+        public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        del data
         try:
-            with unit_of_work(self._sessions) as s:
-                msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="submission", created_at=stamp,
-                              sealed_summary=sealed_summary)
-                own, thread_id = self._index_thread(s, head, [sender_acct.email, *rcpt_accts], sender_acct.id)
-                msg.mid_hash, msg.thread_id = own, thread_id
-                s.add(msg)
-                s.flush()
-                delivered = []
-                for acct in rcpt_accts.values():
-                    box = self._mailbox(s, acct.id, "INBOX", lock=True)
-                    wrapped = crypto.wrap_content_key(key, acct.public_key, acct.key_owner.encode(), public_id.encode())
-                    delivered.append((acct.email, self._add_copy(s, box, msg, wrapped, (), stamp, size)))
-                    changes.append(Change(acct.id, box.name, "exists", (delivered[-1][1],)))
-                sent_uid = None
-                if save_sent:
-                    box = self._mailbox(s, sender_acct.id, "Sent", lock=True)
-                    wrapped = crypto.wrap_content_key(
-                        key, sender_acct.public_key, sender_acct.key_owner.encode(), public_id.encode()
-                    )
-                    sent_uid = self._add_copy(s, box, msg, wrapped, ("\\Seen",), stamp, size)
-                    changes.append(Change(sender_acct.id, box.name, "exists", (sent_uid,)))
-                audit.record(
-                    s, "message.deliver", actor=sender_acct.email, account=sender_acct.email, message=public_id,
-                    client_ip=client_ip, protocol=protocol, detail=f"recipients={len(delivered)}",
-                )
+            pid = public_id.encode()
+
+            def copy(owner: delivery.Owner, mailbox: str, flags: tuple[str, ...]) -> delivery.Copy:
+                wrapped = crypto.wrap_content_key(key, owner.public_key, owner.key_owner.encode(), pid)
+                return delivery.Copy(owner, mailbox, wrapped, flags)
+
+            own, refs = delivery.hash_thread_ids(thread_key, head)
+            return delivery.PreparedDelivery(
+                public_id=public_id, blob_id=blob_id, size=size, sealed_summary=sealed_summary,
+                sender=sender_owner, inboxes=[copy(o, "INBOX", ()) for o in rcpts.values()],
+                sent=copy(sender_owner, "Sent", ("\\Seen",)) if save_sent else None,
+                participants=frozenset([sender_owner.email.lower(), *rcpts]), mid_hash=own, ref_hashes=refs,
+                stamp=now(), client_ip=client_ip, protocol=protocol,
+            )
         except BaseException:
             self._discard_blob(blob_id)
             raise
-        self._publish(*changes)
-        return DeliveryResult(public_id, tuple(delivered), sent_uid)
+
+    def submit_delivery(self, prepared: PreparedDelivery) -> Future[DeliveryResult]:
+        """Queue a prepared message for the next group commit. The future
+        holds its ``DeliveryResult`` once its transaction committed (and its
+        changes are published), or the error that kept it out; then the
+        blob has been discarded."""
+        return self.group_write(self._commit_deliveries, prepared)
+
+    def group_write(self, run_batch: Callable[[Sequence[T]], Sequence[R | BaseException]], item: T) -> Future[R]:
+        """Run ``item`` through ``run_batch`` on the store's one writer
+        thread, batched with whatever else is queued (``groupcommit``): for
+        writes that come in bursts, like the notifications of deliveries.
+        ``run_batch`` opens one write transaction for all its items and
+        returns one outcome per item."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = GroupRunner(name="postvault-writer")
+        return self._writer.submit(run_batch, item)
+
+    def discard_delivery(self, prepared: PreparedDelivery) -> None:
+        """Drop a prepared message that will not be submitted (its blob)."""
+        self._discard_blob(prepared.blob_id)
+
+    def _commit_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult | BaseException]:
+        """One write transaction for the whole batch; if it fails, each
+        message again in a transaction of its own, so that one bad message
+        costs the others nothing (and nothing is ever half-stored)."""
+        try:
+            results: list[DeliveryResult | BaseException] = list(self._write_deliveries(batch))
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
+            if len(batch) == 1:
+                results = [exc]
+            else:
+                log.info("a group commit of %d deliveries failed (%s); retrying one by one", len(batch),
+                         type(exc).__name__)
+                results = []
+                for p in batch:
+                    try:
+                        results.extend(self._write_deliveries([p]))
+                    except Exception as one:  # noqa: BLE001 - this message's own outcome
+                        results.append(one)
+        for p, r in zip(batch, results):
+            if isinstance(r, BaseException):
+                self._discard_blob(p.blob_id)
+            else:
+                self._publish(*p.changes)
+        return results
+
+    def _write_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult]:
+        with self.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
+            with conn.begin():
+                return delivery.write_deliveries(conn, batch)
+
+    def _thread_key(self) -> bytes:
+        """The thread-index key; made once (and never changed), so kept."""
+        if self._thread_key_value is None:
+            with self.engine.connect() as conn:
+                key = conn.scalar(select(ServerSecret.value).where(ServerSecret.name == serverkeys.THREAD_INDEX))
+            if key is None:
+                with unit_of_work(self._sessions) as s:
+                    key = threads.thread_key(s)
+            self._thread_key_value = key
+        return self._thread_key_value
 
     def append(
         self,

@@ -168,7 +168,8 @@ def test_nothing_is_announced_when_the_commit_fails(store: Store, people: dict[s
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr("postvault.store.audit.record", boom)
+    # record_many: what every audit append (record, and delivery's batch) ends in.
+    monkeypatch.setattr("postvault.store.audit.record_many", boom)
     with pytest.raises(RuntimeError):
         store.deliver(raw(), people["member"], [people["colleague"]])
     assert heard.changes == []

@@ -79,7 +79,7 @@ def test_failed_commit_leaves_no_blob(store: Store, people: dict[str, str], conf
     def boom(*a, **k):  # type: ignore[no-untyped-def]
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr("postvault.store.audit.record", boom)
+    monkeypatch.setattr("postvault.store.audit.record_many", boom)
     with pytest.raises(RuntimeError):
         store.deliver(mail(), people["member"], [people["colleague"]])
     monkeypatch.undo()
