@@ -81,3 +81,8 @@ class LoginLimited(PostvaultError):
     def __init__(self, decision: object) -> None:
         super().__init__(getattr(decision, "text", "too many failed logins"))
         self.decision = decision
+
+
+class AuditChainBroken(StoreError):
+    """The audit chain does not verify (``postvault audit verify`` names the
+    first broken entry); pruning refuses to delete evidence of that."""
