@@ -349,7 +349,11 @@ class AuditLog:
                     if row.prev_hash != audit.GENESIS:
                         return broken("does not start the chain (prev_hash is not the genesis value)"), first_id, row.id
                 else:
-                    anchored = [cp for cp in by_event.get(row.id - 1, []) if cp.event_hash == row.prev_hash]
+                    # Only a pruning checkpoint (its kind is signed) may stand
+                    # for the entries before: any other would let deleting
+                    # the oldest entries up to it pass for a prune.
+                    anchored = [cp for cp in by_event.get(row.id - 1, [])
+                                if cp.kind == "prune" and cp.event_hash == row.prev_hash]
                     if not anchored:
                         gone = "entry 1" if row.id == 2 else f"entries 1-{row.id - 1}"
                         return broken(f"{gone} are gone and no signed checkpoint (written when pruning) anchors "
