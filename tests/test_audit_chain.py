@@ -215,7 +215,7 @@ def test_verify_streams_with_progress(home: Path, store: Store) -> None:
             audit.record(s, "message.read", actor=MEMBER, account=MEMBER, message=f"id{n}")
     store.audit_checkpoint(home)
     out = io.StringIO()
-    with Progress("audit verify", unit="events", stream=out, interval=3600) as progress:
+    with Progress("audit verify", store.audit_count(), unit="events", stream=out, interval=3600) as progress:
         report = store.audit_verify(home, progress=progress)
     assert report.ok and report.events == 2500 and progress.count == 2500 and progress.total == 2500
     assert report.summary() == f"audit chain intact: 2500 events, 1 checkpoints; signing key {report.key}"

@@ -100,7 +100,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         anchors += [(f"{path.name} line {n}", parse_checkpoint_line(line, f"{path}:{n}"))
                     for n, line in enumerate(lines, 1) if line.strip()]
     with _store(args) as (home, _config, store):
-        with Progress("audit verify", unit="events") as progress:
+        with Progress("audit verify", store.audit_count(), unit="events") as progress:
             report = store.audit_verify(home, anchors=anchors, progress=progress)
         if not report.ok:
             raise AuditChainBroken(report.summary())
@@ -129,7 +129,7 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
             print("audit retention_days is 0: every event is kept, nothing pruned")
             return 0
         cutoff = datetime.now(timezone.utc) - timedelta(days=days)
-        with Progress("audit prune: verify", unit="events") as progress:
+        with Progress("audit prune: verify", store.audit_count(until=cutoff), unit="events") as progress:
             result = store.audit_prune(home, cutoff, actor=admin_actor(), protocol="cli", progress=progress)
     print(f"pruned {result.deleted} audit events older than {days} days; the chain still verifies")
     return 0

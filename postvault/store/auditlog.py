@@ -280,7 +280,8 @@ class AuditLog:
         """Check every event and checkpoint; the report names the first
         problem. ``anchors`` are checkpoints kept elsewhere (where, fields):
         the database must still hold each. ``through`` stops after that
-        event (pruning checks only what it is about to delete)."""
+        event (pruning checks only what it is about to delete). ``progress``
+        advances once per event (its total: ``audit_count``)."""
         public = load_public_key(home)
         if public is None:
             private = load_signing_key(home)
@@ -297,8 +298,6 @@ class AuditLog:
             if through is not None:
                 q = q.where(AuditEvent.id <= through)
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            if progress is not None:
-                progress.total = total
             by_event: dict[int, list[AuditCheckpoint]] = {}
             for cp in cps:
                 if cp.seq in valid:
