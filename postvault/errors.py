@@ -86,3 +86,8 @@ class LoginLimited(PostvaultError):
 class BackupError(PostvaultError):
     """A backup cannot be made, or a backup file cannot be restored (wrong
     target, damaged or foreign file, GnuPG failure). Public text only."""
+
+
+class AuditChainBroken(StoreError):
+    """The audit chain does not verify (``postvault audit verify`` names the
+    first broken entry); pruning refuses to delete evidence of that."""

@@ -4,7 +4,7 @@ how the rest of the program opens what is inside (config, store).
 ```
 DIR/conf/postvault.toml   server config
 DIR/conf/policy.toml      policy
-DIR/certs/                ca.pem, server.pem, server.key
+DIR/certs/                ca.pem, server.pem, server.key, audit-signing.key/.pub
 DIR/data/                 the SQLite database and sealed blobs
 ```
 """
@@ -23,6 +23,7 @@ from .conf.schema import Config, is_dns_name
 from .errors import HomeError
 from .policy.load import POLICY_FILE
 from .store.api import KdfSettings, Store
+from .store.auditsign import ensure_signing_key
 
 DEFAULT_HOME = "postvault-home"
 
@@ -65,6 +66,8 @@ def _fill_home(home: Path, hostname: str, overrides: Mapping[str, object] | None
     (home / "conf" / "postvault.toml").write_text(render_default_config(hostname, overrides), "utf-8")
     (home / "conf" / "policy.toml").write_text(default_policy_text(), "utf-8")
     write_dev_certs(home / "certs", hostname)
+    # Signs audit checkpoints; a file, so the database alone cannot re-sign.
+    ensure_signing_key(home)
     # The effective config (env overrides included) says where the store is.
     config = load_config(home)
     open_store(config).close()

@@ -41,12 +41,14 @@ class Service(Protocol):
 
 
 def build_services(runtime: Runtime) -> list[Service]:
+    from .audit_service import AuditService
     from .imapd.service import IMAPService
     from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
     from .web.service import WebService
 
-    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime)]
+    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime),
+            AuditService(runtime)]
 
 
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
@@ -63,7 +65,11 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
     log.info("ready: %s", ", ".join(listening))
     await stop.wait()
     log.info("stopping: draining open sessions for up to %.0f s", drain_seconds)
-    await asyncio.gather(*(s.stop(drain_seconds) for s in services))
+    # The audit service stops last: its final checkpoint signs what the others wrote while draining.
+    last = [s for s in services if getattr(s, "stops_last", False)]
+    await asyncio.gather(*(s.stop(drain_seconds) for s in services if s not in last))
+    for service in last:
+        await service.stop(drain_seconds)
     log.info("stopped")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ..errors import PostvaultError
 from . import backup_cmd, commands, fsck_cmd
+from .audit_cmd import add_audit_commands, audited
 
 log = logging.getLogger("postvault.cli")
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     p = with_home(config_sub.add_parser("show", help="print the effective config (secrets masked)"))
-    p.set_defaults(func=commands.cmd_config_show)
+    p.set_defaults(func=audited("config show", commands.cmd_config_show))
 
     member = sub.add_parser("member", help="manage member offices")
     member_sub = member.add_subparsers(dest="member_command", required=True, metavar="SUBCOMMAND")
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--practice", required=True, help="practice name")
     p.add_argument("--timezone", default="UTC", help="IANA time zone (default: %(default)s)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    p.set_defaults(func=commands.cmd_member_add)
+    p.set_defaults(func=audited("member add", commands.cmd_member_add))
 
     colleague = sub.add_parser("colleague", help="manage colleagues")
     colleague_sub = colleague.add_subparsers(dest="colleague_command", required=True, metavar="SUBCOMMAND")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--practice", required=True, help="practice name")
     p.add_argument("--timezone", default="UTC", help="IANA time zone (default: %(default)s)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-    p.set_defaults(func=commands.cmd_colleague_add)
+    p.set_defaults(func=audited("colleague add", commands.cmd_colleague_add))
 
     contacts = sub.add_parser("contacts", help="manage members' address books")
     contacts_sub = contacts.add_subparsers(dest="contacts_command", required=True, metavar="SUBCOMMAND")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE.csv", help="UTF-8 CSV, comma or semicolon separated, with a header row")
     p.add_argument("--member", required=True, help="the member whose address book it is")
     p.add_argument("--invite", action="store_true", help="invite every colleague in the file who has no account yet")
-    p.set_defaults(func=commands.cmd_contacts_import)
+    p.set_defaults(func=audited("contacts import", commands.cmd_contacts_import))
 
     p = with_home(sub.add_parser("invite", help="invite a colleague: a pending account and a one-time sign-up link"))
     p.add_argument("email", help="the colleague's address")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discard-waiting-mail", action="store_true",
                    help="issue a new link without the member's password: a new key pair, and the mail "
                         "waiting for the colleague is deleted")
-    p.set_defaults(func=commands.cmd_invite)
+    p.set_defaults(func=audited("invite", commands.cmd_invite))
 
     policy = sub.add_parser("policy", help="check the policy file")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup_cmd.add_parsers(sub)
     fsck_cmd.add_parser(sub)
+    add_audit_commands(sub, with_home)
     return parser
 
 

@@ -528,6 +528,27 @@ def _default_imap() -> ImapConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit log: retention and signed checkpoints (see store/auditlog.py)."""
+
+    retention_days: int = int_key(
+        "Days an audit event is kept; older ones are deleted daily by the server (or by "
+        "`postvault audit prune`), leaving the rest verifiable. HIPAA asks for 6 years "
+        "(45 CFR 164.316(b)(2)); 0 keeps everything.", 2190, 0, 36_500, python_default=True)
+    checkpoint_events: int = int_key(
+        "The server signs the head of the audit chain (a checkpoint) after this many new "
+        "events; what happens after the newest checkpoint is not yet protected by a signature.",
+        1000, 1, 10_000_000, python_default=True)
+    checkpoint_seconds: int = int_key(
+        "Or after this many seconds, if there are new events (whichever comes first).", 600, 1, 86_400,
+        python_default=True)
+
+
+def _default_audit() -> AuditConfig:
+    return AuditConfig()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of ``conf/postvault.toml``, validated and typed."""
 
@@ -546,6 +567,8 @@ class Config:
         "doc": "SMTP submission limits (ports 465 and 587).", "section": SmtpConfig})
     imap: ImapConfig = field(default_factory=_default_imap, metadata={
         "doc": "IMAP limits and per-client compatibility switches (ports 993 and 143).", "section": ImapConfig})
+    audit: AuditConfig = field(default_factory=_default_audit, metadata={
+        "doc": "The audit log (who did what, never content).", "section": AuditConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------

@@ -669,6 +669,21 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo("The folder is open read-only (EXAMINE); SELECT it to change it.", "READ-ONLY")
         return box
 
+    async def _audit(self, event: str, box: SelectedMailbox, uids: list[int], detail: str) -> None:
+        """One audit event per command (issue 7): the message id in
+        ``message`` if it touched one, else all of them in ``detail``. A
+        folder of the user's own is not named (its name may be PHI)."""
+        ids = [box.meta[u].message_id for u in uids if u in box.meta]
+        if not ids:
+            return
+        detail = f"folder={_folder_label(box.name)} {detail}".rstrip()
+        if len(ids) > 1:
+            detail += f" count={len(ids)} messages=" + ",".join(ids)
+        account = self._acct()
+        await account.run(self.store.record_event, event, actor=account.email, account=account.email,
+                          message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
+                          detail=detail)
+
     # =====================================================================
     # Commands valid in any state
     # =====================================================================
@@ -1033,6 +1048,7 @@ class IMAPServer(imap4.IMAP4Server):
         removed = await account.run(self.store.expunge, account.session, box.name, only)
         if removed:
             self._expect_change(box.name, "expunge", removed)
+            await self._audit("message.expunge", box, removed, "")
         for line in box.forget(removed):
             self.sendUntaggedResponse(line)
         return b"EXPUNGE completed"
@@ -1062,6 +1078,7 @@ class IMAPServer(imap4.IMAP4Server):
         if uids:
             self._expect_change(box.name, "flags", uids)
             new = await account.run(self.store.set_flags, account.session, box.name, uids, flags, modes[base])
+            await self._audit("message.flags", box, uids, f"mode={modes[base]} flags={_flags_label(flags)}")
             box.set_flags(new)
         if not silent:
             for seq, u in targets:
@@ -1098,6 +1115,8 @@ class IMAPServer(imap4.IMAP4Server):
         except MailboxNotFound:
             raise IMAPNo(f'There is no folder "{name}".', "TRYCREATE") from None
         pairs = sorted(result.uids)
+        await self._audit("message.move" if move else "message.copy", box, [a for a, _ in pairs],
+                          f"to={_folder_label(dest)}")
         code = b""
         if pairs and self.enabled("UIDPLUS"):
             code = b"[COPYUID %d %s %s] " % (result.uidvalidity, compact_set([a for a, _ in pairs]).encode(),
@@ -1340,6 +1359,20 @@ class IMAPServer(imap4.IMAP4Server):
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------
+
+
+def _folder_label(name: str) -> str:
+    """A folder's name for the audit log: the standard ones by name, a
+    user's own folder only as such."""
+    return name if name in ("INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive") else "user-folder"
+
+
+def _flags_label(flags: list[str]) -> str:
+    """System flags by name, keywords only counted: a keyword is the
+    user's own text (RFC 3501 section 2.3.2)."""
+    system = sorted({f for f in flags if f.startswith("\\")})
+    keywords = len({f.lower() for f in flags if not f.startswith("\\")})
+    return " ".join(system + ([f"keywords:{keywords}"] if keywords else [])) or "-"
 
 
 def _simple_item(item: FetchItem, box: SelectedMailbox, u: int, st: structure.Structure | None) -> bytes | None:

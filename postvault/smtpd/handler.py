@@ -149,6 +149,17 @@ class SubmissionHandler:
         log.info("session=%s auth ok account=%s mechanism=%s", server.sid, info.email, mechanism)
         return AuthResult(success=True, auth_data=info, message=replies.AUTH_OK)
 
+    async def refused(self, server: SubmissionProtocol, stage: str, rule: str, code: int) -> None:
+        """Log and audit a refusal: the rule id and reply code say why; no
+        address the client typed, no header, no file name."""
+        account = server.account
+        log.info("session=%s account=%s refused stage=%s rule=%s code=%d", server.sid,
+                 account.email if account else "-", stage, rule, code)
+        if account is not None:
+            await asyncio.to_thread(self.store.record_event, "message.refused", actor=account.email,
+                                    account=account.email, client_ip=server.peer_ip or None, protocol="smtp",
+                                    detail=f"stage={stage} rule={rule} code={code}")
+
     # -- MAIL ---------------------------------------------------------------------
 
     async def handle_MAIL(self, server: SubmissionProtocol, session: SubmissionSession,
@@ -157,7 +168,7 @@ class SubmissionHandler:
         if account is None:  # aiosmtpd checked already; a second lock on the door
             return replies.AUTH_FIRST
         if address.lower() != account.email.lower():
-            _refused(server, "mail", "sender.not-account", 553)
+            await self.refused(server, "mail", "sender.not-account", 553)
             return replies.SENDER_NOT_YOU.format(given=address, account=account.email)
         policy = self.runtime.policy.policy
         book = await asyncio.to_thread(self.store.contacts, account.email)
@@ -178,7 +189,7 @@ class SubmissionHandler:
             return replies.RECIPIENT_OK  # listed twice: delivered once
         limit = server.limits.max_recipients
         if len(envelope.rcpt_tos) >= limit:
-            _refused(server, "rcpt", "recipients.too-many", 452)
+            await self.refused(server, "rcpt", "recipients.too-many", 452)
             return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
         found = (await asyncio.to_thread(self.store.accounts, [address])).get(key)
         # A disabled account receives nothing, like one that does not exist.
@@ -199,7 +210,7 @@ class SubmissionHandler:
                 rcpt = Recipient(rcpt.email, role, shares_conversation=True)
                 decision = check_recipient(envelope.sender, rcpt, envelope.policy)
         if not decision.allowed:
-            _refused(server, "rcpt", decision.rule, decision.code)
+            await self.refused(server, "rcpt", decision.rule, decision.code)
             return decision.smtp_reply
         envelope.rcpt_tos.append(rcpt.email)
         envelope.rcpt_options.extend(rcpt_options)
@@ -220,7 +231,7 @@ class SubmissionHandler:
         assert isinstance(raw, bytes)
         end = raw.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
         if end < 0 and len(raw) > MAX_HEADER_SCAN:
-            _refused(server, "data", "header.too-long", 554)
+            await self.refused(server, "data", "header.too-long", 554)
             return ("554 5.6.0 The header section of the message is longer than "
                     f"{MAX_HEADER_SCAN // 1024} KiB; the mail program sent a malformed message.")
         head_end = len(raw) if end < 0 else end + 2
@@ -230,7 +241,7 @@ class SubmissionHandler:
         outcome = await asyncio.to_thread(self._check_and_prepare, account.email, envelope, raw, head_end, final,
                                           server.peer_ip or None)
         if isinstance(outcome, _Refusal):
-            _refused(server, "data", outcome.rule, outcome.code)
+            await self.refused(server, "data", outcome.rule, outcome.code)
             return outcome.reply
         # Group commit (store/groupcommit.py): the future resolves once the
         # transaction holding this message has committed. Shielded: a
@@ -311,10 +322,6 @@ async def _response(server: SubmissionProtocol, args: list[str], challenge: str)
         return None
 
 
-def _refused(server: SubmissionProtocol, stage: str, rule: str, code: int) -> None:
-    account = server.account
-    log.info("session=%s account=%s refused stage=%s rule=%s code=%d", server.sid,
-             account.email if account else "-", stage, rule, code)
 
 
 def _check_from(head: bytes, account: str) -> tuple[str, str] | None:

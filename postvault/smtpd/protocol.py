@@ -397,8 +397,8 @@ class SubmissionProtocol(SMTP):
         try:
             content, refusal = await self._read_message()
             if refusal is not None:
-                log.info("session=%s account=%s refused stage=data rule=%s", self.sid,
-                         self.account.email if self.account else "-", refusal[0])
+                # Logged and audited by the handler, like its own refusals.
+                await self.event_handler.refused(self, "data", refusal[0], int(refusal[1][:3]))
                 await self.push(refusal[1])
                 return
             if content is None:  # disconnected

@@ -35,6 +35,7 @@ from sqlalchemy import Engine, func, select
 from .accounts import AccountStore
 from .blobs import FileBlobStore
 from . import audit
+from .auditlog import AuditLog
 from .db import make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
 from .mail import MailStore
@@ -53,7 +54,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore, OfficesStore):
+class Store(AccountStore, MailStore, OfficesStore, AuditLog):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:

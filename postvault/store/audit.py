@@ -3,8 +3,12 @@
 Each event records who did what to which account and message id, from
 where, over which protocol: never content, subjects or file names. Each row's
 ``hash`` covers its fields and the previous row's hash, so editing or
-removing a row breaks the chain from there on (issue 7 adds signed
-checkpoints, export and ``postvault audit verify``).
+removing a row breaks the chain from there on; ``auditlog`` signs
+checkpoints of it, verifies, prunes and exports it.
+
+A command that touches several messages (an IMAP FETCH, STORE, COPY, MOVE
+or EXPUNGE) is one event: ``message`` holds the id if there is one, else
+``detail`` ends with ``count=N messages=ID,ID,...``.
 """
 
 from __future__ import annotations

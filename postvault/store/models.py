@@ -316,3 +316,28 @@ class OfficeAllowance(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # Who allowed it (the member's address, or "admin"), for the office page.
     created_by: Mapped[str] = mapped_column(String(320))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement "the audit chain up to event ``event_id`` had head
+    ``event_hash``" (see ``store.auditlog``). The Ed25519 private key that
+    signs it is a file in the home folder, never in the database, so whoever
+    can write only the database cannot rewrite history before a checkpoint
+    and sign again. Checkpoints chain too (``seq``, ``prev_sig_hash``), so a
+    deleted one shows as a gap."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # periodic | shutdown | prune | manual
+    kind: Mapped[str] = mapped_column(String(16))
+    # 0 and GENESIS when the chain was empty.
+    event_id: Mapped[int] = mapped_column(Integer, index=True)
+    event_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # SHA-256 of the previous checkpoint's signature; 32 zero bytes for the first.
+    prev_sig_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # First 16 hex digits of SHA-256 of the raw public key that signed it.
+    key_id: Mapped[str] = mapped_column(String(16))
+    signature: Mapped[bytes] = mapped_column(LargeBinary(64))
