@@ -200,6 +200,10 @@ def test_backup_under_smtp_load_restores_every_acknowledged_message(tmp_path: Pa
     assert (target / "certs" / "server.key").read_bytes() == (home / "certs" / "server.key").read_bytes()
     assert target.stat().st_mode & 0o077 == 0
     assert assert_audit_chain(target / "data" / "postvault.db") > len(before)
+    # The restored chain also verifies against its signed checkpoints and the
+    # head file, which the backup copied before the database snapshot.
+    verified = cli("audit", "verify", "--home", str(target))
+    assert verified.returncode == 0 and verified.stdout.startswith("audit chain intact"), verified.stdout
     check = cli("fsck", "--home", str(target))
     assert check.returncode == 0 and check.stdout.strip().endswith("; clean"), check.stdout
 
