@@ -209,6 +209,10 @@ def authenticate(store: Store, policy: Policy, email: str, password: str, *, cli
         _audit(store, "login.limited", email, client_ip, protocol, f"verdict={limit.verdict} scope={limit.scope}")
         raise LoginLimited(limit.decision)
     try:
+        if unwrap and protocol == "imap" and store.is_emergency_username(email):
+            # Break-glass credentials (store/emergency.py): IMAP only, never
+            # cached, so expiry and revocation are checked at every login.
+            return store.emergency_login(email, password, client_ip=client_ip, protocol=protocol)
         if unwrap:
             return _login(store, cache if cache is not None else login_cache(store), email, password,
                           client_ip, protocol)

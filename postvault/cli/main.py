@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PostvaultError
-from . import commands
+from . import commands, recovery_cmd
 
 log = logging.getLogger("postvault.cli")
 
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_home(policy_sub.add_parser("check", help="validate the policy file, listing every problem with its line"))
     p.add_argument("file", nargs="?", metavar="FILE", help="policy file (default: HOME/conf/policy.toml)")
     p.set_defaults(func=commands.cmd_policy_check)
+
+    recovery_cmd.add_parsers(sub, with_home)
     return parser
 
 

@@ -37,10 +37,12 @@ from .blobs import FileBlobStore
 from . import audit
 from .db import make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
+from .emergency import EmergencyStore
 from .mail import MailStore
 from .models import Account
 from .notify import ChangeBus
 from .offices import OfficesStore
+from .recovery import RecoveryStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
 
@@ -53,7 +55,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore, OfficesStore):
+class Store(AccountStore, MailStore, OfficesStore, RecoveryStore, EmergencyStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:
