@@ -12,6 +12,10 @@ reconnects often, and each full login costs bcrypt plus Argon2id (about half
 a second of CPU and 64 MiB). Within a minute of a successful login, the same
 address with the same password gets the same session back for the price of
 one database read. Issue 5 item 2; the safety argument is on ``LoginCache``.
+
+Emergency-access credentials (user name ``emergency-<id>``, see
+``store/emergency.py``) are accepted over IMAP only, after the same auth
+limits, and never cached: expiry and revocation are checked at every login.
 """
 
 from __future__ import annotations

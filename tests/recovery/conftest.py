@@ -20,9 +20,6 @@ from postvault.conf.schema import Config
 from postvault.home import open_store
 from postvault.store.api import Store
 
-pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="GnuPG is installed by .ci/run")
-
-
 @dataclass
 class Officer:
     """A recovery officer: a GnuPG home with a secret key, outside Postvault."""
@@ -56,6 +53,7 @@ class Officer:
 
 
 def make_officer(folder: Path, email: str) -> Iterator[Officer]:
+    assert shutil.which("gpg"), "GnuPG (gpg) is not installed; .ci/run installs it"
     folder.mkdir(mode=0o700)
     officer = Officer(folder, email)
     made = officer.gpg("--pinentry-mode", "loopback", "--passphrase", "", "--quick-gen-key",
