@@ -787,11 +787,13 @@ class IMAPServer(imap4.IMAP4Server):
         self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         ends = avatar.session.expires_at
         if ends is not None:
-            # Time-limited access (emergency): BYE at the end, not later.
-            if self._absolute is not None and self._absolute.active():
-                self._absolute.cancel()
+            # Time-limited access (emergency): BYE at its end if that comes
+            # before the absolute session limit.
             left = max(0.0, (ends - datetime.now(timezone.utc)).total_seconds())
-            self._absolute = reactor.callLater(left, self._session_expired)  # type: ignore[attr-defined]
+            if self._absolute is not None and self._absolute.active():
+                self._absolute.reset(min(left, self._absolute.getTime() - reactor.seconds()))  # type: ignore[attr-defined,misc]
+            else:
+                self._absolute = reactor.callLater(left, self._session_expired)  # type: ignore[attr-defined]
         self._disabled = self.service.disabled_for(client=self.client_name, account=avatar.email)
         if self.service.bus is not None:
             self._unsubscribe = self.service.bus.subscribe(

@@ -17,8 +17,10 @@ Key handling (second look required on every change here):
 - The session it opens is ``read_only`` (the store refuses every change,
   ``ReadOnlyAccess``), carries the person as ``actor`` (every read is
   audited under their name) and ends at ``expires_at``: the IMAP server
-  closes it then, and every content read checks the grant again, so a
-  revoked grant stops working at the next command.
+  closes it then, and every content read (message bytes, summaries) checks
+  the grant again, so a revoked grant reads nothing more. Folder listings
+  and flags (what the server can read anyway) are not re-checked: a
+  refusal there could leave an IMAP command without its answer.
 - When a grant has expired or is revoked its wrap is erased (NULL), so
   the password opens nothing afterwards even with a copy of the database.
   Expired grants are erased lazily: at the next grant, list, revoke or
@@ -36,7 +38,13 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import AccessExpired, AuthenticationFailed, InvalidInput, ReadOnlyAccess, WrongSecret
+from ..errors import (
+    AccessExpired,
+    AuthenticationFailed,
+    InvalidInput,
+    ReadOnlyAccess,
+    WrongSecret,
+)
 from . import audit, crypto, passwords
 from .db import unit_of_work
 from .escrow import EscrowDocument

@@ -38,7 +38,14 @@ from ..errors import EscrowError, InvalidInput
 from . import audit, crypto, passwords
 from .db import unit_of_work
 from .escrow import EscrowDocument, RecoveryKeys
-from .models import Account, AuthFailure, EmergencyGrant, Mailbox, MessageCopy, RecoveryEscrow
+from .models import (
+    Account,
+    AuthFailure,
+    EmergencyGrant,
+    Mailbox,
+    MessageCopy,
+    RecoveryEscrow,
+)
 from .notify import Change
 from .types import AccountInfo, KdfSettings, now
 
@@ -223,8 +230,10 @@ class RecoveryStore:
             for copy, box in copies:
                 gone.setdefault(box, []).append(copy.uid)
                 s.delete(copy)
-            for box in s.scalars(select(Mailbox).where(Mailbox.account_id == acct.id, Mailbox.name.in_(list(gone)))):
-                box.highestmodseq += 1
+            for mailbox in s.scalars(
+                select(Mailbox).where(Mailbox.account_id == acct.id, Mailbox.name.in_(list(gone)))
+            ):
+                mailbox.highestmodseq += 1
             s.flush()
             doomed = self._drop_orphans(s, {copy.message_id for copy, _ in copies})
             s.execute(delete(RecoveryEscrow).where(RecoveryEscrow.account_id == acct.id))

@@ -20,6 +20,7 @@ from postvault.conf.schema import Config
 from postvault.home import open_store
 from postvault.store.api import Store
 
+
 @dataclass
 class Officer:
     """A recovery officer: a GnuPG home with a secret key, outside Postvault."""

@@ -247,3 +247,10 @@ def test_escrow_rows_hold_only_ciphertext(escrow_store: Store) -> None:
     with escrow_store._sessions() as s:
         [row] = s.scalars(select(RecoveryEscrow))
         assert row.blob.startswith(b"-----BEGIN PGP MESSAGE-----") and b"private_key" not in row.blob
+
+
+def test_missing_key_file_is_a_config_error(home: Path) -> None:
+    path = home / "conf" / "postvault.toml"
+    path.write_text(path.read_text().replace('keys = ""', 'keys = "conf/recovery/missing.asc"'))
+    with pytest.raises(ConfigError, match=r"recovery\.keys: expected OpenPGP public key files.*no such file"):
+        load_config(home)
