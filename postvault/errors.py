@@ -73,6 +73,19 @@ class MessageNotFound(StoreError):
     """No message with this UID in this mailbox."""
 
 
+class EscrowError(PostvaultError):
+    """Key recovery escrow: the OpenPGP keys cannot be used, or an escrow
+    file is not one, or belongs to another account or key pair."""
+
+
+class ReadOnlyAccess(InvalidInput):
+    """A read-only session (emergency access) tried to change something."""
+
+
+class AccessExpired(InvalidInput):
+    """A time-limited session (emergency access) has ended: expired or revoked."""
+
+
 class LoginLimited(PostvaultError):
     """Too many failed logins: this attempt is refused before the password
     is checked. ``decision`` (a ``policy.decision.Decision``) carries the

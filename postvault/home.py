@@ -75,6 +75,16 @@ def _fill_home(home: Path, hostname: str, overrides: Mapping[str, object] | None
 
 
 def open_store(config: Config) -> Store:
-    """The store the config names, its schema upgraded to the newest revision."""
+    """The store the config names, its schema upgraded to the newest
+    revision, with the recovery officers' keys of ``[recovery]`` if set."""
     kdf = KdfSettings(config.store.kdf_memory_kib, config.store.kdf_iterations, config.store.kdf_lanes)
-    return Store.open(config.store.url, config.store.blobs or "database", kdf)
+    store = Store.open(config.store.url, config.store.blobs or "database", kdf)
+    if config.recovery.keys:
+        from .store.escrow import RecoveryKeys  # GnuPG only where escrow is configured
+
+        try:
+            store.recovery_keys = RecoveryKeys.load(config.recovery.keys, config.recovery.gnupg_home)
+        except BaseException:
+            store.close()
+            raise
+    return store

@@ -12,6 +12,10 @@ reconnects often, and each full login costs bcrypt plus Argon2id (about half
 a second of CPU and 64 MiB). Within a minute of a successful login, the same
 address with the same password gets the same session back for the price of
 one database read. Issue 5 item 2; the safety argument is on ``LoginCache``.
+
+Emergency-access credentials (user name ``emergency-<id>``, see
+``store/emergency.py``) are accepted over IMAP only, after the same auth
+limits, and never cached: expiry and revocation are checked at every login.
 """
 
 from __future__ import annotations
@@ -209,6 +213,10 @@ def authenticate(store: Store, policy: Policy, email: str, password: str, *, cli
         _audit(store, "login.limited", email, client_ip, protocol, f"verdict={limit.verdict} scope={limit.scope}")
         raise LoginLimited(limit.decision)
     try:
+        if unwrap and protocol == "imap" and store.is_emergency_username(email):
+            # Break-glass credentials (store/emergency.py): IMAP only, never
+            # cached, so expiry and revocation are checked at every login.
+            return store.emergency_login(email, password, client_ip=client_ip, protocol=protocol)
         if unwrap:
             return _login(store, cache if cache is not None else login_cache(store), email, password,
                           client_ip, protocol)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PostvaultError
-from . import backup_cmd, commands, fsck_cmd
+from . import backup_cmd, commands, fsck_cmd, recovery_cmd
 from .audit_cmd import add_audit_commands, audited
 
 log = logging.getLogger("postvault.cli")
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup_cmd.add_parsers(sub)
     fsck_cmd.add_parser(sub)
     add_audit_commands(sub, with_home)
+    recovery_cmd.add_parsers(sub, with_home)
     return parser
 
 

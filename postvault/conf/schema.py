@@ -527,6 +527,58 @@ def _default_imap() -> ImapConfig:
     return ImapConfig()
 
 
+KEY_FILES = 'OpenPGP public key files, comma-separated, e.g. "conf/recovery/officer.asc"'
+
+
+def parse_key_files(raw: str, home: Path) -> tuple[Path, ...]:
+    """Comma-separated key files relative to the home folder; "" for none."""
+    if raw.strip() == "":
+        return ()
+    out = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            raise Expected(KEY_FILES)
+        path = _absolute(item, home)
+        if not path.is_file():
+            raise Expected(KEY_FILES, f"{path}: no such file")
+        out.append(path)
+    return tuple(out)
+
+
+def show_key_files(value: tuple[Path, ...]) -> str:
+    return ", ".join(str(p) for p in value)
+
+
+def parse_folder(raw: str, home: Path) -> Path:
+    if raw == "":
+        raise Expected("a folder path")
+    return _absolute(raw, home)
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Key recovery escrow and emergency access (docs/recovery.md)."""
+
+    keys: tuple[Path, ...] = text_key(
+        "OpenPGP PUBLIC key files of the recovery officers (e.g. the practice's privacy officer, whose "
+        "secret key is kept offline), relative to the home folder and comma-separated. When set, each "
+        "account's private key is also encrypted to these keys, at creation, sign-up and the next login "
+        "of existing accounts, so that `postvault recover` can reset a forgotten password without "
+        "losing mail and `postvault emergency grant` can give break-glass access. Empty: no escrow; "
+        "a password reset then loses the account's mail.", "", parse_key_files, show_key_files, value=())
+    gnupg_home: Path = text_key(
+        "Postvault's own GnuPG home, holding only the officers' public keys (made with mode 0700).",
+        "data/gnupg", parse_folder, show_path, value=Path("data/gnupg"))
+    emergency_max_hours: int = int_key(
+        "Longest emergency (break-glass) access that `postvault emergency grant` may give, in hours.",
+        72, 1, 720, python_default=True)
+
+
+def _default_recovery() -> RecoveryConfig:
+    return RecoveryConfig()
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """The audit log: retention and signed checkpoints (see store/auditlog.py)."""
@@ -569,6 +621,9 @@ class Config:
         "doc": "IMAP limits and per-client compatibility switches (ports 993 and 143).", "section": ImapConfig})
     audit: AuditConfig = field(default_factory=_default_audit, metadata={
         "doc": "The audit log (who did what, never content).", "section": AuditConfig})
+    recovery: RecoveryConfig = field(default_factory=_default_recovery, metadata={
+        "doc": "Key recovery with OpenPGP escrow, and emergency access (see docs/recovery.md).",
+        "section": RecoveryConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------

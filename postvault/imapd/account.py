@@ -117,7 +117,9 @@ class Account:
         return self.run(self.store.snapshot, self.session, canonical)
 
     async def open(self, canonical: str, writable: bool) -> SelectedMailbox:
-        """SELECT/EXAMINE: one snapshot, one recent claim."""
+        """SELECT/EXAMINE: one snapshot, one recent claim. A read-only
+        session (emergency access) gets EXAMINE whatever it asked for."""
+        writable = writable and not self.session.read_only
         snap = await self.snapshot(canonical)
         claims = self.service.recent
         if writable:

@@ -49,7 +49,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.cred import credentials
@@ -665,6 +665,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _writable(self) -> SelectedMailbox:
         box = self._box()
+        if not box.writable and self._acct().session.read_only:
+            raise IMAPNo("This is read-only emergency access; nothing can be changed.", "CANNOT")
         if not box.writable:
             raise IMAPNo("The folder is open read-only (EXAMINE); SELECT it to change it.", "READ-ONLY")
         return box
@@ -798,6 +800,15 @@ class IMAPServer(imap4.IMAP4Server):
         self._onLogout = logout
         self.state = "auth"
         self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
+        ends = avatar.session.expires_at
+        if ends is not None:
+            # Time-limited access (emergency): BYE at its end if that comes
+            # before the absolute session limit.
+            left = max(0.0, (ends - datetime.now(timezone.utc)).total_seconds())
+            if self._absolute is not None and self._absolute.active():
+                self._absolute.reset(min(left, self._absolute.getTime() - reactor.seconds()))  # type: ignore[attr-defined,misc]
+            else:
+                self._absolute = reactor.callLater(left, self._session_expired)  # type: ignore[attr-defined]
         self._disabled = self.service.disabled_for(client=self.client_name, account=avatar.email)
         if self.service.bus is not None:
             self._unsubscribe = self.service.bus.subscribe(
@@ -833,7 +844,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
         flags = list(FLAGS) + box.keywords()
         self.sendUntaggedResponse(b"FLAGS (" + " ".join(flags).encode() + b")")
-        perm = " ".join(flags + ["\\*"]) if writable else ""
+        perm = " ".join(flags + ["\\*"]) if box.writable else ""
         self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + perm.encode() + b")] Flags you can change")
         self.sendUntaggedResponse(b"%d EXISTS" % box.exists)
         self.sendUntaggedResponse(b"%d RECENT" % len(box.recent))
@@ -844,7 +855,9 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendPositiveResponse(None, b"[UIDNEXT %d] Predicted next UID" % box.uidnext)
         self.mbox = box
         self.state = "select"
-        return b"[READ-WRITE] SELECT completed" if writable else b"[READ-ONLY] EXAMINE completed"
+        if writable and not box.writable:
+            return b"[READ-ONLY] SELECT completed; this session can only read"
+        return b"[READ-WRITE] SELECT completed" if box.writable else b"[READ-ONLY] EXAMINE completed"
 
     def do_SELECT(self, tag: bytes, name: str) -> Any:
         return self._select(tag, name, True)
@@ -1258,9 +1271,13 @@ class IMAPServer(imap4.IMAP4Server):
     async def _audit_read(self, ids: list[str]) -> None:
         account = self._acct()
         detail = f"client={self.client_name or '-'}"
+        if account.session.grant_id is not None:
+            detail += f" emergency={account.session.grant_id}"
         if len(ids) > 1:
             detail += f" count={len(ids)} messages=" + ",".join(ids)
-        await account.run(self.store.record_event, "message.read", actor=account.email, account=account.email,
+        # An emergency session reads under the named person's name.
+        actor = account.session.actor or account.email
+        await account.run(self.store.record_event, "message.read", actor=actor, account=account.email,
                           message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
                           detail=detail)
 

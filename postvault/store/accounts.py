@@ -170,6 +170,9 @@ class AccountStore(ContactsStore):
     # discarded key pair goes the way expunged mail goes.
     _drop_orphans: Callable[[Session, set[int]], list[str]]
     _discard_blob: Callable[[str], None]
+    # From RecoveryStore: the recovery escrow, wherever the private key is
+    # in memory (see store/recovery.py).
+    _ensure_escrow: Callable[[int, str, str, bytes, bytes], bool]
 
     def create_account(
         self,
@@ -223,7 +226,9 @@ class AccountStore(ContactsStore):
             if invited_by is not None:
                 self._upsert_contact(s, self._account(s, invited_by), email, "", practice_name, acct)
             audit.record(s, "account.create", actor=actor, account=email, detail=f"role={role}")
-            return self._info(acct)
+            info = self._info(acct)
+        self._ensure_escrow(info.id, info.email, key_owner, pair.public, pair.private)
+        return info
 
     def _create_default_mailboxes(self, s: Session, account_id: int) -> None:
         validity = new_uidvalidity()
@@ -320,6 +325,7 @@ class AccountStore(ContactsStore):
             # key: new mail would be wrapped to a key they hold.
             raise IntegrityError("the account's stored public key does not match its private key")
         self._login_succeeded(acct, client_ip, protocol)
+        self._ensure_escrow(acct.id, acct.email, acct.key_owner, public, private)
         return AccountSession(acct.id, acct.email, acct.role, acct.key_owner.encode(), public, private)
 
     def _login_succeeded(self, acct: Account, client_ip: str | None, protocol: str | None) -> None:
@@ -647,7 +653,9 @@ class AccountStore(ContactsStore):
                 .values(state="revoked")
             )
             audit.record(s, "signup", actor=acct.email, account=acct.email)
-            return self._info(acct)
+            info, key_owner, public = self._info(acct), acct.key_owner, acct.public_key
+        self._ensure_escrow(info.id, info.email, key_owner, public, private)
+        return info
 
     # -- notification preferences -----------------------------------------
 

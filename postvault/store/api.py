@@ -38,10 +38,12 @@ from . import audit
 from .auditlog import AuditLog
 from .db import make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
+from .emergency import EmergencyStore
 from .mail import MailStore
 from .models import Account
 from .notify import ChangeBus
 from .offices import OfficesStore
+from .recovery import RecoveryStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
 
@@ -54,7 +56,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore, OfficesStore, AuditLog):
+class Store(AccountStore, MailStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:

@@ -118,6 +118,9 @@ class MailStore:
     _writer_lock = threading.Lock()
     _thread_key_value: bytes | None = None
     _account: Callable[[Session, str], Account]  # from AccountStore
+    # From EmergencyStore: refuses changes by read-only sessions and reads
+    # after an emergency grant ended; free for normal sessions.
+    check_access: Callable[..., None]
 
     def _publish(self, *changes: Change) -> None:
         """Announce committed changes; a failing bus never fails the call."""
@@ -150,6 +153,7 @@ class MailStore:
             return [self._box_info(b) for b in boxes]
 
     def create_mailbox(self, session: AccountSession, name: str) -> MailboxInfo:
+        self.check_access(session, write=True)
         if not name or name.upper() == "INBOX" or not name.isprintable() or len(name) > 200:
             raise InvalidInput("a mailbox name must be 1-200 printable characters and not INBOX")
         with unit_of_work(self._sessions) as s:
@@ -429,6 +433,7 @@ class MailStore:
         a client saving its own copy of what SMTP already filed in Sent
         (issue 5 item 6).
         """
+        self.check_access(session, write=True)
         flags = check_flags(flags)
         data = _bytes_of(raw)
         dup: tuple[int, str] | None = None
@@ -494,6 +499,7 @@ class MailStore:
 
     def open_message(self, session: AccountSession, mailbox: str, uid: int) -> crypto.SealedReader:
         """A seekable plaintext reader; chunks are opened as they are read."""
+        self.check_access(session, write=False)
         with self._sessions() as s:
             box = self._mailbox(s, session.account_id, mailbox)
             row = s.execute(
@@ -522,6 +528,7 @@ class MailStore:
         except once for a message stored before summaries existed, whose
         summary is then made from its content and kept (sealed) for next time.
         """
+        self.check_access(session, write=False)
         wanted = set(uids)
         if not wanted:
             return {}
@@ -592,6 +599,7 @@ class MailStore:
         mode: Literal["set", "add", "remove"] = "set",
     ) -> dict[int, frozenset[str]]:
         """STORE FLAGS / +FLAGS / -FLAGS; returns the new flags per UID."""
+        self.check_access(session, write=True)
         wanted = check_flags(flags)
         out: dict[int, frozenset[str]] = {}
         changed: list[int] = []
@@ -618,6 +626,7 @@ class MailStore:
         return self._copy(session, mailbox, uids, dest, move=True)
 
     def _copy(self, session: AccountSession, mailbox: str, uids: Sequence[int], dest: str, *, move: bool) -> CopyResult:
+        self.check_access(session, write=True)
         # The wrapped key is bound to the account and message, not the
         # mailbox, so a copy inside one account re-uses it: no private key,
         # no re-encryption.
@@ -652,6 +661,7 @@ class MailStore:
     def expunge(self, session: AccountSession, mailbox: str, uids: Sequence[int] | None = None) -> list[int]:
         """Remove messages flagged \\Deleted (only among ``uids`` if given,
         as UID EXPUNGE, RFC 4315 §2.1); returns the removed UIDs ascending."""
+        self.check_access(session, write=True)
         with unit_of_work(self._sessions) as s:
             box = self._mailbox(s, session.account_id, mailbox, lock=True)
             q = select(MessageCopy).where(MessageCopy.mailbox_id == box.id).order_by(MessageCopy.uid)

@@ -341,3 +341,48 @@ class AuditCheckpoint(Base):
     # First 16 hex digits of SHA-256 of the raw public key that signed it.
     key_id: Mapped[str] = mapped_column(String(16))
     signature: Mapped[bytes] = mapped_column(LargeBinary(64))
+
+
+class RecoveryEscrow(Base):
+    """An account's private key, encrypted with OpenPGP to the recovery
+    officers' public keys of ``[recovery] keys`` (store/escrow.py), so that
+    a forgotten password does not lose the mail. The server cannot open it:
+    only an officer's offline secret key can."""
+
+    __tablename__ = "recovery_escrow"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    # The public key whose private half is inside: an escrow for an older
+    # key pair (after a reset without escrow) is stale.
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    # Sorted OpenPGP fingerprints it was encrypted to, comma-separated:
+    # when the configured keys change, the next login makes a new escrow.
+    recipients: Mapped[str] = mapped_column(Text)
+    # ASCII-armored OpenPGP message (what `postvault escrow export` writes).
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EmergencyGrant(Base):
+    """Break-glass: time-limited, read-only access for a named person to
+    one account (store/emergency.py). The account's private key is wrapped
+    under Argon2id of a random password shown once at grant time; the wrap
+    is erased when the grant expires or is revoked."""
+
+    __tablename__ = "emergency_grants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Random public id: the IMAP user name is "emergency-<grant_id>".
+    grant_id: Mapped[str] = mapped_column(String(32), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    person: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    first_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # None once the grant has ended: then nothing can open it, whatever
+    # the password and the database say.
+    wrapped_private_key: Mapped[bytes | None] = mapped_column(LargeBinary(128), nullable=True)
+    kdf_params: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -66,6 +66,13 @@ class AccountSession:
     # one), so that mail this session files wraps to the key it can open.
     public_key: bytes
     private_key: bytes = field(repr=False)
+    # Emergency access (store/emergency.py): a named person reads this
+    # account. Read-only, audited under ``actor``, ended at ``expires_at``
+    # or when grant ``grant_id`` is revoked. None/False: the owner.
+    read_only: bool = False
+    actor: str | None = None
+    expires_at: datetime | None = None
+    grant_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from postvault.conf import (
     render_default_config,
     show_config,
 )
+from postvault.conf.schema import RecoveryConfig
 from postvault.errors import ConfigError, HomeError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +72,7 @@ def expected_defaults(home: Path) -> Config:
         ),
         notify=NotifyConfig(relay=None, from_="no-reply@mail.example.test"),
         log=LogConfig(level="info", file=None),
+        recovery=RecoveryConfig(keys=(), gnupg_home=home / "data" / "gnupg", emergency_max_hours=72),
     )
 
 
