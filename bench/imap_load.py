@@ -696,13 +696,8 @@ async def idle_memory(server: Server, cfg: Config) -> dict[str, float]:
     """Server RSS growth per idle logged-in connection (and per selected one)."""
     ctx = client_context(server.home)
     # Warm-up as a mail client's first connection does: list the INBOX and
-    # save a draft with an attachment (2 MiB). Besides being realistic,
-    # the APPEND matters to what is measured: glibc serves a 256 KiB
-    # allocation (asyncio's TLS read buffer) with mmap, zero pages that stay
-    # non-resident until touched, only until a larger block has been freed;
-    # then its dynamic mmap threshold rises and such buffers come from the
-    # heap, zero-filled and so resident. A server that has received a
-    # message of a few MiB is in the second state.
+    # save a draft with an attachment, so that the server has served mail
+    # (imports, caches, allocator state) before the idle connections come.
     warm = await Client.connect(server.port, ctx)
     await warm.login(READER, PASSWORD)
     await warm.command(b"SELECT INBOX", keep=False)

@@ -23,7 +23,11 @@ challengers) and replace what cannot carry a secure server:
 - **Untagged updates** (RFC 3501 §7.4.1, §5.5). The session's view
   (``mailbox.SelectedMailbox``) catches up with the store only before a
   tagged response or during IDLE; EXPUNGE is never sent during FETCH,
-  STORE or SEARCH (their UID forms allow it, RFC 3501 §7.4.1).
+  STORE or SEARCH (their UID forms allow it, RFC 3501 §7.4.1). Catching
+  up is incremental: the change bus names what changed, and one small read
+  (rows above the view's modseq, the message count) brings the view level,
+  so a change costs every session that has the mailbox open one indexed
+  query, not a re-read of the mailbox.
 - **Extensions** Twisted lacks: LITERAL+, SASL-IR (RFC 4959), ID (RFC 2971),
   ENABLE (RFC 5161), UNSELECT (RFC 3691), UIDPLUS (RFC 4315), MOVE (RFC 6851),
   SPECIAL-USE (RFC 6154), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889); IDLE
