@@ -27,8 +27,10 @@ What it does:
    nobody logged into within the login cache's minute: bcrypt + Argon2id)
    and wake-up for mail delivered by *another process* (``Store.deliver``
    here, which the server's in-process change bus cannot hear).
-5. On the 100,000-message INBOX: SELECT and ``FETCH 1:* (FLAGS)`` time.
-6. Memory per idle connection: a fresh server, one warm-up login, then 200
+5. On the 100,000-message INBOX: SELECT and ``FETCH 1:* (FLAGS)`` time. Then
+   the throughput of a 20 MiB APPEND and of FETCH ``BODY.PEEK[]`` of it.
+6. Memory per idle connection: a fresh server, one warm-up connection (lists
+   INBOX, APPENDs a 2 MiB draft), then 200
    logged-in idle connections (spread over loopback source addresses
    127.0.0.2-9, since the server allows 50 per address); VmRSS of the
    server process from /proc before and after. Then 20 of them SELECT the
@@ -645,12 +647,62 @@ async def big_mailbox(server: Server, cfg: Config, results: Results, py_spy: str
             f"FETCH {results[(fetch_name, 1)][-1].wall:.2f} s")
 
 
+LARGE_MIB = 20
+
+
+def large_message(mib: int) -> bytes:
+    """A message of about ``mib`` MiB: a scan as a base64 attachment."""
+    import base64
+
+    rng = random.Random(9)
+    data = base64.encodebytes(rng.randbytes(mib * 1024 * 1024 * 3 // 4)).replace(b"\n", b"\r\n")
+    head = (b"From: scanner@dental.bench.test\r\nTo: reader@dental.bench.test\r\nSubject: scan\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\n"
+            b"Content-Type: text/plain\r\n\r\nThe scan.\r\n--b1\r\nContent-Type: application/pdf\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n")
+    return head + data + b"--b1--\r\n"
+
+
+async def large_messages(server: Server, cfg: Config, results: Results) -> None:
+    """Throughput of one big APPEND and one FETCH of it through TLS (C = 1)."""
+    ctx = client_context(server.home)
+    message = large_message(LARGE_MIB)
+    append_name = f"APPEND of a {LARGE_MIB} MiB message"
+    fetch_name = "UID FETCH BODY.PEEK[] of it"
+    for run in range(cfg.runs):
+        cl = await Client.connect(server.port, ctx)
+        try:
+            await cl.login(READER, PASSWORD)
+            await phase(results, append_name, 1, server,
+                        lambda ph: [timed(ph.latencies, cl.append("Drafts", message, timeout=600))])
+            lines, _ = await cl.command(b"SELECT Drafts")
+            uidnext = int(re.search(rb"UIDNEXT (\d+)", b"".join(lines))[1])  # type: ignore[index]
+            got: list[int] = []
+
+            async def fetch() -> None:
+                out, _ = await cl.command(b"UID FETCH %d BODY.PEEK[]" % (uidnext - 1), timeout=600)
+                got.append(sum(len(x) for x in out))
+
+            await phase(results, fetch_name, 1, server, lambda ph: [timed(ph.latencies, fetch())])
+            if not got or got[0] < len(message):
+                raise IMAPError("the large message did not come back whole")
+        finally:
+            await cl.logout()
+        log(f"large message run {run + 1}: APPEND {results[(append_name, 1)][-1].wall:.2f} s, "
+            f"FETCH {results[(fetch_name, 1)][-1].wall:.2f} s")
+
+
 async def idle_memory(server: Server, cfg: Config) -> dict[str, float]:
     """Server RSS growth per idle logged-in connection (and per selected one)."""
     ctx = client_context(server.home)
+    # Warm-up as a mail client's first connection does: list the INBOX and
+    # save a draft with an attachment, so that the server has served mail
+    # (imports, caches, allocator state) before the idle connections come.
     warm = await Client.connect(server.port, ctx)
     await warm.login(READER, PASSWORD)
     await warm.command(b"SELECT INBOX", keep=False)
+    await warm.command(b"FETCH 1:* (FLAGS ENVELOPE)", keep=False, timeout=600)
+    await warm.append("Drafts", large_message(2), timeout=600)
     await warm.logout()
     await asyncio.sleep(1.0)
     before = server.rss_kib()
@@ -774,6 +826,17 @@ def report(results: Results, cfg: Config, mem: dict[str, float], total: float) -
         print(f"| {name} | {mmm(walls, lambda x: f'{x:.2f}')} | {statistics.median(p.server_cpu for p in runs):.2f} "
               f"| {statistics.median(p.client_cpu for p in runs):.2f} | {goal_text} | {met} |")
     print()
+    large = [k for k in results if k[0].startswith(("APPEND of a", "UID FETCH BODY.PEEK[] of it"))]
+    if large:
+        print(f"### A {LARGE_MIB} MiB message through TLS (C = 1)\n")
+        print("| operation | wall time (s), min / median / max | MiB/s, median | server CPU (s), median |")
+        print("| --- | --- | --- | --- |")
+        for key in large:
+            runs = results[key]
+            walls = [p.wall for p in runs]
+            print(f"| {key[0]} | {mmm(walls, lambda x: f'{x:.2f}')} | {LARGE_MIB / statistics.median(walls):.1f} "
+                  f"| {statistics.median(p.server_cpu for p in runs):.2f} |")
+        print()
     per = (mem["after"] - mem["before"]) / mem["n"]
     per_sel = (mem["after_selected"] - mem["after"]) / mem["n_selected"]
     print("### Memory per idle connection\n")
@@ -843,6 +906,7 @@ def main() -> int:
             if not args.skip_10k:
                 asyncio.run(measure(server, cfg, cold, results, cfg.messages))
             asyncio.run(big_mailbox(server, cfg, results, args.py_spy))
+            asyncio.run(large_messages(server, cfg, results))
         finally:
             server.stop()
         # Memory: a fresh server, so that memory freed by earlier phases

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from twisted.mail import imap4
 from zope.interface import implementer
 
 from ..policy import folders
-from ..store.types import AccountSession, MailboxInfo, MailboxSnapshot
+from ..store.types import AccountSession, MailboxInfo, MailboxState
 from .mailbox import SelectedMailbox
 
 T = TypeVar("T")
@@ -113,38 +114,44 @@ class Account:
     def mailboxes(self) -> defer.Deferred[list[MailboxInfo]]:
         return self.run(self.store.list_mailboxes, self.session)
 
-    def snapshot(self, canonical: str) -> defer.Deferred[MailboxSnapshot]:
-        return self.run(self.store.snapshot, self.session, canonical)
+    def state(self, canonical: str) -> defer.Deferred[MailboxState]:
+        """The mailbox as SELECT and STATUS report it; the first UID that
+        arrived since start-up is asked for only while no session of this
+        process has claimed the mailbox's \\Recent (see RecentClaims)."""
+        claims = self.service.recent
+        since = None if claims.claimed(self.session.account_id, canonical) else claims.started
+        return self.run(self.store.mailbox_state, self.session, canonical, since)
 
     async def open(self, canonical: str, writable: bool) -> SelectedMailbox:
-        """SELECT/EXAMINE: one snapshot, one recent claim. A read-only
-        session (emergency access) gets EXAMINE whatever it asked for."""
+        """SELECT/EXAMINE: one read of the mailbox's state, one recent claim.
+        A read-only session (emergency access) gets EXAMINE whatever it
+        asked for."""
         writable = writable and not self.session.read_only
-        snap = await self.snapshot(canonical)
+        state = await self.state(canonical)
         claims = self.service.recent
         if writable:
-            first = claims.claim(self.session.account_id, snap)
+            first = claims.claim(self.session.account_id, state)
         else:
-            first = claims.peek(self.session.account_id, snap)
-        return SelectedMailbox(snap, writable, first)
+            first = claims.peek(self.session.account_id, state)
+        return SelectedMailbox(state, writable, first)
 
     async def status(self, canonical: str, items: list[str]) -> list[tuple[str, int]]:
         """STATUS (RFC 3501 §6.3.10) plus APPENDLIMIT (RFC 7889 §3)."""
-        snap = await self.snapshot(canonical)
-        box = snap.mailbox
-        recent_from = self.service.recent.peek(self.session.account_id, snap)
+        state = await self.state(canonical)
+        box = state.mailbox
+        recent_from = self.service.recent.peek(self.session.account_id, state)
         out = []
         for item in items:
             if item == "MESSAGES":
-                out.append((item, len(snap.messages)))
+                out.append((item, state.exists))
             elif item == "RECENT":
-                out.append((item, sum(1 for m in snap.messages if m.uid >= recent_from)))
+                out.append((item, state.exists - bisect.bisect_left(state.uids, recent_from)))
             elif item == "UIDNEXT":
                 out.append((item, box.uidnext))
             elif item == "UIDVALIDITY":
                 out.append((item, box.uidvalidity))
             elif item == "UNSEEN":
-                out.append((item, sum(1 for m in snap.messages if "\\Seen" not in m.flags)))
+                out.append((item, state.unseen))
             elif item == "APPENDLIMIT":
                 out.append((item, self.service.policy.attachments.max_message_size))
             else:

@@ -23,7 +23,11 @@ challengers) and replace what cannot carry a secure server:
 - **Untagged updates** (RFC 3501 §7.4.1, §5.5). The session's view
   (``mailbox.SelectedMailbox``) catches up with the store only before a
   tagged response or during IDLE; EXPUNGE is never sent during FETCH,
-  STORE or SEARCH (their UID forms allow it, RFC 3501 §7.4.1).
+  STORE or SEARCH (their UID forms allow it, RFC 3501 §7.4.1). Catching
+  up is incremental: the change bus names what changed, and one small read
+  (rows above the view's modseq, the message count) brings the view level,
+  so a change costs every session that has the mailbox open one indexed
+  query, not a re-read of the mailbox.
 - **Extensions** Twisted lacks: LITERAL+, SASL-IR (RFC 4959), ID (RFC 2971),
   ENABLE (RFC 5161), UNSELECT (RFC 3691), UIDPLUS (RFC 4315), MOVE (RFC 6851),
   SPECIAL-USE (RFC 6154), CHILDREN (RFC 3348), APPENDLIMIT (RFC 7889); IDLE
@@ -49,6 +53,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,6 +64,7 @@ from twisted.python.failure import Failure
 
 from ..errors import IntegrityError, InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError
 from ..policy import folders
+from ..store.types import MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
 from .cred import FAILED, LoginRefused, StrictPLAIN, decode_sasl
@@ -576,6 +582,12 @@ class IMAPServer(imap4.IMAP4Server):
         box = self.mbox
         if box is None or change.mailbox != box.name:
             return
+        # Only the expunged UIDs and who re-flagged what need remembering:
+        # added and re-flagged rows are read back by modseq (``_updates``).
+        if change.kind == "expunge":
+            box.pending_expunge.update(change.uids)
+        elif change.kind == "flags":
+            box.pending_flags.update(change.uids)
         box.dirty = True
         if self._waiting is not None and self._waiting_mode == "idle":
             d = defer.Deferred.fromCoroutine(self._updates(True))
@@ -593,8 +605,16 @@ class IMAPServer(imap4.IMAP4Server):
                 return
 
     async def _updates(self, allow_expunge: bool) -> None:
+        """Catch the view up with the store and send what changed.
+
+        One small read, not a re-read of the mailbox: the rows whose modseq
+        is above the view's (added or re-flagged, through the (mailbox,
+        modseq) index) and the message count; the expunged UIDs come from
+        the change bus. Only when the count does not add up (an expunge
+        the bus can't tell: another process) are the UIDs read again."""
         box = self.mbox
-        if box is None or self.account is None:
+        account = self.account
+        if box is None or account is None:
             return
 
         def due() -> bool:
@@ -607,18 +627,46 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             if self.mbox is not box or not due():
                 return
-            # Cleared before the snapshot: a change committed while it is
-            # being read sets it again, and is picked up by the next round.
-            box.dirty = False
-            snap = await self.account.snapshot(box.name)
+            await self._load_flags(box)
             if self.mbox is not box:
                 return
+            # Cleared before the read: a change committed while it runs
+            # sets it again, and is picked up by the next round.
+            box.dirty = False
+            changes = await account.run(self.store.mailbox_changes, account.session, box.name, box.highestmodseq)
+            if self.mbox is not box:
+                return
+            present = None
+            if not box.counts_agree(changes):
+                state = await account.run(self.store.mailbox_state, account.session, box.name)
+                if self.mbox is not box:
+                    return
+                present = state.uids
             if box.writable:
-                self.service.recent.claim(self.account.session.account_id, snap)
-            for line in box.apply(snap, allow_expunge, claim_recent=box.writable).lines:
+                self.service.recent.claim_to(account.session.account_id, box.name, changes.mailbox.uidnext)
+            for line in box.apply(changes, allow_expunge, claim_recent=box.writable, present=present).lines:
                 self.sendUntaggedResponse(line)
         finally:
             self._sync_lock.release()
+
+    async def _need_flags(self, box: SelectedMailbox) -> None:
+        """Flags are read when a command first needs them, not at SELECT."""
+        if box.flags_loaded:
+            return
+        await self._sync_lock.acquire()
+        try:
+            await self._load_flags(box)
+        finally:
+            self._sync_lock.release()
+
+    async def _load_flags(self, box: SelectedMailbox) -> None:
+        # With _sync_lock held.
+        if box.flags_loaded:
+            return
+        account = self._acct()
+        loaded = await account.run(self.store.message_flags, account.session, box.name)
+        if self.mbox is box and not box.flags_loaded:
+            box.load_flags(loaded)
 
     def _start_idle_poll(self) -> None:
         # With the change bus, polling only catches other processes' changes
@@ -671,11 +719,16 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo("The folder is open read-only (EXAMINE); SELECT it to change it.", "READ-ONLY")
         return box
 
-    async def _audit(self, event: str, box: SelectedMailbox, uids: list[int], detail: str) -> None:
+    async def _message_ids(self, mailbox: str, uids: list[int]) -> list[str]:
+        """The public ids of these copies, for the audit log."""
+        account = self._acct()
+        snap = await account.run(self.store.snapshot, account.session, mailbox, uids)
+        return [m.message_id for m in snap.messages]
+
+    async def _audit(self, event: str, box: SelectedMailbox, ids: list[str], detail: str) -> None:
         """One audit event per command (issue 7): the message id in
         ``message`` if it touched one, else all of them in ``detail``. A
         folder of the user's own is not named (its name may be PHI)."""
-        ids = [box.meta[u].message_id for u in uids if u in box.meta]
         if not ids:
             return
         detail = f"folder={_folder_label(box.name)} {detail}".rstrip()
@@ -1033,9 +1086,10 @@ class IMAPServer(imap4.IMAP4Server):
         account = self._acct()
         if box.writable:
             # RFC 3501 §6.4.2: expunge silently.
-            removed = await account.run(self.store.expunge, account.session, box.name, None)
-            if removed:
-                self._expect_change(box.name, "expunge", removed)
+            gone = await account.run(self.store.expunge_messages, account.session, box.name, None)
+            if gone:
+                self._expect_change(box.name, "expunge", [u for u, _ in gone])
+                await self._audit("message.expunge", box, [pid for _, pid in gone], "via=CLOSE")
         self.mbox = None
         self.state = "auth"
         return b"CLOSE completed"
@@ -1058,10 +1112,11 @@ class IMAPServer(imap4.IMAP4Server):
             only = [u for _, u in self._targets(seqset, True)]
             if not only:
                 return b"EXPUNGE completed"
-        removed = await account.run(self.store.expunge, account.session, box.name, only)
+        gone = await account.run(self.store.expunge_messages, account.session, box.name, only)
+        removed = [u for u, _ in gone]
         if removed:
             self._expect_change(box.name, "expunge", removed)
-            await self._audit("message.expunge", box, removed, "")
+            await self._audit("message.expunge", box, [pid for _, pid in gone], "")
         for line in box.forget(removed):
             self.sendUntaggedResponse(line)
         return b"EXPUNGE completed"
@@ -1087,17 +1142,19 @@ class IMAPServer(imap4.IMAP4Server):
         account = self._acct()
         # RFC 3501 §2.3.2: \Recent can't be changed by a client.
         flags = [f for f in flags if f.lower() != "\\recent"]
+        await self._need_flags(box)
         uids = [u for _, u in targets if u not in box.ghosts]
         if uids:
             self._expect_change(box.name, "flags", uids)
             new = await account.run(self.store.set_flags, account.session, box.name, uids, flags, modes[base])
-            await self._audit("message.flags", box, uids, f"mode={modes[base]} flags={_flags_label(flags)}")
+            await self._audit("message.flags", box, await self._message_ids(box.name, uids),
+                              f"mode={modes[base]} flags={_flags_label(flags)}")
             box.set_flags(new)
         if not silent:
             for seq, u in targets:
-                if u in box.flags and u not in box.ghosts:
+                if u not in box.ghosts:
                     extra = b" UID %d" % u if uid else b""
-                    self.sendUntaggedResponse(b"%d FETCH (FLAGS (%s)%s)" % (seq, flag_text(box.flags[u], u in box.recent),
+                    self.sendUntaggedResponse(b"%d FETCH (FLAGS (%s)%s)" % (seq, flag_text(box.flags_at(seq), u in box.recent),
                                                                            extra))
         if len(uids) < len(targets):
             raise IMAPNo("Some of the messages no longer exist.", "EXPUNGEISSUED")
@@ -1128,8 +1185,10 @@ class IMAPServer(imap4.IMAP4Server):
         except MailboxNotFound:
             raise IMAPNo(f'There is no folder "{name}".', "TRYCREATE") from None
         pairs = sorted(result.uids)
-        await self._audit("message.move" if move else "message.copy", box, [a for a, _ in pairs],
-                          f"to={_folder_label(dest)}")
+        # The copies share their message (and its id) with the originals,
+        # which a MOVE has already removed.
+        await self._audit("message.move" if move else "message.copy", box,
+                          await self._message_ids(dest, [b for _, b in pairs]), f"to={_folder_label(dest)}")
         code = b""
         if pairs and self.enabled("UIDPLUS"):
             code = b"[COPYUID %d %s %s] " % (result.uidvalidity, compact_set([a for a, _ in pairs]).encode(),
@@ -1162,12 +1221,10 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo("Search strings must be US-ASCII or UTF-8.", "BADCHARSET (US-ASCII UTF-8)")
         box = self._box()
         account = self._acct()
-        candidates = [
-            Candidate(seq, u, box.flags.get(u, frozenset()), u in box.recent, box.meta[u].size,
-                      box.meta[u].internal_date)
-            for seq, u in enumerate(box.uids, 1) if u not in box.ghosts and u in box.meta
-        ]
-        found = await account.run(run_search, self.store, account.session, box.name, key, candidates,
+        await self._need_flags(box)
+        base = [(seq, u, box.flags_at(seq), u in box.recent) for seq, u in enumerate(box.uids, 1)
+                if u not in box.ghosts]
+        found = await account.run(_search, self.store, account.session, box.name, key, base,
                                   len(box.uids), box.uids[-1] if box.uids else 0)
         numbers = [c.uid if uid else c.seq for c in found]
         self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
@@ -1184,8 +1241,11 @@ class IMAPServer(imap4.IMAP4Server):
         if uid and not any(i.name == "UID" for i in items):
             items = [FetchItem("UID"), *items]  # RFC 3501 §6.4.8
         seen_now: set[int] = set()
-        if box.writable and any(i.sets_seen for i in items):
-            want = [u for _, u in targets if u not in box.ghosts and "\\Seen" not in box.flags.get(u, frozenset())]
+        sets_seen = box.writable and any(i.sets_seen for i in items)
+        if sets_seen or any(i.name == "FLAGS" for i in items):
+            await self._need_flags(box)
+        if sets_seen:
+            want = [u for _, u in targets if u not in box.ghosts and "\\Seen" not in box.flags_of(u)]
             if want:
                 self._expect_change(box.name, "flags", want)
                 new = await account.run(self.store.set_flags, account.session, box.name, want, ["\\Seen"], "add")
@@ -1193,6 +1253,8 @@ class IMAPServer(imap4.IMAP4Server):
                 seen_now = set(new)
         need_structure = any(_needs_structure(i) for i in items)
         content = any(i.content for i in items)
+        need_meta = content or any(i.name in ("INTERNALDATE", "RFC822.SIZE") or _needs_bytes(i) for i in items)
+        pre_render = tuple(sorted({_prerender_key(i) for i in items} - {None}))  # type: ignore[type-var]
         read: list[str] = []
         damaged: list[tuple[str, str]] = []
         missing = False
@@ -1200,9 +1262,15 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             for start in range(0, len(targets), FETCH_BATCH):
                 batch = targets[start:start + FETCH_BATCH]
-                live = [(s, u) for s, u in batch if u not in box.ghosts and u in box.meta]
+                live = [(s, u) for s, u in batch if u not in box.ghosts]
+                data = _Batch({}, {}, {})
+                if (need_meta or need_structure) and live:
+                    data = await account.run(_batch_data, self.store, account.session, box.name,
+                                             [u for _, u in live], need_meta, need_structure, pre_render)
+                if need_meta:
+                    live = [(s, u) for s, u in live if u in data.metas]
                 missing = missing or len(live) < len(batch)
-                structures = await self._structures(box, [u for _, u in live]) if need_structure and live else {}
+                structures = data.structures
                 if not any(_needs_bytes(i) for i in items):
                     # Metadata and summaries only: one write per batch.
                     out = []
@@ -1212,11 +1280,12 @@ class IMAPServer(imap4.IMAP4Server):
                             continue
                         wanted = items if u not in seen_now or any(i.name == "FLAGS" for i in items) \
                             else [*items, FetchItem("FLAGS")]
-                        st = structures.get(u)
-                        out.append(b"* %d FETCH (" % seq + b" ".join(_simple_item(i, box, u, st) or b""
+                        meta = data.metas.get(u)
+                        pre = data.rendered.get(u)
+                        out.append(b"* %d FETCH (" % seq + b" ".join(_simple_item(i, box, seq, u, meta, pre) or b""
                                                                       for i in wanted) + b")\r\n")
-                        if content:
-                            read.append(box.meta[u].message_id)
+                        if content and meta is not None:
+                            read.append(meta.message_id)
                     self.transport.write(b"".join(out))
                     await self.transport.drained()
                     continue
@@ -1224,17 +1293,19 @@ class IMAPServer(imap4.IMAP4Server):
                     if need_structure and u not in structures:
                         missing = True
                         continue
+                    meta = data.metas[u]
                     try:
-                        ok = await self._fetch_one(box, seq, u, items, structures.get(u), u in seen_now)
+                        ok = await self._fetch_one(box, seq, u, items, structures.get(u), meta,
+                                                   data.rendered.get(u), u in seen_now)
                     except IntegrityError as exc:
                         # One damaged blob must not stop a client syncing
                         # the rest of the folder: carry on, refuse at the end.
-                        damaged.append((box.meta[u].message_id, str(exc)))
+                        damaged.append((meta.message_id, str(exc)))
                         continue
                     if not ok:
                         missing = True
                     elif content:
-                        read.append(box.meta[u].message_id)
+                        read.append(meta.message_id)
         finally:
             self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         if read:
@@ -1281,24 +1352,10 @@ class IMAPServer(imap4.IMAP4Server):
                           message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
                           detail=detail)
 
-    async def _structures(self, box: SelectedMailbox, uids: list[int]) -> dict[int, structure.Structure]:
-        account = self._acct()
-        out: dict[int, structure.Structure] = {}
-        summaries = getattr(self.store, "summaries", None)
-        if summaries is not None:
-            found = await account.run(summaries, account.session, box.name, uids)
-            for u, s in (found or {}).items():
-                if s:
-                    out[u] = structure.from_summary(s)
-        rest = [u for u in uids if u not in out]
-        if rest:
-            out.update(await account.run(_parse_structures, self.store, account.session, box.name, rest))
-        return out
-
     async def _fetch_one(self, box: SelectedMailbox, seq: int, u: int, items: list[FetchItem],
-                         st: structure.Structure | None, seen_now: bool) -> bool:
+                         st: structure.Structure | None, meta: MessageMeta, pre: dict[str, bytes] | None,
+                         seen_now: bool) -> bool:
         account = self._acct()
-        meta = box.meta[u]
         needs_reader = any(_needs_bytes(i) for i in items)
         reader = None
         if needs_reader:
@@ -1316,7 +1373,7 @@ class IMAPServer(imap4.IMAP4Server):
             for n, item in enumerate(items):
                 if n:
                     pieces.append(b" ")
-                simple = _simple_item(item, box, u, st)
+                simple = _simple_item(item, box, seq, u, meta, pre)
                 if simple is not None:
                     pieces.append(simple)
                 else:
@@ -1392,28 +1449,83 @@ def _flags_label(flags: list[str]) -> str:
     return " ".join(system + ([f"keywords:{keywords}"] if keywords else [])) or "-"
 
 
-def _simple_item(item: FetchItem, box: SelectedMailbox, u: int, st: structure.Structure | None) -> bytes | None:
-    """A FETCH item answered from the view or the summary; None for
-    sections, which need the sealed message."""
+def _simple_item(item: FetchItem, box: SelectedMailbox, seq: int, u: int, meta: MessageMeta | None,
+                 pre: dict[str, bytes] | None) -> bytes | None:
+    """A FETCH item answered from the view, the message's metadata or what
+    ``_batch_data`` rendered from its summary; None for sections, which
+    need the sealed message."""
     name = item.name
     if name == "UID":
         return b"UID %d" % u
     if name == "FLAGS":
-        return b"FLAGS (" + flag_text(box.flags.get(u, frozenset()), u in box.recent) + b")"
+        return b"FLAGS (" + flag_text(box.flags_at(seq), u in box.recent) + b")"
     if name == "INTERNALDATE":
-        return b'INTERNALDATE "' + format_date_time(box.meta[u].internal_date).encode() + b'"'
+        assert meta is not None
+        return b'INTERNALDATE "' + format_date_time(meta.internal_date).encode() + b'"'
     if name == "RFC822.SIZE":
-        return b"RFC822.SIZE %d" % box.meta[u].size
-    if name == "ENVELOPE":
-        assert st is not None
-        return b"ENVELOPE " + render.envelope(st.envelope)
-    if name == "BODYSTRUCTURE":
-        assert st is not None
-        return b"BODYSTRUCTURE " + render.body(st.body, True)
-    if name == "BODY" and item.section is None:
-        assert st is not None
-        return b"BODY " + render.body(st.body, False)
+        assert meta is not None
+        return b"RFC822.SIZE %d" % meta.size
+    key = _prerender_key(item)
+    if key is not None:
+        assert pre is not None
+        return pre[key]
     return None
+
+
+def _prerender_key(item: FetchItem) -> str | None:
+    """The items rendered from the summary on a worker thread."""
+    if item.name in ("ENVELOPE", "BODYSTRUCTURE") or (item.name == "BODY" and item.section is None):
+        return item.name
+    return None
+
+
+def _render(key: str, st: structure.Structure) -> bytes:
+    if key == "ENVELOPE":
+        return b"ENVELOPE " + render.envelope(st.envelope)
+    if key == "BODYSTRUCTURE":
+        return b"BODYSTRUCTURE " + render.body(st.body, True)
+    return b"BODY " + render.body(st.body, False)
+
+
+@dataclass
+class _Batch:
+    metas: dict[int, MessageMeta]
+    structures: dict[int, structure.Structure]
+    rendered: dict[int, dict[str, bytes]]
+
+
+def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_meta: bool, need_structure: bool,
+                pre_render: tuple[str, ...]) -> _Batch:
+    """What FETCH needs of a batch of messages, on a worker thread: their
+    metadata, their structures (from the sealed summaries; parsed from the
+    content for a message without one) and the ENVELOPE/BODYSTRUCTURE text,
+    so that building and rendering them never holds up the reactor."""
+    out = _Batch({}, {}, {})
+    if need_meta:
+        out.metas = {m.uid: m for m in store.snapshot(session, mailbox, uids).messages}
+        uids = [u for u in uids if u in out.metas]
+    if need_structure and uids:
+        summaries = getattr(store, "summaries", None)
+        if summaries is not None:
+            for u, doc in (summaries(session, mailbox, uids) or {}).items():
+                if doc:
+                    out.structures[u] = structure.from_summary(doc)
+        rest = [u for u in uids if u not in out.structures]
+        if rest:
+            out.structures.update(_parse_structures(store, session, mailbox, rest))
+        if pre_render:
+            out.rendered = {u: {k: _render(k, st) for k in pre_render} for u, st in out.structures.items()}
+    return out
+
+
+def _search(store: Any, session: Any, mailbox: str, key: Any, base: list[tuple[int, int, frozenset[str], bool]],
+            count: int, largest_uid: int) -> list[Candidate]:
+    """SEARCH on a worker thread: sizes and dates read for the live
+    messages of the view, then ``search.run_search``."""
+    metas = {m.uid: m for m in store.snapshot(session, mailbox, [u for _, u, _, _ in base]).messages}
+    candidates = [Candidate(seq, u, flags, recent, metas[u].size, metas[u].internal_date)
+                  for seq, u, flags, recent in base if u in metas]
+    return run_search(store, session, mailbox, key, candidates, count, largest_uid)  # type: ignore[no-any-return]
 
 
 def _needs_structure(item: FetchItem) -> bool:

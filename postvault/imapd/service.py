@@ -90,16 +90,17 @@ class IMAPService:
         for kind, endpoint, implicit in (("imaps", listen.imaps, True), ("imap", listen.imap, False)):
             if endpoint is None:
                 continue
+            # Plain TCP from asyncio; TLS is ours (transport.py, tls.py).
             server = await loop.create_server(
                 lambda implicit=implicit: self._bridge(implicit), endpoint.host, endpoint.port,
-                ssl=self.runtime.tls.context if implicit else None, ssl_handshake_timeout=30 if implicit else None,
                 reuse_address=True)
             self._servers.append(server)
             listening.append(f"{kind} {endpoint}")
         return listening
 
     def _bridge(self, implicit: bool) -> Bridge:
-        return Bridge(lambda: self._protocol(implicit), secure=implicit, on_close=self._closed)
+        return Bridge(lambda: self._protocol(implicit), secure=implicit, on_close=self._closed,
+                      tls=(lambda: self.runtime.tls.context) if implicit else None)
 
     def _protocol(self, implicit: bool) -> Any:
         proto = IMAPServer(self, implicit)

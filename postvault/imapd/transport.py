@@ -1,18 +1,26 @@
-"""Twisted protocols over asyncio's TLS streams.
+"""Twisted protocols over asyncio streams, with TLS.
 
 Why: Twisted's own TLS needs pyOpenSSL and a context built its way, while
 every other listener of ``postvault serve`` takes its ``ssl.SSLContext``
 from one ``TLSContextHolder`` (same BCP 195 settings, SIGHUP reload through
 the SNI hook). The reactor is Twisted's asyncioreactor, so asyncio's server
-and ``loop.start_tls`` (STARTTLS) run on the very loop that drives the
-reactor; this module adapts an asyncio transport to Twisted's
-``ITransport``/``ITLSTransport`` so ``IMAP4Server`` runs unchanged on it.
+runs on the very loop that drives the reactor; this module adapts an
+asyncio transport to Twisted's ``ITransport``/``ITLSTransport`` so
+``IMAP4Server`` runs unchanged on it.
+
+TLS: the IMAP listeners take plain TCP from asyncio and run TLS here,
+through ``tls.TLSLayer`` (``ssl.SSLObject`` over memory BIOs), both for
+implicit TLS (``Bridge(tls=...)``) and STARTTLS; see tls.py for why not
+asyncio's TLS (a 256 KiB buffer per connection). The web listener still
+hands in transports that asyncio already secured (``secure=True``).
 
 Invariants:
 - Everything here runs on the loop (= reactor) thread.
 - ``startTLS`` upgrades in place: data the client sent in plaintext after
   the STARTTLS command never reaches the protocol (the protocol discards
   its line buffer before calling ``startTLS``; later bytes go through TLS).
+- With our TLS, the protocol is made only once the handshake is done, and
+  nothing it writes reaches the socket unencrypted.
 - Write flow control: asyncio's ``pause_writing``/``resume_writing`` are
   forwarded to a registered producer and to ``drained()`` waiters, so a
   50 MB FETCH is read from the store only as fast as the client takes it.
@@ -33,11 +41,16 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .tls import TLSLayer
+
 log = logging.getLogger("postvault.imapd")
 
 # Bytes queued in the kernel-side buffer before we stop producing.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# RFC-free but customary: a client that has not finished the TLS handshake
+# in this long is gone (asyncio's ssl_handshake_timeout default is 60).
+HANDSHAKE_TIMEOUT = 30.0
 
 
 def _address(info: Any) -> IPv4Address | IPv6Address:
@@ -62,6 +75,11 @@ class StreamTransport:
         self._waiters: list[defer.Deferred[None]] = []
         self._closed = False
         self.upgrading = False
+        self._tls: TLSLayer | None = None
+        self._early: list[bytes] = []  # written before the handshake ended
+        self._read_paused = False
+        self._on_secure: Callable[[], None] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     # -- ITransport -----------------------------------------------------------
@@ -71,20 +89,37 @@ class StreamTransport:
         return self._closed or self._t.is_closing()
 
     def write(self, data: bytes) -> None:
-        if not self.disconnecting and data:
+        if self.disconnecting or not data:
+            return
+        tls = self._tls
+        if tls is None:
             self._t.write(data)
+        elif not tls.handshaken:
+            self._early.append(bytes(data))
+        else:
+            self._t.write(tls.send(data))
 
     def writeSequence(self, data: list[bytes]) -> None:
-        if not self.disconnecting:
+        if self.disconnecting:
+            return
+        if self._tls is None:
             self._t.writelines(data)
+        else:
+            self.write(b"".join(data))
 
     def loseConnection(self) -> None:
         """Close after what was written has been sent."""
+        if self.disconnecting:
+            return
+        if self._tls is not None and self._tls.handshaken:
+            self._t.write(self._tls.close())
         self._closed = True
+        self._cancel_handshake_timer()
         self._t.close()
 
     def abortConnection(self) -> None:
         self._closed = True
+        self._cancel_handshake_timer()
         self._t.abort()
 
     def getPeer(self) -> IPv4Address | IPv6Address:
@@ -96,10 +131,15 @@ class StreamTransport:
     # -- reading (IPushProducer: the protocol pauses us) ----------------------
 
     def pauseProducing(self) -> None:
-        if not self.disconnecting:
+        # During a TLS handshake the socket must stay readable (the
+        # client's handshake messages come through it); the protocol's
+        # wish is applied once the handshake is done.
+        self._read_paused = True
+        if not self.disconnecting and not self.upgrading:
             self._t.pause_reading()
 
     def resumeProducing(self) -> None:
+        self._read_paused = False
         if not self.disconnecting and not self.upgrading:
             self._t.resume_reading()
 
@@ -140,57 +180,117 @@ class StreamTransport:
         for d in waiters:
             d.callback(None)
 
-    # -- ITLSTransport --------------------------------------------------------
+    # -- TLS ---------------------------------------------------------------------
 
     def startTLS(self, ctx: ssl.SSLContext, normal: bool = True) -> None:
-        """Upgrade to TLS (server side); reading stays paused until done."""
+        """STARTTLS (server side): from now on every byte is TLS."""
+        self.start_tls_layer(ctx)
+
+    def start_tls_layer(self, ctx: ssl.SSLContext, on_secure: Callable[[], None] | None = None) -> None:
+        """Run TLS over this connection; ``on_secure`` once the handshake is done."""
+        self._tls = TLSLayer(ctx)
+        self._on_secure = on_secure
         self.upgrading = True
+        self._t.resume_reading()
         loop = asyncio.get_event_loop()
+        self._handshake_timer = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
 
-        async def upgrade() -> None:
-            try:
-                new = await loop.start_tls(self._t, self._bridge, ctx, server_side=True,
-                                           ssl_handshake_timeout=30)
-            except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
-                log.info("STARTTLS handshake failed: %s", type(exc).__name__)
-                self.upgrading = False
-                self.abortConnection()
-                return
-            self.upgrading = False
-            if new is None:
-                self.abortConnection()
-                return
-            self._t = new  # type: ignore[assignment]
-            self.secure = True
-            new.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self._tls is not None and not self._tls.handshaken:
+            log.info("TLS handshake timed out")
+            self.abortConnection()
 
-        asyncio.ensure_future(upgrade())
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def received(self, data: bytes) -> bytes:
+        """What the client sent, as the protocol must see it (decrypted)."""
+        tls = self._tls
+        if tls is None:
+            return data
+        if self._closed:
+            return b""
+        was = tls.handshaken
+        try:
+            plain, out = tls.receive(data)
+        except ssl.SSLError as exc:
+            # The type only: the reason text can quote the client's bytes.
+            log.info("TLS %s failed: %s", "connection" if was else "handshake", type(exc).__name__)
+            alert = tls.pending()
+            if alert:
+                self._t.write(alert)
+            self._closed = True
+            self._cancel_handshake_timer()
+            self._t.close()
+            return b""
+        if out:
+            self._t.write(out)
+        if tls.handshaken and not was:
+            self._secured()
+        if tls.peer_closed:
+            self.loseConnection()
+        return plain
+
+    def _secured(self) -> None:
+        assert self._tls is not None
+        self._cancel_handshake_timer()
+        self.upgrading = False
+        self.secure = True
+        early, self._early = self._early, []
+        for data in early:
+            self.write(data)
+        if self._read_paused:
+            self._t.pause_reading()
+        on_secure, self._on_secure = self._on_secure, None
+        if on_secure is not None:
+            on_secure()
 
 
 class Bridge(asyncio.Protocol):
-    """asyncio protocol that feeds one Twisted protocol."""
+    """asyncio protocol that feeds one Twisted protocol.
+
+    ``tls``: run TLS here (implicit TLS) with the context it returns, made
+    per connection so a reloaded certificate applies to new connections;
+    the Twisted protocol starts once the handshake is done. Without it the
+    transport is plain (``secure`` says whether asyncio already secured it).
+    """
 
     def __init__(self, make: Callable[[], Protocol], secure: bool,
-                 on_close: Callable[[Bridge], None] | None = None) -> None:
+                 on_close: Callable[[Bridge], None] | None = None,
+                 tls: Callable[[], ssl.SSLContext] | None = None) -> None:
         self._make = make
         self._secure = secure
         self._on_close = on_close
+        self._tls = tls
         self.transport: StreamTransport | None = None
         self.protocol: Protocol | None = None
         self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is not None:
-            return  # start_tls hands us the new TLS transport: not a new connection
+            return
         assert isinstance(transport, asyncio.Transport)
-        self.transport = StreamTransport(self, transport, self._secure)
+        self.transport = StreamTransport(self, transport, self._secure and self._tls is None)
         self.peer = self.transport.getPeer().host
+        if self._tls is not None:
+            self.transport.start_tls_layer(self._tls(), on_secure=self._start_protocol)
+        else:
+            self._start_protocol()
+
+    def _start_protocol(self) -> None:
+        assert self.transport is not None
         self.protocol = self._make()
         self.protocol.makeConnection(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.protocol is not None:
-            self.protocol.dataReceived(data)
+        if self.transport is None:
+            return
+        plain = self.transport.received(data)
+        if plain and self.protocol is not None:
+            self.protocol.dataReceived(plain)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -204,13 +304,9 @@ class Bridge(asyncio.Protocol):
             self.transport._resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None and self.transport.upgrading:
-            # The plaintext transport is handed over to TLS: start_tls
-            # reports the old one lost only if the upgrade failed.
-            if exc is None:
-                return
         if self.transport is not None:
             self.transport._closed = True
+            self.transport._cancel_handshake_timer()
             self.transport._release()
         if self.protocol is not None:
             reason = Failure(ConnectionDone()) if exc is None else Failure(ConnectionLost(str(type(exc).__name__)))

@@ -7,6 +7,7 @@ freely.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -100,6 +101,58 @@ class MessageMeta:
 class MailboxSnapshot:
     mailbox: MailboxInfo
     messages: tuple[MessageMeta, ...]  # ascending UID
+
+
+# A UID is a 32-bit unsigned number (RFC 3501 §2.3.1.1); "I" is 4 bytes on
+# every platform Python supports, and the per-message cost of a mailbox
+# view is what makes SELECT of 100,000 messages cheap.
+UID_TYPECODE = "I"
+assert array(UID_TYPECODE).itemsize >= 4
+
+
+@dataclass(frozen=True)
+class MailboxState:
+    """What SELECT reports about a mailbox, read without building an object
+    per message: counts and first-unseen come from one SQL aggregate, the
+    UIDs are a compact ``array`` (4 bytes each). Per-message flags and
+    metadata are read when a command needs them (``message_flags``,
+    ``snapshot(..., uids=...)``, ``mailbox_changes``)."""
+
+    mailbox: MailboxInfo
+    uids: array  # type: ignore[type-arg]  # ascending, typecode UID_TYPECODE
+    unseen: int
+    first_unseen: int | None  # the lowest UID without \Seen
+    keywords: frozenset[str]  # keyword flags (no backslash) some message has
+    # The lowest UID whose internal date is at or after the ``since`` asked
+    # for (None if none or not asked): \Recent's start (imapd/mailbox.py).
+    first_since: int | None = None
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+
+@dataclass(frozen=True)
+class MailboxFlags:
+    """The flags of every message of a mailbox, compactly: ``sets[index[i]]``
+    are the flags of ``uids[i]``. A mailbox has few distinct flag sets, so
+    each is one shared frozenset."""
+
+    uids: array  # type: ignore[type-arg]  # ascending, typecode UID_TYPECODE
+    index: array  # type: ignore[type-arg]  # typecode "I"
+    sets: tuple[frozenset[str], ...]
+
+
+@dataclass(frozen=True)
+class MailboxChanges:
+    """What changed in a mailbox since a modseq: the messages added or with
+    flags changed (modseq above it), and how many messages it holds now
+    (expunges leave no row, so a count that does not add up tells the
+    reader it must compare UIDs)."""
+
+    mailbox: MailboxInfo
+    messages: tuple[MessageMeta, ...]  # ascending UID
+    count: int
 
 
 @dataclass(frozen=True)
