@@ -97,7 +97,15 @@ class StreamTransport:
         elif not tls.handshaken:
             self._early.append(bytes(data))
         else:
-            self._t.write(tls.send(data))
+            try:
+                records = tls.send(data)
+            except ssl.SSLError as exc:
+                # OpenSSL refuses to write after a fatal error: the
+                # connection is unusable, and the caller sees it closed.
+                log.info("TLS write failed: %s", type(exc).__name__)
+                self.abortConnection()
+                return
+            self._t.write(records)
 
     def writeSequence(self, data: list[bytes]) -> None:
         if self.disconnecting:
