@@ -45,7 +45,7 @@ from ..conf.schema import Config
 from ..errors import BackupError, IntegrityError
 from ..home import open_store
 from ..progress import Progress
-from ..store.blobs import FileBlobStore
+from ..store.blobs import FileBlobStore, _fsync_dir
 from . import archive
 from .archive import HashingReader, Manifest, member_info
 from .openpgp import encrypting_sink
@@ -126,14 +126,6 @@ def make_backup(home: Path, out: Path, *, encrypt_to: str | None = None, gnupg_h
     finally:
         store.close()
     return result
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_archive(sink: BinaryIO, home: Path, config: Config, db_path: Path, work: Path, outputs: set[Path],
