@@ -58,6 +58,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.expected_conditions import staleness_of
 
 
 def spki_hash(cert_pem: bytes) -> str:
@@ -97,7 +98,13 @@ def fill(driver: object, fields: dict[str, str]) -> None:
 
 
 def submit(driver: object) -> None:
+    """Click the form's button and wait until the answer page replaced it:
+    click() returns before the navigation, so reading page_source at once
+    can still see the old page (a CI run failed that way)."""
+    old = driver.find_element(By.TAG_NAME, "html")  # type: ignore[attr-defined]
     driver.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()  # type: ignore[attr-defined]
+    WebDriverWait(driver, 20).until(staleness_of(old))
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def cli(server: Server, *args: str, stdin: str | None = None) -> str:
