@@ -87,6 +87,9 @@ def load_config_text(text: str, *, home: Path, source: str,
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {_describe_toml_error(exc, text)}") from None
+    except RecursionError:
+        # As in policy/load.py: tomllib recurses on nested arrays and tables.
+        raise ConfigError(f"{source}: expected valid TOML, got arrays or tables nested too deeply") from None
     specs = list(keys())
     raw: dict[str, Any] = {}    # dotted key -> raw value, from the file or the environment
     where: dict[str, str] = {}  # dotted key -> the file, or the variable that set it

@@ -362,12 +362,26 @@ class Section:
     fields: tuple[str, ...] = ()
 
     def spec(self) -> str:
+        """The section as the FETCH response names it; field names as the
+        client could have sent them (``astring``), so the response parses
+        back to this section (RFC 3501 §7.4.2 ``section``)."""
         out = ".".join(str(p) for p in self.part)
         if self.text:
             out = f"{out}.{self.text}" if out else self.text
         if self.fields:
-            out += " (" + " ".join(self.fields) + ")"
+            out += " (" + " ".join(_astring_text(f) for f in self.fields) + ")"
         return out
+
+
+def _astring_text(name: str) -> str:
+    """``name`` (ASCII, other bytes as surrogates) as an IMAP astring: an
+    atom if it can be one, else a quoted string, else a literal."""
+    raw = name.encode("ascii", "surrogateescape")
+    if raw and all(c in ASTRING_CHARS for c in raw):
+        return name
+    if all(0x01 <= c <= 0x7F and c not in (0x0A, 0x0D) for c in raw):
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{{{len(raw)}}}\r\n{name}"
 
 
 @dataclass(frozen=True)
@@ -478,7 +492,9 @@ def _section(cur: Cursor) -> Section:
         cur.expect(b"(")
         names = []
         while True:
-            names.append(cur.astring("a header field name").decode("ascii", "replace").upper())
+            # Bytes that are not ASCII never match a field name (RFC 5322
+            # §2.2); surrogateescape keeps them, to echo them exactly.
+            names.append(cur.astring("a header field name").decode("ascii", "surrogateescape").upper())
             if cur.accept(b")"):
                 break
             cur.sp()

@@ -71,6 +71,7 @@ from .cred import FAILED, LoginRefused, StrictPLAIN, decode_sasl
 from .mailbox import FLAGS, SelectedMailbox, flag_text
 from .parse import (
     LITERAL_MARK,
+    TAG_CHARS,
     BadCommand,
     Cursor,
     FetchItem,
@@ -317,7 +318,10 @@ class IMAPServer(imap4.IMAP4Server):
     # -- reading commands ----------------------------------------------------------
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        tag = line.split(b" ", 1)[0][:64] if line[:1].isalnum() else None
+        # Echo the tag only if it is one: the line may hold a bare CR or LF
+        # ("a\n1 OK ..."), which would forge a second response line.
+        word = line.split(b" ", 1)[0][:64]
+        tag = word if line[:1].isalnum() and all(c in TAG_CHARS for c in word) else None
         self.sendBadResponse(tag, b"[TOOBIG] Command line too long")
         head, sep, rest = line.partition(b"\r\n")
         self._parts = []
@@ -1383,7 +1387,7 @@ class IMAPServer(imap4.IMAP4Server):
                         head = await account.run(_read_at, reader, rng[0], rng[1] - rng[0])
                         data = _filter_headers(head, fields[0], fields[1])
                         data = _partial(data, item.partial)
-                        pieces.append(label.encode() + b" {%d}\r\n" % len(data) + data)
+                        pieces.append(label.encode("ascii", "surrogateescape") + b" {%d}\r\n" % len(data) + data)
                         continue
                     start, end = rng
                     if item.partial is not None:
@@ -1393,7 +1397,7 @@ class IMAPServer(imap4.IMAP4Server):
                     # a damaged chunk found mid-literal could not be
                     # answered without desynchronising the client.
                     await account.run(reader.verify, start, end - start)
-                    pieces.append(label.encode() + b" {%d}\r\n" % (end - start))
+                    pieces.append(label.encode("ascii", "surrogateescape") + b" {%d}\r\n" % (end - start))
                     write(b"".join(pieces))
                     sent = True
                     pieces = []

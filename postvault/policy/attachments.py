@@ -256,7 +256,9 @@ def _decode_bytes(data: bytes, charset: str) -> str:
     charset = charset.split("*", 1)[0].strip()  # RFC 2231 section 5: charset*lang
     try:
         codecs.lookup(charset)
-    except LookupError:
+    except (LookupError, ValueError):
+        # ValueError: a NUL in the name; UnicodeEncodeError (a ValueError):
+        # 8-bit bytes, which reach here as surrogates (fuzz/mime.py found both).
         charset = "latin-1"
     try:
         return data.decode(charset, "replace")

@@ -140,6 +140,10 @@ def _parse(text: str, source: str) -> tuple[Policy | None, list[str]]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [_syntax_problem(exc, text, source)]
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables recursively; a few
+        # hundred "[" exhaust the stack (fuzz/policy.py found it).
+        return None, [f"{source}:1: expected valid TOML, got arrays or tables nested too deeply"]
     problems = _Problems(source, _Lines(text))
     policy = _Builder(problems).policy(data)
     return policy, problems.sorted()

@@ -443,10 +443,18 @@ class SubmissionProtocol(SMTP):
                     self._reader._buffer[0:0] = rest  # type: ignore[attr-defined]
                 del kept[end + 2:]
                 break
-            scan = len(kept) - 4
+            # An end of data may straddle this chunk and the next: search
+            # again from its longest possible start (never from before 0,
+            # which find would read as counted from the end).
+            scan = max(0, len(kept) - 4)
             if not too_big:
                 dots += kept.count(b"\r\n.", max(0, start - 2))
-                too_big = len(kept) - 2 - dots > limit > 0
+                # The content so far: without the virtual CR LF and the
+                # stuffed dots, and without the CR of an end of data whose
+                # LF is still to come (a message of exactly the limit must
+                # pass however it is cut into reads).
+                pending = 1 if kept.endswith(b"\r\n.\r") else 0
+                too_big = len(kept) - 2 - dots - pending > limit > 0
             if too_big:
                 discarded += len(kept) - 4
                 del kept[:-4]
