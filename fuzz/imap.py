@@ -51,7 +51,7 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.mail import imap4  # noqa: E402
 from twisted.python import failure  # noqa: E402
 
-from fuzz._common import check, fuzzing, instrumented, main  # noqa: E402
+from fuzz._common import check, fuzzing, instrumented, main, patched  # noqa: E402
 
 with instrumented(fuzzing(__name__)):
     from postvault.conf.schema import ImapConfig
@@ -72,7 +72,6 @@ SERVICE = SimpleNamespace(
 # The server schedules with the global reactor; a clock keeps each input
 # self-contained (and runs the callLater(0) of the too-long-line path).
 CLOCK = task.Clock()
-server_mod.reactor = CLOCK  # type: ignore[assignment]
 
 _RESPONSE = re.compile(rb"(?:\* |\+ |\+\Z|[\x21-\x7e]+ (?:OK|NO|BAD)(?: |\Z))")
 
@@ -87,8 +86,6 @@ class _Errors(logging.Handler):
 
 
 ERRORS = _Errors()
-logging.getLogger("postvault.imapd").addHandler(ERRORS)
-logging.getLogger("postvault.imapd").propagate = False
 
 
 def _check_seqset(value: parse.SeqSet) -> None:
@@ -168,6 +165,16 @@ def _check_output(out: bytes) -> None:
 
 
 def _server(data: bytes, state: str, seed: int) -> None:
+    log = logging.getLogger("postvault.imapd")
+    log.addHandler(ERRORS)
+    try:
+        with patched(server_mod, "reactor", CLOCK):
+            _feed(data, state, seed)
+    finally:
+        log.removeHandler(ERRORS)
+
+
+def _feed(data: bytes, state: str, seed: int) -> None:
     proto = ParseOnly(SERVICE, implicit_tls=True)
     proto.callLater = CLOCK.callLater  # TimeoutMixin's timer
     transport = StringTransport(peerAddress=SimpleNamespace(host="127.0.0.1"))
@@ -224,4 +231,5 @@ def one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
+    logging.getLogger("postvault.imapd").propagate = False  # ERRORS has them
     main(one_input)

@@ -247,6 +247,9 @@ def regressions() -> dict[str, dict[str, bytes]]:
             # A message of exactly the limit, read so that a chunk ends in
             # "\r\n.\r": the streaming size check counted the CR of the end.
             "crash-limit-straddling-end": bytes([6, 7, 5, 12]) + b"abcdef\r\n.\r\n",
+            # Over the limit and with a bare LF, read at once: refused for the
+            # bare LF, where the same bytes in several reads were too big.
+            "crash-size-before-bare-lf": bytes([6, 7, 0, 255]) + b"ab\ncdefghij\r\n.\r\n",
         },
         "imap": {
             # A quoted header field name with a space came back unquoted in

@@ -54,18 +54,21 @@ def _stat(pattern: str, text: str) -> int:
     return int(found[-1]) if found else 0
 
 
-def run_one(name: str, seconds: int, work: Path, crashes: Path) -> Result:
-    """Fuzz harness ``name`` for ``seconds``; see the module docstring."""
+def run_one(name: str, seconds: int, work: Path, crashes: Path, fuzz_dir: Path = FUZZ_DIR) -> Result:
+    """Fuzz harness ``name`` (``fuzz_dir/<name>.py``, seeds in
+    ``fuzz_dir/corpus/<name>/``) for ``seconds``; see the module docstring."""
     corpus = work / name
     corpus.mkdir(parents=True, exist_ok=True)
     crashes.mkdir(parents=True, exist_ok=True)
     before = set(crashes.glob(f"{name}-*"))
     cmd = [
-        sys.executable, str(FUZZ_DIR / f"{name}.py"), str(corpus), str(FUZZ_DIR / "corpus" / name),
-        f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}", f"-max_len={MAX_LEN[name]}",
-        f"-dict={FUZZ_DIR / 'dicts' / f'{name}.dict'}", f"-artifact_prefix={crashes}/{name}-",
-        "-print_final_stats=1",
+        sys.executable, str(fuzz_dir / f"{name}.py"), str(corpus), str(fuzz_dir / "corpus" / name),
+        f"-max_total_time={seconds}", f"-timeout={INPUT_TIMEOUT}", f"-max_len={MAX_LEN.get(name, 4096)}",
+        f"-artifact_prefix={crashes}/{name}-", "-print_final_stats=1",
     ]
+    dictionary = fuzz_dir / "dicts" / f"{name}.dict"
+    if dictionary.is_file():
+        cmd.append(f"-dict={dictionary}")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.monotonic()
     log = crashes / f"{name}.log"

@@ -463,7 +463,11 @@ class SubmissionProtocol(SMTP):
                     log.warning("session=%s oversize message never ended; closing", self.sid)
                     self.close_with(replies.TOO_BIG_CLOSING.format(limit=self._size_text))
                     return None, None
-        if too_big:
+        # The exact unstuffed size, checked first whatever the reads were:
+        # the streaming check above only looks at messages that end in a
+        # later read, and the answer must not depend on how the message was
+        # cut into reads (fuzz/smtp_data.py).
+        if too_big or (limit and len(kept) - 2 - kept.count(b"\r\n.") > limit):
             return None, ("data.too-big", replies.TOO_BIG.format(limit=self._size_text))
         if too_long:
             return None, ("data.line-too-long", replies.LINE_TOO_LONG.format(limit=max_line))
@@ -475,8 +479,6 @@ class SubmissionProtocol(SMTP):
         unstuffed = kept.replace(b"\r\n.", b"\r\n") if dots or b"\r\n." in kept else kept
         with memoryview(unstuffed) as view:
             body = bytes(view[2:])
-        if limit and len(body) > limit:
-            return None, ("data.too-big", replies.TOO_BIG.format(limit=self._size_text))
         return body, None
 
 
