@@ -162,7 +162,6 @@ def imap_seeds() -> dict[str, bytes]:
             b"a3 COPY 1 Trash", b"a4 UID MOVE 1:* \"Deleted Items\"", b"a5 EXPUNGE", b"a6 UID EXPUNGE 4:7",
             b"a7 CLOSE", b"a8 UNSELECT", b"a9 CHECK"),
         "long-line": select + b"a1 FETCH " + b"1," * 200 + b"2 FLAGS\r\na2 NOOP\r\n",
-        "long-line-lf": select + b"a\n1 OK x" + b"y" * 300 + b"\r\na2 NOOP\r\n",
         "big-literal": auth + b"a1 LOGIN {600}\r\na2 LOGIN {600+}\r\n" + b"z" * 20 + b"\r\n",
         "twisted-parens": twisted + b"(\"a\" {3}\r\nabc NIL (1 2 (\"x\\\"y\")) [BODY] \"\")",
         "twisted-idlist": twisted + b"1:*,3,5:7,*:4",
@@ -239,6 +238,12 @@ def regressions() -> dict[str, dict[str, bytes]]:
             "crash-encoded-word-charset-nul": b"\x00" + _lines(
                 b"Content-Type: application/pdf", b"Content-Disposition: attachment; filename==?utf-8\x00?q?a?=.pdf",
                 b"", b"abc"),
+            # A MIME header value with an 8-bit byte: the email package's
+            # compat32 policy gives a Header object, and structure.parse
+            # (FETCH of a message stored without a summary) called .strip on it.
+            "crash-8bit-transfer-encoding": b"\x00" + _lines(
+                b"Content-Type: multipart/mixed; boundary=z", b"", b"--z", b"Content-Transfer-Encoding:\x93 x",
+                b"Content-ID: <\xff@x>", b"", b"body", b"--z--"),
         },
         "smtp_data": {
             # "." then CR LF in a second read: the search for the end started
@@ -255,6 +260,12 @@ def regressions() -> dict[str, dict[str, bytes]]:
             # A quoted header field name with a space came back unquoted in
             # the FETCH response name, as two names.
             "crash-section-field-with-space": b"\x02a1 FETCH 1 BODY[HEADER.FIELDS (\"A B\")]\r\n",
+            # A refused literal echoed the raw first word as the tag: 8-bit
+            # bytes, or a bare LF that forges a response line ("a\n2 BAD").
+            "crash-literal-refusal-tag": b"\x01a1 LOGIN {600}\r\na\xe22 LOGIN {600+}\r\n" + b"z" * 16
+                                         + b"\r\na\n3 LOGIN {600}\r\n",
+            # The same for a line too long: "a\n1 OK ..." echoed as its tag.
+            "crash-long-line-tag": b"\x02a\n1 OK x" + b"y" * 300 + b"\r\na2 NOOP\r\n",
         },
         "policy": {
             # Deeply nested arrays: tomllib raised RecursionError.

@@ -318,10 +318,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- reading commands ----------------------------------------------------------
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        # Echo the tag only if it is one: the line may hold a bare CR or LF
-        # ("a\n1 OK ..."), which would forge a second response line.
-        word = line.split(b" ", 1)[0][:64]
-        tag = word if line[:1].isalnum() and all(c in TAG_CHARS for c in word) else None
+        tag = _echo_tag(line.split(b" ", 1)[0][:64]) if line[:1].isalnum() else None
         self.sendBadResponse(tag, b"[TOOBIG] Command line too long")
         head, sep, rest = line.partition(b"\r\n")
         self._parts = []
@@ -379,7 +376,7 @@ class IMAPServer(imap4.IMAP4Server):
         first = self._parts[0]
         assert isinstance(first, bytes)
         words = first.split(b" ", 3)
-        tag = words[0]
+        tag = _echo_tag(words[0])
         name = words[1].upper() if len(words) > 1 else b""
         refusal = self._literal_refusal(name, size, nonsync)
         if refusal is not None:
@@ -1631,6 +1628,14 @@ def _parse_structures(store: Any, session: Any, mailbox: str, uids: list[int]) -
         out[u] = structure.parse(raw)
         del raw
     return out
+
+
+def _echo_tag(word: bytes) -> bytes | None:
+    """``word`` if it is a tag (RFC 3501 §9), else None (untagged answer).
+    Refusals made before the command is parsed echo the first word of a
+    raw line, which may hold 8-bit bytes or a bare CR or LF ("a\\n1 OK")
+    that would forge a second response line (fuzz/imap.py found both)."""
+    return word if word and all(c in TAG_CHARS for c in word) else None
 
 
 class _Sink:

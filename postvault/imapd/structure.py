@@ -242,6 +242,13 @@ def envelope_of(msg: Message) -> Envelope:
 def _parse_part(raw: bytes, start: int, end: int, default_type: tuple[str, str], depth: int) -> tuple[Part, Message]:
     body_start = _header_end(raw, start, end)
     msg = BytesHeaderParser(policy=compat32).parsebytes(raw[start:body_start])
+
+    def get(name: str) -> str | None:
+        # compat32 gives a Header object, not a str, for a value with 8-bit
+        # bytes (fuzz/mime.py found it).
+        value = msg.get(name)
+        return None if value is None else str(value)
+
     ctype = msg.get_content_type() if msg.get("Content-Type") else "/".join(default_type)
     maintype, _, subtype = ctype.partition("/")
     params = [(k, v) for k, v in (msg.get_params() or [])[1:]] if msg.get("Content-Type") else []
@@ -255,12 +262,12 @@ def _parse_part(raw: bytes, start: int, end: int, default_type: tuple[str, str],
     body = raw[body_start:end]
     part = Part(
         type=maintype, subtype=subtype, params=[(k, str(v)) for k, v in params],
-        id=_unfold(msg.get("Content-ID")), description=_unfold(msg.get("Content-Description")),
-        encoding=(msg.get("Content-Transfer-Encoding") or "7BIT").strip().upper(),
+        id=_unfold(get("Content-ID")), description=_unfold(get("Content-Description")),
+        encoding=(get("Content-Transfer-Encoding") or "7BIT").strip().upper(),
         size=end - body_start, lines=body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0),
-        md5=_unfold(msg.get("Content-MD5")), disposition=disp,
+        md5=_unfold(get("Content-MD5")), disposition=disp,
         language=[x.strip() for x in str(msg.get("Content-Language")).split(",")] if msg.get("Content-Language") else None,
-        location=_unfold(msg.get("Content-Location")),
+        location=_unfold(get("Content-Location")),
         header_start=start, body_start=body_start, body_end=end,
     )
     if depth >= MAX_DEPTH:
