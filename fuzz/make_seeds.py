@@ -241,6 +241,11 @@ def regressions() -> dict[str, dict[str, bytes]]:
             # A MIME header value with an 8-bit byte: the email package's
             # compat32 policy gives a Header object, and structure.parse
             # (FETCH of a message stored without a summary) called .strip on it.
+            # Not a product bug: a host ending in a backslash is rendered
+            # correctly ("dental.test\\\\"), but Twisted's parseNestedParens,
+            # the harness's first client-side oracle, refuses it; the
+            # harness now reads IMAP values itself (fuzz/mime.py read_value).
+            "crash-oracle-escaped-backslash": b"\x00" + _lines(b"From: a@b.test", b"To: c@dental.test\\", b"", b"x"),
             "crash-8bit-transfer-encoding": b"\x00" + _lines(
                 b"Content-Type: multipart/mixed; boundary=z", b"", b"--z", b"Content-Transfer-Encoding:\x93 x",
                 b"Content-ID: <\xff@x>", b"", b"body", b"--z--"),
