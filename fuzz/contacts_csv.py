@@ -28,7 +28,7 @@ if __name__ == "__main__":  # run as a script: import from this checkout
 
 from fuzz._common import check, fuzzing, instrumented, main  # noqa: E402
 
-with instrumented(fuzzing(__name__)):
+with instrumented(fuzzing(__name__), ["postvault.contacts.csvfile"]):
     from postvault.contacts import csvfile
     from postvault.errors import InvalidInput
 

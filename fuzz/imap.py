@@ -53,7 +53,7 @@ from twisted.python import failure  # noqa: E402
 
 from fuzz._common import check, fuzzing, instrumented, main, patched  # noqa: E402
 
-with instrumented(fuzzing(__name__)):
+with instrumented(fuzzing(__name__), ["postvault.imapd.parse", "postvault.imapd.server"]):
     from postvault.conf.schema import ImapConfig
     from postvault.imapd import parse
     from postvault.imapd import server as server_mod

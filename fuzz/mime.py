@@ -35,7 +35,8 @@ from typing import Any  # noqa: E402
 
 from fuzz._common import check, fuzzing, instrumented, main, patched  # noqa: E402
 
-with instrumented(fuzzing(__name__)):
+with instrumented(fuzzing(__name__), ["postvault.policy.attachments", "postvault.policy.archives", "postvault.policy.sniff",
+                                      "postvault.mime", "postvault.imapd.render", "postvault.imapd.structure"]):
     from postvault.imapd import render, structure
     from postvault.mime import summary as summary_mod
     from postvault.policy.attachments import check_attachments

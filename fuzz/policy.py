@@ -26,7 +26,7 @@ import re  # noqa: E402
 
 from fuzz._common import check, fuzzing, instrumented, main  # noqa: E402
 
-with instrumented(fuzzing(__name__)):
+with instrumented(fuzzing(__name__), ["postvault.policy.load", "postvault.conf.load"]):
     from postvault.policy import load
     from postvault.policy.attachments import check_attachments
     from postvault.policy.decision import Decision

@@ -42,7 +42,7 @@ from typing import Any  # noqa: E402
 
 from fuzz._common import check, fuzzing, instrumented, main, patched, quiet  # noqa: E402
 
-with instrumented(fuzzing(__name__)):
+with instrumented(fuzzing(__name__), ["postvault.smtpd.protocol"]):
     from postvault.conf.schema import SmtpConfig
     from postvault.smtpd import protocol
 
