@@ -39,19 +39,19 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import from this checkout
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from typing import Any  # noqa: E402
+import dataclasses
+import logging
+import random
+import re
+from types import SimpleNamespace
+from typing import Any
 
-from twisted.internet import task  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
-from twisted.mail import imap4  # noqa: E402
-from twisted.python import failure  # noqa: E402
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.mail import imap4
+from twisted.python import failure
 
-from fuzz._common import check, fuzzing, instrumented, main, patched  # noqa: E402
+from fuzz._common import check, fuzzing, instrumented, main, patched
 
 with instrumented(fuzzing(__name__), ["postvault.imapd.parse", "postvault.imapd.server"]):
     from postvault.conf.schema import ImapConfig
@@ -152,7 +152,7 @@ class ParseOnly(server_mod.IMAPServer):
         # drops: keep the first for one_input to raise.
         try:
             _check_args(args)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- raised again by one_input
             self.failure = self.failure or exc
         self.sendPositiveResponse(tag, b"parsed")
 
@@ -176,7 +176,7 @@ def _server(data: bytes, state: str, seed: int) -> None:
 
 def _feed(data: bytes, state: str, seed: int) -> None:
     proto = ParseOnly(SERVICE, implicit_tls=True)
-    proto.callLater = CLOCK.callLater  # TimeoutMixin's timer
+    proto.callLater = CLOCK.callLater  # type: ignore[method-assign,assignment]  # TimeoutMixin's timer
     transport = StringTransport(peerAddress=SimpleNamespace(host="127.0.0.1"))
     proto.makeConnection(transport)
     proto.state = state
@@ -193,8 +193,8 @@ def _feed(data: bytes, state: str, seed: int) -> None:
     finally:
         proto.connectionLost(failure.Failure(ConnectionError("fuzz input done")))
         for call in CLOCK.getDelayedCalls():
-            if call.active():
-                call.cancel()
+            if call.active():  # type: ignore[misc]
+                call.cancel()  # type: ignore[misc]
         CLOCK.calls.clear()
     if proto.failure is not None:
         raise proto.failure

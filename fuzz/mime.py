@@ -28,12 +28,12 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import from this checkout
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-from typing import Any  # noqa: E402
+import dataclasses
+import json
+import re
+from typing import Any
 
-from fuzz._common import check, fuzzing, instrumented, main, patched  # noqa: E402
+from fuzz._common import check, fuzzing, instrumented, main, patched
 
 with instrumented(fuzzing(__name__), ["postvault.policy.attachments", "postvault.policy.archives", "postvault.policy.sniff",
                                       "postvault.mime", "postvault.imapd.render", "postvault.imapd.structure"]):
@@ -125,7 +125,8 @@ def read_value(data: bytes, pos: int = 0, depth: int = 0) -> tuple[Any, int]:
     check(pos < len(data) and depth < 200, "the IMAP value ends early")
     c = data[pos:pos + 1]
     if c == b"(":
-        items, pos = [], pos + 1
+        items: list[Any] = []
+        pos += 1
         while data[pos:pos + 1] != b")":
             # Items are separated by one space, except lists of lists
             # (``1*address``, ``1*body``), which follow each other directly.

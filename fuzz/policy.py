@@ -22,9 +22,9 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import from this checkout
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import re  # noqa: E402
+import re
 
-from fuzz._common import check, fuzzing, instrumented, main  # noqa: E402
+from fuzz._common import check, fuzzing, instrumented, main
 
 with instrumented(fuzzing(__name__), ["postvault.policy.load", "postvault.conf.load"]):
     from postvault.policy import load

@@ -73,7 +73,7 @@ def run_one(name: str, seconds: int, work: Path, crashes: Path, fuzz_dir: Path =
     started = time.monotonic()
     log = crashes / f"{name}.log"
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                               timeout=seconds + GRACE, cwd=ROOT)
         output, code = proc.stdout.decode("utf-8", "replace"), proc.returncode
     except subprocess.TimeoutExpired as exc:

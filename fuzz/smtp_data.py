@@ -35,12 +35,12 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import from this checkout
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import asyncio  # noqa: E402
-import dataclasses  # noqa: E402
-import random  # noqa: E402
-from typing import Any  # noqa: E402
+import asyncio
+import dataclasses
+import random
+from typing import Any
 
-from fuzz._common import check, fuzzing, instrumented, main, patched, quiet  # noqa: E402
+from fuzz._common import check, fuzzing, instrumented, main, patched, quiet
 
 with instrumented(fuzzing(__name__), ["postvault.smtpd.protocol"]):
     from postvault.conf.schema import SmtpConfig
