@@ -24,11 +24,12 @@ Invariants:
 
 With the two low bits of the first byte both set, the input goes instead to
 Twisted's own IMAP parsing helpers (``imap4.parseIdList``,
-``imap4.parseNestedParens``): the server does not call them, but
-``fuzz/mime.py`` uses ``parseNestedParens`` as its client-side oracle.
-There the documented ``IMAP4Exception`` family is expected, and so is
-``ValueError`` from a literal whose length is not a number (``{x}``),
-which Twisted does not check.
+``imap4.parseNestedParens``), which the server does not call (it parses
+with ``parse.py``) but Twisted's IMAP client does. There the documented
+``IMAP4Exception`` family is expected, and so is ``ValueError`` from a
+literal whose length is not a number (``{x}``), which Twisted does not
+check. (``parseNestedParens`` also refuses a valid quoted string ending in
+an escaped backslash; see ``fuzz/mime.py``.)
 """
 
 from __future__ import annotations
