@@ -246,6 +246,11 @@ def regressions() -> dict[str, dict[str, bytes]]:
             # the harness's first client-side oracle, refuses it; the
             # harness now reads IMAP values itself (fuzz/mime.py read_value).
             "crash-oracle-escaped-backslash": b"\x00" + _lines(b"From: a@b.test", b"To: c@dental.test\\", b"", b"x"),
+            # "name*1" and "name*" together: the email package's
+            # decode_params raised TypeError (sorting None with 1) from
+            # structure.parse.
+            "crash-rfc2231-section-and-extended": b"\x00" + _lines(
+                b"Content-Type: text/plain; name*1=\"a\"; name*=%41", b"", b"body"),
             "crash-8bit-transfer-encoding": b"\x00" + _lines(
                 b"Content-Type: multipart/mixed; boundary=z", b"", b"--z", b"Content-Transfer-Encoding:\x93 x",
                 b"Content-ID: <\xff@x>", b"", b"body", b"--z--"),

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import email.errors
 import re
 from dataclasses import dataclass, field
 from email.message import Message
@@ -239,6 +240,21 @@ def envelope_of(msg: Message) -> Envelope:
                     _addr_list(msg, "Bcc"), one("In-Reply-To"), one("Message-ID"))
 
 
+# What the email package's parameter parser raises on hostile headers
+# ("name*1=a; name*=b": TypeError sorting RFC 2231 sections, found by
+# fuzz/mime.py); such a header is read as having no parameters.
+_EMAIL_ERRORS = (email.errors.MessageError, IndexError, KeyError, ValueError, TypeError, AttributeError,
+                 LookupError)
+
+
+def _header_params(msg: Message, header: str) -> list[tuple[str, Any]] | None:
+    """``msg.get_params(header=...)``, or None if the email package fails on it."""
+    try:
+        return msg.get_params(header=header)
+    except _EMAIL_ERRORS:
+        return None
+
+
 def _parse_part(raw: bytes, start: int, end: int, default_type: tuple[str, str], depth: int) -> tuple[Part, Message]:
     body_start = _header_end(raw, start, end)
     msg = BytesHeaderParser(policy=compat32).parsebytes(raw[start:body_start])
@@ -251,12 +267,12 @@ def _parse_part(raw: bytes, start: int, end: int, default_type: tuple[str, str],
 
     ctype = msg.get_content_type() if msg.get("Content-Type") else "/".join(default_type)
     maintype, _, subtype = ctype.partition("/")
-    params = [(k, v) for k, v in (msg.get_params() or [])[1:]] if msg.get("Content-Type") else []
+    params = [(k, v) for k, v in (_header_params(msg, "Content-Type") or [])[1:]] if msg.get("Content-Type") else []
     if maintype == "text" and not any(k.lower() == "charset" for k, _ in params):
         params.append(("charset", "us-ascii"))
     disp = None
     if msg.get("Content-Disposition"):
-        dparams = msg.get_params(header="Content-Disposition") or []
+        dparams = _header_params(msg, "Content-Disposition") or []
         if dparams:
             disp = (dparams[0][0], [(k, str(v)) for k, v in dparams[1:]])
     body = raw[body_start:end]
@@ -273,7 +289,7 @@ def _parse_part(raw: bytes, start: int, end: int, default_type: tuple[str, str],
     if depth >= MAX_DEPTH:
         return part, msg
     if maintype == "multipart":
-        boundary = msg.get_param("boundary")
+        boundary = next((v for k, v in (_header_params(msg, "Content-Type") or [])[1:] if k.lower() == "boundary"), None)
         if boundary:
             child_default = ("message", "rfc822") if subtype == "digest" else ("text", "plain")
             for s, e in _split(raw, body_start, end, str(boundary).encode("utf-8", "replace")):

@@ -10,7 +10,8 @@ inputs replay in ``fuzz/corpus/`` (tests/test_fuzz.py).
   response: a quoted name with a space came back as two names, one with
   CR LF (from a literal) as a broken response.
 - ``structure.parse`` (FETCH of a message stored without a summary) crashed
-  on a MIME header value with an 8-bit byte.
+  on a MIME header value with an 8-bit byte, and on RFC 2231 parameters
+  that crash the email package's parameter parser.
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def test_structure_parse_reads_8bit_mime_values() -> None:
     (child,) = st.body.parts
     assert child.encoding.endswith("X") and child.id is not None
     assert render.body(st.body, True).startswith(b"((")
+
+
+@pytest.mark.parametrize("header", [
+    # fuzz/corpus/mime/crash-rfc2231-section-and-extended: the email
+    # package's decode_params raised TypeError on "name*1" with "name*".
+    b"Content-Type: text/plain; name*1=\"a\"; name*=%41",
+    b"Content-Type: text/plain\r\nContent-Disposition: attachment; filename*1=a; filename*=b",
+    b"Content-Type: multipart/mixed; boundary=q; x*1=a; x*=b",
+])
+def test_structure_parse_survives_the_email_packages_parameter_bugs(header: bytes) -> None:
+    st = parse(header + b"\r\n\r\nbody\r\n")
+    assert render.body(st.body, True).startswith(b"(")
 
 
 def test_fetch_echoes_quoted_field_names_over_tls(server: Server, member: str, colleague: str) -> None:
