@@ -251,6 +251,11 @@ def regressions() -> dict[str, dict[str, bytes]]:
             # structure.parse.
             "crash-rfc2231-section-and-extended": b"\x00" + _lines(
                 b"Content-Type: text/plain; name*1=\"a\"; name*=%41", b"", b"body"),
+            # An 8-bit byte inside an encoded word's text: _decode_2047
+            # encoded the text as ASCII and raised UnicodeEncodeError.
+            "crash-encoded-word-8bit-text": b"\x00" + _lines(
+                b"Content-Type: application/pdf", b"Content-Disposition: attachment; filename==?utf-8?q?a\x8a?=.pdf",
+                b"", b"abc"),
             "crash-8bit-transfer-encoding": b"\x00" + _lines(
                 b"Content-Type: multipart/mixed; boundary=z", b"", b"--z", b"Content-Transfer-Encoding:\x93 x",
                 b"Content-ID: <\xff@x>", b"", b"body", b"--z--"),

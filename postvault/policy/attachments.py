@@ -296,7 +296,10 @@ def _decode_2047(value: str) -> str:
             flush()
             out.append(value[pos : m.start()])
         charset, enc, text = m.group(1), m.group(2).lower(), m.group(3)
-        raw = text.encode("ascii", "surrogateescape")
+        # Encoded text is ASCII (RFC 2047 section 5), but the header may
+        # carry other characters there (8-bit bytes read as UTF-8 or U+FFFD
+        # by _raw_text: fuzz/mime.py found the crash); keep them as bytes.
+        raw = text.encode("utf-8", "surrogateescape")
         if enc == "b":
             raw = raw.rstrip(b"=")
             raw += b"=" * (-len(raw) % 4)

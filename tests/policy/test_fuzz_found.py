@@ -43,8 +43,13 @@ def test_decode_bytes_falls_back_to_latin1(charset: str) -> None:
     (b"filename==?utf-8\x00?q?a?=.pdf", "attachment.name_nul"),
     (b"filename==?\xff?q?a?=.pdf", None),
     (b"filename==?\xff?q?a?=.exe", "attachment.extension"),
+    # fuzz/corpus/mime/crash-encoded-word-8bit-text: an 8-bit byte in the
+    # encoded text itself (UnicodeEncodeError encoding it as ASCII).
+    (b"filename==?utf-8?q?a\x8a?=.pdf", None),
+    (b"filename==?utf-8?q?a\x8a?=.exe", "attachment.extension"),
+    (b"filename=\"=?utf-8?b?YS5l\xc3\xa9eGU=?=\"", "attachment.extension"),
 ])
-def test_unusable_charset_in_a_file_name_is_read_as_latin1(disposition: bytes, rule: str | None) -> None:
+def test_unusable_charset_or_text_in_a_file_name_does_not_crash(disposition: bytes, rule: str | None) -> None:
     decision = check_attachments(part(disposition), P)
     assert decision.rule == rule if rule else decision.allowed, decision
 
