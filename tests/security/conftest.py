@@ -82,6 +82,13 @@ class Serve:
             self.store.create_account(email, "member", f"Dental {n}", PASSWORD)
         return email
 
+    @property
+    def sender(self) -> str:
+        """One colleague shared by tests that only need mail from someone."""
+        if not hasattr(self, "_sender"):
+            self._sender = self.account("colleague")
+        return self._sender
+
     def imaps(self) -> Client:
         return Client("127.0.0.1", self.ports["imaps"], self.context())
 
