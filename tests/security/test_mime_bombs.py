@@ -7,12 +7,11 @@ policy.toml's max_headers / max_parts / max_mime_depth (the audited rule
 says which limit fired), and the IMAP summary parser caps depth, parts and
 header fields (``limited``) so FETCH of an appended bomb stays bounded.
 
-Sources: CVE-2004-0452-era "MIME bomb" reports against mail scanners and
-the Mailsweeper/ClamAV nesting DoS (CVE-2007-0897, CVE-2010-0098 class);
-CVE-2023-27043 and Python bpo-24692 (the stdlib email parser's cost on
-hostile headers); RFC 2046 §5.1 (multipart nesting is unbounded in the
-grammar, so the limit must be ours); the "100,000 headers" and "deep
-nesting" cases are issue 8's own.
+Sources: CVE-2020-12100 (Dovecot: deeply nested MIME parts exhaust
+resources); RFC 2046 §5.1 (multipart nesting is unbounded in the grammar,
+so the limit must be ours); CWE-400 / CWE-674 / CWE-770 (resource
+exhaustion, recursion, allocation without limits); the "100,000 headers"
+and "deep nesting" cases are issue 8's own.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def depth(summary_part: dict) -> int:  # type: ignore[type-arg]
 
 
 def test_hundred_thousand_top_level_headers_refused_before_parsing(smtp: Server, world: World) -> None:
-    # Issue 8; bpo-24692 / CVE-2023-27043 (stdlib email parser on hostile headers).
+    # Issue 8; CWE-770.
     raw = fields(100_000) + mail(attachment(PDF))
     code, lines, rule = submit(smtp, world, raw)
     # The header-size cap fires before any parser sees a field: the work
@@ -92,7 +91,7 @@ def test_hundred_thousand_headers_in_a_part_refused(smtp: Server, world: World) 
 
 
 def test_ten_thousand_nested_multiparts_refused_at_the_depth_limit(smtp: Server, world: World) -> None:
-    # RFC 2046 §5.1 sets no depth; policy max_mime_depth does (20).
+    # CVE-2020-12100 (Dovecot); RFC 2046 §5.1 sets no depth, policy max_mime_depth does (20).
     code, lines, rule = submit(smtp, world, deep(10_000))
     assert code == 554 and rule == "mime.depth", lines
     code, lines, rule = submit(smtp, world, deep(POLICY.max_mime_depth + 1))

@@ -5,9 +5,9 @@ Sources: RFC 2505 "Anti-Spam Recommendations for SMTP MTAs" §2 (relay
 tests: percent hack, source routes, quoted local parts, bang paths,
 unqualified names, address literals); RFC 5321 §3.6.1, §4.1.1.3 and
 Appendix C (source routes are ignored, never followed); RFC 6409 §4.3 and
-§8.1 (submission requires authentication and may enforce the sender); the
-relay-test battery of the classic "abuse.net relay tester" / Nmap
-``smtp-open-relay`` script (https://nmap.org/nsedoc/scripts/smtp-open-relay.html);
+§6.1 (submission requires authentication and may enforce the sender); the
+relay tests of Nmap's ``smtp-open-relay`` script
+(https://nmap.org/nsedoc/scripts/smtp-open-relay.html);
 J. Chen, V. Paxson, J. Jiang, "Composition Kills: A Case Study of Email
 Sender Authentication", USENIX Security 2020 (header ambiguities that make
 one program show another sender); CWE-93 (CRLF injection).
@@ -22,7 +22,7 @@ from tests.smtpd.conftest import COLLEAGUE, MEMBER, MEMBER2, Server, World
 
 OUTSIDE = "someone@outside.example"
 
-# nmap smtp-open-relay's 16 tests, and RFC 2505 §2's list, aimed at an
+# nmap smtp-open-relay's address forms, and RFC 2505 §2's, aimed at an
 # outside mailbox; each must be refused at RCPT.
 RELAY_RECIPIENTS = [
     pytest.param(OUTSIDE, id="outside-domain"),
@@ -53,7 +53,7 @@ def counts(world: World) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("rcpt", RELAY_RECIPIENTS)
 def test_relay_recipient_is_refused(smtp: Server, rcpt: str) -> None:
-    # RFC 2505 §2.6-2.8 / nmap smtp-open-relay tests; RFC 5321 §3.6.1 (relay
+    # RFC 2505 §2 / nmap smtp-open-relay tests; RFC 5321 §3.6.1 (relay
     # only by prior arrangement). Logged in as a member: still no relay.
     c = smtp.session(MEMBER)
     assert c.cmd(f"MAIL FROM:<{MEMBER}>")[0] == 250
@@ -108,8 +108,8 @@ def test_unauthenticated_relay_is_refused(smtp: Server, implicit: bool) -> None:
     pytest.param("office@dental.test.evil", id="suffix"),
 ])
 def test_envelope_sender_must_be_the_account(smtp: Server, sender: str) -> None:
-    # RFC 6409 §8.1 (the server may ensure MAIL FROM is the authenticated
-    # user's); Composition Kills §4 (envelope/header mismatch).
+    # RFC 6409 §6.1 (the server may refuse a MAIL FROM the user has no right
+    # to); Composition Kills (USENIX Sec 2020), envelope/header mismatch.
     c = smtp.session(MEMBER)
     code, lines = c.cmd(f"MAIL FROM:<{sender}>")
     assert code in (501, 553), (sender, lines)
@@ -131,9 +131,10 @@ def test_auth_parameter_of_mail_cannot_claim_someone_else(smtp: Server, world: W
 # --- header sender (Composition Kills) ------------------------------------------------
 
 SPOOFED_HEADERS = [
-    # Composition Kills §5.1: multiple From fields; §5.2: space before colon;
-    # §5.2: leading folded line; §5.3: display name / comment / encoded-word
-    # naming another address; RFC 5322 §3.6.2 Sender.
+    # Composition Kills (Chen, Paxson, Jiang, USENIX Sec 2020): multiple From
+    # fields, white space before the colon, a folded first line, a display
+    # name / comment / encoded-word naming another address; RFC 5322 §3.6.2
+    # (Sender) and §4.5.3 (obsolete white space before the colon).
     pytest.param(b"From: front@clinic.test\r\n", "header.from-not-account", id="plain-other"),
     pytest.param(b"From: office@dental.test\r\nFrom: front@clinic.test\r\n", "", id="two-from"),
     pytest.param(b"From: office@dental.test\r\nFrom : front@clinic.test\r\n", "", id="space-before-colon"),

@@ -59,7 +59,7 @@ def test_fake_end_of_data_smuggles_nothing(smtp: Server, world: World, fake_end:
 
 @pytest.mark.parametrize("fake_end", [pytest.param(b"\r\n\x00.\r\n", id="CRLF-NUL.CRLF"),
                                       pytest.param(b"\r\n.\x00\r\n", id="CRLF.NUL-CRLF"),
-                                      pytest.param(b"\r\n \r\n.\r\n"[:-5] + b". \r\n", id="CRLF.SP-CRLF")])
+                                      pytest.param(b"\r\n. \r\n", id="CRLF.SP-CRLF")])
 def test_near_miss_without_bare_newline_stays_in_the_first_message(smtp: Server, world: World,
                                                                    fake_end: bytes) -> None:
     # SEC Consult (Dec 2023) NUL and trailing-space variants: with no bare CR
@@ -110,7 +110,7 @@ def test_chunking_is_not_offered_and_bdat_is_refused(smtp: Server, world: World)
 def test_pipelined_transaction_after_the_real_end_is_the_same_sender(smtp: Server, world: World) -> None:
     # What smuggling tries to achieve, done openly: a second transaction
     # pipelined after CR LF . CR LF (RFC 2920) runs under the same login and
-    # meets the same checks; a forged From in it is refused (RFC 6409 §8.1).
+    # meets the same checks; a forged From in it is refused (RFC 6409 §6.1).
     before = counts(world)
     c = smtp.session(MEMBER)
     spoof = message(MEMBER2, COLLEAGUE, "second")

@@ -3,12 +3,12 @@
 Source for the family: D. Poddebniak, F. Ising, H. Böck, S. Schinzel et
 al., "Why TLS is better without STARTTLS: A Security Analysis of STARTTLS
 in the Email Context" ("NO STARTTLS"), USENIX Security 2021,
-https://nostarttls.secvuln.info/ — command injection (plaintext pipelined
-after STARTTLS and run inside TLS, first CVE-2011-0411 in Postfix, again
-CVE-2021-33515 in Dovecot submission), response injection (plaintext
-answers buffered and read after the handshake), tampering with the
-STARTTLS exchange, and session fixation (state from before TLS carried into
-it). RFC 3207 §4.2 (SMTP) and RFC 3501 §6.2.1 / RFC 9051 §6.2.1 (IMAP) say
+https://nostarttls.secvuln.info/ — its attack classes: command injection
+(plaintext pipelined after STARTTLS and run inside TLS; CVE-2011-0411 in
+Postfix, CVE-2021-33515 in Dovecot submission), response injection
+(plaintext answers buffered and read after the handshake), tampering with
+the STARTTLS exchange (PREAUTH, plaintext before the ClientHello), and
+session fixation (state from before TLS carried into it). RFC 3207 §4.2 (SMTP) and RFC 3501 §6.2.1 / RFC 9051 §6.2.1 (IMAP) say
 the server must discard what it knew before TLS.
 """
 
@@ -30,8 +30,8 @@ from tests.smtpd.conftest import MEMBER, Server
 def _plain_imap(serve: Serve) -> Client:
     c = Client("127.0.0.1", serve.ports["imap"], None)
     greeting = c.response()
-    # RFC 9051 §7.1.4: PREAUTH before TLS would skip STARTTLS altogether
-    # (the NO STARTTLS paper's "PREAUTH" downgrade); we never send it.
+    # A PREAUTH greeting would skip STARTTLS altogether (the NO STARTTLS
+    # paper's PREAUTH downgrade, RFC 9051 §7.1.4); we never send it.
     assert greeting.startswith(b"* OK") and b"PREAUTH" not in greeting
     return c
 
@@ -50,7 +50,7 @@ def _nothing_more(sock: socket.socket, seconds: float = 0.5) -> bool:
 
 
 def test_smtp_commands_pipelined_after_starttls_are_dropped(smtp: Server) -> None:
-    # NO STARTTLS §5.1 command injection; CVE-2011-0411 (Postfix), CVE-2021-33515 (Dovecot).
+    # NO STARTTLS (USENIX Sec 2021) command injection; CVE-2011-0411 (Postfix), CVE-2021-33515 (Dovecot).
     c = smtp.raw(implicit=False)
     c.ehlo()
     c.send(b"STARTTLS\r\nEHLO evil\r\nAUTH PLAIN " + base64.b64encode(f"\0{MEMBER}\0{PASSWORD}".encode())
@@ -69,7 +69,7 @@ def test_smtp_commands_pipelined_after_starttls_are_dropped(smtp: Server) -> Non
 
 
 def test_smtp_plaintext_between_220_and_handshake_kills_the_session(smtp: Server) -> None:
-    # NO STARTTLS §5.1: injection in its own packet, after the 220 but before the ClientHello.
+    # NO STARTTLS (USENIX Sec 2021) tampering: plaintext in its own packet, after the 220, before the ClientHello.
     c = smtp.raw(implicit=False)
     c.ehlo()
     assert c.cmd("STARTTLS")[0] == 220
@@ -94,7 +94,7 @@ def test_smtp_starttls_with_argument_and_twice_is_refused(smtp: Server) -> None:
 
 
 def test_smtp_no_plaintext_answer_is_replayed_inside_tls(smtp: Server) -> None:
-    # NO STARTTLS §5.2 response injection, seen from the server: nothing it
+    # NO STARTTLS (USENIX Sec 2021) response injection, seen from the server: nothing it
     # said (or queued) before the handshake may arrive after it.
     c = smtp.raw(implicit=False)
     c.send(b"EHLO a\r\nNOOP\r\nNOOP\r\n")
@@ -112,7 +112,7 @@ def test_smtp_no_plaintext_answer_is_replayed_inside_tls(smtp: Server) -> None:
     "AUTH PLAIN " + base64.b64encode(f"\0{MEMBER}\0{PASSWORD}".encode()).decode(),
     "AUTH LOGIN", "AUTH CRAM-MD5", "MAIL FROM:<office@dental.test>"])
 def test_smtp_auth_before_tls_is_refused_and_not_offered(smtp: Server, command: str) -> None:
-    # RFC 3207 §4.2 / RFC 8314 §3.3 / RFC 6409 §4.3: no AUTH, no MAIL over plaintext.
+    # RFC 3207 §4.2, RFC 8314, RFC 6409 §4.3: no AUTH, no MAIL over plaintext.
     c = smtp.raw(implicit=False)
     assert c.ehlo() == ["STARTTLS", "ENHANCEDSTATUSCODES"]  # no AUTH advertised
     code, lines = c.cmd(command)
@@ -124,7 +124,7 @@ def test_smtp_auth_before_tls_is_refused_and_not_offered(smtp: Server, command: 
 
 
 def test_imap_commands_pipelined_after_starttls_are_dropped(serve: Serve) -> None:
-    # NO STARTTLS §5.1 command injection (IMAP: CVE-2021-33515 class; RFC 3501 §6.2.1).
+    # NO STARTTLS (USENIX Sec 2021) command injection and session fixation on IMAP; RFC 3501 §6.2.1.
     member = serve.account("member")
     c = _plain_imap(serve)
     c.send(f'a STARTTLS\r\nb LOGIN {member} "{PASSWORD}"\r\nc SELECT INBOX\r\n'.encode())
@@ -150,7 +150,7 @@ def test_imap_plaintext_between_ok_and_handshake_kills_the_session(serve: Serve)
 
 
 def test_imap_no_plaintext_answer_is_replayed_inside_tls(serve: Serve) -> None:
-    # NO STARTTLS §5.2 response injection (server side): the tagged OK is the
+    # NO STARTTLS (USENIX Sec 2021) response injection (server side): the tagged OK is the
     # last plaintext byte, and it carries no CAPABILITY (RFC 9051 §6.2.1: the
     # client must ask again once TLS is up).
     c = _plain_imap(serve)
@@ -188,7 +188,7 @@ def test_imap_starttls_twice_and_after_login_is_refused(serve: Serve) -> None:
     "AUTHENTICATE LOGIN",
 ])
 def test_imap_login_before_tls_is_refused(serve: Serve, command: str) -> None:
-    # RFC 9051 §6.2.3 / RFC 3501 §6.2.3 LOGINDISABLED; RFC 5530 PRIVACYREQUIRED; RFC 8314 §3.
+    # RFC 3501 §6.2.3 / RFC 9051 §6.2.3 LOGINDISABLED; RFC 5530 PRIVACYREQUIRED; RFC 8314.
     member = serve.account("member")
     c = _plain_imap(serve)
     caps = c.command("a", "CAPABILITY")[0]
