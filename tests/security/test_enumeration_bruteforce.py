@@ -17,6 +17,7 @@ medians with a generous band, never as an absolute time.
 from __future__ import annotations
 
 import base64
+import re
 import statistics
 import time
 
@@ -154,3 +155,31 @@ def test_imap_guessing_is_throttled_then_locked_and_audited(serve: Serve) -> Non
     assert trail.count(("login.limited", "imap")) == LOCKOUT_AFTER - THROTTLE_AFTER + 1
     assert ("account.locked", "imap") in trail
     assert ("login.ok", "imap") not in trail
+
+
+# --- the web sign-in page --------------------------------------------------------------
+
+
+def test_web_login_unknown_user_and_wrong_password_look_and_time_the_same(serve: Serve) -> None:
+    # WSTG-IDNT-04 on the HTTPS sign-in form (same status, same page but for
+    # the address typed and the form's fresh CSRF token; time ratio in band).
+    from tests.web.conftest import Client as WebClient
+
+    known = [serve.account() for _ in range(3)]
+    pages: set[tuple[int, str]] = set()
+    t_known: list[float] = []
+    t_unknown: list[float] = []
+    for n, email in enumerate(known):
+        for user, password, times in ((email, WRONG, t_known), (f"ghost{n}@{email.split('@')[1]}", PASSWORD, t_unknown)):
+            web = WebClient(serve.ports["https"], serve.context())
+            token = web.get("/login").csrf()
+            started = time.monotonic()
+            reply = web.post("/login", {"email": user, "password": password}, token)
+            times.append(time.monotonic() - started)
+            text = reply.text.replace(user, "USER")
+            text = re.sub(r'name="csrf" value="[^"]+"', "CSRF", text)
+            pages.add((reply.status, text))
+            assert "__Host-pv_session" not in web.cookies
+    assert len(pages) == 1, [p[1][:300] for p in pages]
+    assert pages.pop()[0] == 422
+    assert 0.5 < ratio(t_known, t_unknown) < 2.0, (t_known, t_unknown)
