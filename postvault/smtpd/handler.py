@@ -76,8 +76,6 @@ _HEADER = re.compile(rb"^(Message-ID|Date)[ \t]*:", re.IGNORECASE | re.MULTILINE
 # Without these a message starts a conversation (check_conversation's
 # thread=None), and the store need not be asked about its thread.
 _THREAD_HEADER = re.compile(rb"^(In-Reply-To|References)[ \t]*:", re.IGNORECASE | re.MULTILINE)
-# What the email package may raise on a hostile header (see
-# policy/attachments.py); such a From is "cannot be read", not a crash.
 # Header-spoofing shapes that Python's parser reads one way and some mail
 # programs another (J. Chen, V. Paxson, J. Jiang, "Composition Kills: A
 # Case Study of Email Sender Authentication", USENIX Security 2020): a
@@ -88,6 +86,8 @@ _THREAD_HEADER = re.compile(rb"^(In-Reply-To|References)[ \t]*:", re.IGNORECASE 
 _SPACED_FROM = re.compile(rb"^(?:From|Sender)[ \t]+:", re.IGNORECASE | re.MULTILINE)
 # Something shaped like an address, in a display name or a comment.
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[^\s<>()\[\]\"',;:@]+\.[^\s<>()\[\]\"',;:@]+")
+# What the email package may raise on a hostile header (see
+# policy/attachments.py); such a From is "cannot be read", not a crash.
 _HEADER_ERRORS = (email.errors.MessageError, IndexError, ValueError, TypeError, AttributeError, LookupError)
 
 
