@@ -120,7 +120,7 @@ class _CRLFReader(asyncio.StreamReader):
     ``readline()`` (AUTH's answers) passes its own separator and is unchanged.
     """
 
-    async def readuntil(self, separator: bytes = b"\r\n") -> bytes:
+    async def readuntil(self, separator: Any = b"\r\n") -> bytes:
         line = await super().readuntil(separator)
         if separator == b"\r\n" and (b"\n" in line[:-2] or b"\r" in line[:-2]):
             return b"\r\n"
@@ -192,7 +192,7 @@ class SubmissionProtocol(SMTP):
         self._smtp_methods = {name: self._guard(name, method) for name, method in self._smtp_methods.items()}
         # Command lines end with CR LF only (see _CRLFReader). aiosmtpd makes
         # its StreamReader in SMTP.__init__ with no way to pass a class.
-        reader = self._stream_reader
+        reader = getattr(self, "_stream_reader", None)  # asyncio.StreamReaderProtocol's
         if reader is not None:
             reader.__class__ = _CRLFReader
 

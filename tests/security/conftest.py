@@ -37,7 +37,16 @@ from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.imapd.client import Client
 from tests.imapd.conftest import start_server, stop_server
-from tests.smtpd.conftest import TEST_POLICY, Server, _runtime, _start, _stop, ctx, tight, world  # noqa: F401
+from tests.smtpd.conftest import (  # noqa: F401
+    TEST_POLICY,
+    Server,
+    _runtime,
+    _start,
+    _stop,
+    ctx,
+    tight,
+    world,
+)
 from tests.support import free_port
 
 PASSWORD = "correct horse battery staple"
@@ -101,7 +110,7 @@ class Serve:
     def rss_kib(self) -> int:
         """The server process's resident memory (Linux /proc)."""
         status = Path(f"/proc/{self.pid}/status").read_text()
-        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         assert m, status
         return int(m[1])
 

@@ -19,7 +19,15 @@ import gzip
 import pytest
 
 from tests.policy.test_archives import encrypt_flag, nested_zip, overlapping_zip_bomb
-from tests.policy.test_attachments import PDF, attachment, b_word, make_zip, part, pct, q_word
+from tests.policy.test_attachments import (
+    PDF,
+    attachment,
+    b_word,
+    make_zip,
+    part,
+    pct,
+    q_word,
+)
 from tests.policy.test_sniff import elf_file, pe_file
 from tests.smtpd.conftest import Server, World
 

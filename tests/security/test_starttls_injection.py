@@ -21,10 +21,9 @@ import ssl
 import pytest
 
 from tests.imapd.client import Client
-from tests.smtpd.client import Raw
+from tests.smtpd.conftest import MEMBER, Server
 
 from .conftest import PASSWORD, Serve
-from tests.smtpd.conftest import MEMBER, Server
 
 
 def _plain_imap(serve: Serve) -> Client:

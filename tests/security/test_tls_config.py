@@ -43,7 +43,7 @@ def s_client(serve: Serve, listener: str, starttls: list[str], *args: str, stdin
     """(handshake done, output) for one ``openssl s_client`` run."""
     cmd = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{serve.ports[listener]}", "-servername", "localhost",
            "-CAfile", str(serve.ca), *starttls, *args]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30)
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30, check=False)
     out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
     m = re.search(r"Cipher is (\S+)", out)
     done = bool(m) and m[1] != "(NONE)"
@@ -100,7 +100,7 @@ def test_tls13_works_and_no_compression_or_renegotiation(serve: Serve, listener:
     assert "Compression: NONE" in out
     assert "RENEGOTIATING" in out, out[-800:]
     after = out.split("RENEGOTIATING", 1)[1]
-    assert re.search(r"alert|error|no renegotiation|closed", after, re.I), after[-800:]
+    assert re.search(r"alert|error|no renegotiation|closed", after, re.IGNORECASE), after[-800:]
 
 
 def test_every_weak_tls12_suite_is_refused_one_by_one(serve: Serve) -> None:
