@@ -521,6 +521,11 @@ _STRING_ARG = {"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"}
 _DATE_ARG = {"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"}
 _NUMBER_ARG = {"LARGER", "SMALLER"}
 _ARG_KEYS = _STRING_ARG | _DATE_ARG | _NUMBER_ARG | {"KEYWORD", "UNKEYWORD", "HEADER", "UID", "NOT", "OR"}
+# How deeply parentheses, NOT and OR may nest. The grammar (RFC 9051 §9)
+# sets no bound, and each level is a Python call: 10,000 "(" would end in
+# RecursionError (CWE-674). Real clients nest little, except OR chains
+# (one level per alternative: a search over 100 senders is 99 deep).
+MAX_SEARCH_DEPTH = 200
 
 
 def search_keys(cur: Cursor) -> tuple[str | None, Key]:
@@ -529,10 +534,10 @@ def search_keys(cur: Cursor) -> tuple[str | None, Key]:
     if cur.accept(b"CHARSET "):
         charset = cur.astring("a charset name").decode("ascii", "replace").upper()
         cur.sp()
-    keys = [_search_key(cur, charset)]
+    keys = [_search_key(cur, charset, 0)]
     while not cur.at_end():
         cur.sp()
-        keys.append(_search_key(cur, charset))
+        keys.append(_search_key(cur, charset, 0))
     return charset, Key("AND", sub=keys)
 
 
@@ -544,12 +549,15 @@ def _text_arg(cur: Cursor, charset: str | None) -> str:
         raise BadCommand("The search string is not valid in the given charset.") from exc
 
 
-def _search_key(cur: Cursor, charset: str | None) -> Key:
+def _search_key(cur: Cursor, charset: str | None, depth: int) -> Key:
+    if depth > MAX_SEARCH_DEPTH:
+        raise BadCommand(f"Search keys nest more than {MAX_SEARCH_DEPTH} levels deep.")
+    depth += 1
     if cur.accept(b"("):
-        keys = [_search_key(cur, charset)]
+        keys = [_search_key(cur, charset, depth)]
         while not cur.accept(b")"):
             cur.sp()
-            keys.append(_search_key(cur, charset))
+            keys.append(_search_key(cur, charset, depth))
         return Key("AND", sub=keys)
     c = cur.peek()
     if c is not None and (0x30 <= c <= 0x39 or c == 0x2A):
@@ -575,9 +583,9 @@ def _search_key(cur: Cursor, charset: str | None) -> Key:
     if name == "UID":
         return Key(name, (cur.seq_set(),))
     if name == "NOT":
-        return Key(name, sub=[_search_key(cur, charset)])
+        return Key(name, sub=[_search_key(cur, charset, depth)])
     if name == "OR":
-        first = _search_key(cur, charset)
+        first = _search_key(cur, charset, depth)
         cur.sp()
-        return Key(name, sub=[first, _search_key(cur, charset)])
+        return Key(name, sub=[first, _search_key(cur, charset, depth)])
     raise BadCommand(f"Unknown search key {name}.")

@@ -504,6 +504,12 @@ class IMAPServer(imap4.IMAP4Server):
         except imap4.IllegalClientResponse as exc:
             self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
             return
+        except RecursionError:
+            # A grammar rule without its own depth limit met a hostile
+            # nesting (CWE-674): a tagged BAD, so the client is not left
+            # waiting for an answer that never comes.
+            self.sendBadResponse(tag, b"The command nests too deeply.")
+            return
         assert tag is not None
         kw = {"uid": uid} if name in UID_COMMANDS else {}
         self._in_flight = True

@@ -76,6 +76,16 @@ _HEADER = re.compile(rb"^(Message-ID|Date)[ \t]*:", re.IGNORECASE | re.MULTILINE
 # Without these a message starts a conversation (check_conversation's
 # thread=None), and the store need not be asked about its thread.
 _THREAD_HEADER = re.compile(rb"^(In-Reply-To|References)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# Header-spoofing shapes that Python's parser reads one way and some mail
+# programs another (J. Chen, V. Paxson, J. Jiang, "Composition Kills: A
+# Case Study of Email Sender Authentication", USENIX Security 2020): a
+# From or Sender field name followed by white space before the colon
+# (obsolete syntax, RFC 5322 section 4.5.3; Python skips the field, others
+# show it), and a header section whose first line is folded (RFC 5322
+# section 2.2.3 forbids it; readers differ on which field it joins).
+_SPACED_FROM = re.compile(rb"^(?:From|Sender)[ \t]+:", re.IGNORECASE | re.MULTILINE)
+# Something shaped like an address, in a display name or a comment.
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[^\s<>()\[\]\"',;:@]+\.[^\s<>()\[\]\"',;:@]+")
 # What the email package may raise on a hostile header (see
 # policy/attachments.py); such a From is "cannot be read", not a crash.
 _HEADER_ERRORS = (email.errors.MessageError, IndexError, ValueError, TypeError, AttributeError, LookupError)
@@ -325,7 +335,10 @@ async def _response(server: SubmissionProtocol, args: list[str], challenge: str)
 
 
 def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
-    """(rule, reply) if From (or Sender) is not exactly the account."""
+    """(rule, reply) if From (or Sender) is not exactly the account, or
+    could be read by some mail program as someone else (see _SPACED_FROM)."""
+    if _SPACED_FROM.search(head) or head[:1] in (b" ", b"\t"):
+        return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
     try:
         # UTF-8 headers (RFC 6532) decode as text; anything else survives
         # as surrogates and simply matches no account.
@@ -337,11 +350,21 @@ def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
         if len(froms) != 1 or len(senders) > 1:
             return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
         addresses = froms[0].addresses
-        if len(addresses) != 1:
+        # A field Python had to guess at (e.g. a folded second "From:" inside
+        # it) may be read differently by the recipient's program.
+        if len(addresses) != 1 or _invalid(froms[0]) or any(_invalid(h) for h in senders):
             return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
         given = addresses[0].addr_spec
         if given.lower() != account.lower():
             return "header.from-not-account", replies.FROM_NOT_YOU.format(given=_printable(given), account=account)
+        # "front@clinic.test" <office@dental.test>: many programs show only
+        # the display name (or a comment), so another address there is a
+        # spoof too (Composition Kills, display-name attacks).
+        for text in (froms[0].addresses[0].display_name, str(froms[0]), _raw_field(head, b"From")):
+            for shown in _ADDRESS_LIKE.findall(text):
+                if shown.lower() != account.lower():
+                    return "header.from-not-account", replies.FROM_NOT_YOU.format(given=_printable(shown),
+                                                                                   account=account)
         if senders:
             sender_addrs = senders[0].addresses
             if len(sender_addrs) != 1 or sender_addrs[0].addr_spec.lower() != account.lower():
@@ -351,6 +374,18 @@ def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
     except _HEADER_ERRORS:
         return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
     return None
+
+
+def _invalid(header: object) -> bool:
+    """Whether the parser found the field malformed (obsolete syntax such as
+    an unquoted "Dr. Smith" is fine; an invalid address list is not)."""
+    return any(isinstance(d, email.errors.InvalidHeaderDefect) for d in getattr(header, "defects", ()))
+
+
+def _raw_field(head: bytes, name: bytes) -> str:
+    """The unfolded raw value(s) of one field, as text."""
+    found = re.findall(rb"^" + name + rb"[ \t]*:(.*(?:\r?\n[ \t].*)*)", head, re.IGNORECASE | re.MULTILINE)
+    return " ".join(v.decode("utf-8", "replace") for v in found)
 
 
 def _printable(text: str) -> str:

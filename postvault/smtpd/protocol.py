@@ -107,6 +107,26 @@ class SubmissionSession(Session):
         self._login_data = value
 
 
+class _CRLFReader(asyncio.StreamReader):
+    """aiosmtpd's reader, with command lines that end only at CR LF.
+
+    aiosmtpd reads a command with ``readuntil()``, i.e. up to a bare LF, so
+    ``NOOP\\nMAIL FROM:<x>\\r\\n`` would be two commands: the command-phase
+    twin of SMTP smuggling (SEC Consult, Dec 2023; Postfix's
+    smtpd_forbid_bare_newline covers commands too), and RFC 5321 section
+    2.3.8 forbids bare CR and LF. A line that holds one anywhere but its
+    final CR LF reaches aiosmtpd as an empty line, which it refuses with
+    "500 5.5.2 bad syntax" (and which counts as a refused command).
+    ``readline()`` (AUTH's answers) passes its own separator and is unchanged.
+    """
+
+    async def readuntil(self, separator: Any = b"\r\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\r\n" and (b"\n" in line[:-2] or b"\r" in line[:-2]):
+            return b"\r\n"
+        return line
+
+
 class SubmissionEnvelope(Envelope):
     """One mail transaction, with what the policy needs across its commands."""
 
@@ -170,6 +190,11 @@ class SubmissionProtocol(SMTP):
         # connection's EHLO grows.
         self.command_size_limits = _limits_dict()
         self._smtp_methods = {name: self._guard(name, method) for name, method in self._smtp_methods.items()}
+        # Command lines end with CR LF only (see _CRLFReader). aiosmtpd makes
+        # its StreamReader in SMTP.__init__ with no way to pass a class.
+        reader = getattr(self, "_stream_reader", None)  # asyncio.StreamReaderProtocol's
+        if reader is not None:
+            reader.__class__ = _CRLFReader
 
     # -- state -------------------------------------------------------------
 
