@@ -55,7 +55,9 @@ from pathlib import Path
 
 from postvault.certs.context import client_context
 from postvault.conf.load import load_config
-from postvault.home import init_home, open_store
+from postvault.home import init_home
+from postvault.store.api import Store
+from postvault.store.types import KdfSettings
 from tests.imapd.conftest import start_server
 
 PASSWORD = "correct horse battery staple"
@@ -138,13 +140,19 @@ class Harness:
         self.ports: dict[str, int] = {}
         self.logs: list[Path] = []
         self.kills = 0
+        self.timings: Counter[str] = Counter()  # seconds spent per phase, for the report
         saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
         for k in saved:
             del os.environ[k]
         os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
         try:
             init_home(self.home, HOST)
-            store = open_store(load_config(self.home))
+            config = load_config(self.home)
+            # Each account's Argon2id cost is stored with it and used at
+            # every login; a tiny one here (below what the config accepts)
+            # so that the many logins after each restart cost little. The
+            # KDF is not what this test is about.
+            store = Store.open(config.store.url, config.store.blobs or "database", KdfSettings(1024, 1, 1))
             try:
                 store.create_account(SENDER, "member", "Crash Dental", PASSWORD)
                 store.create_account(RECIPIENT, "member", "Crash Clinic", PASSWORD)
@@ -159,8 +167,26 @@ class Harness:
     # -- the server ------------------------------------------------------
 
     def start(self) -> None:
+        began = time.monotonic()
         self.proc, self.ports, log = start_server(self.home, SERVER_ENV)
         self.logs.append(log)
+        self.timings["start"] += time.monotonic() - began
+
+    def wait_for_sweep(self, timeout: float = 60) -> None:
+        """Until this start's leftover sweep (sweep_service) has logged."""
+        deadline = time.monotonic() + timeout
+        while "leftover sweep done" not in self.logs[-1].read_text():
+            assert time.monotonic() < deadline, "the leftover sweep did not finish"
+            time.sleep(0.1)
+
+    def swept(self) -> int:
+        """Crash leftovers (blobs and temporary files) the restarts removed."""
+        total = 0
+        for log in self.logs:
+            text = log.read_text()
+            for m in re.finditer(r"leftover sweep done: (\d+) unreferenced blobs and (\d+) temporary", text):
+                total += int(m[1]) + int(m[2])
+        return total
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -334,19 +360,24 @@ class Harness:
         before = next(self.counter)
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 60
+        began = time.monotonic()
+        deadline = began + 60
         while not early and time.monotonic() < deadline:
             with self.ledger.lock:
                 fresh = [t for t in self.ledger.attempted if int(t.split("-")[1]) > before]
             if any(t.startswith("smtp-") for t in fresh) and any(t.startswith("app-") for t in fresh):
                 break
             time.sleep(0.02)
+        self.timings["logins"] += time.monotonic() - began
         time.sleep(kill_after)
+        self.timings["load"] += kill_after
+        began = time.monotonic()
         self.kill()
         stop.set()
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "a client thread did not notice the server was killed"
+        self.timings["kill"] += time.monotonic() - began
 
     # -- checks -----------------------------------------------------------
 
@@ -441,6 +472,7 @@ class Harness:
             "moved": len(led.moved),
             "expunged": len(led.expunged),
             "stored_now": sum(len(v) for v in boxes.values()),
+            "leftovers_swept": self.swept(),
         }
 
     def _expect_one(self, tag: str, n: int, problems: list[str]) -> None:

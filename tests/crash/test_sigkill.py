@@ -37,9 +37,11 @@ def test_sigkill_cycles(harness: Harness) -> None:
     harness.start()
     harness.check_uids()
     numbers = harness.final_check()
+    harness.wait_for_sweep()
     assert harness.stop() == 0
     numbers["wall_seconds"] = round(time.monotonic() - started)
     print("crash harness:", " ".join(f"{k}={v}" for k, v in numbers.items()))
+    print("crash harness seconds:", " ".join(f"{k}={v:.0f}" for k, v in harness.timings.items()))
 
     assert not harness.ledger.problems, "\n".join(harness.ledger.problems[:50])
     assert numbers["kills"] >= CYCLES
