@@ -141,6 +141,7 @@ class Harness:
         self.logs: list[Path] = []
         self.kills = 0
         self.timings: Counter[str] = Counter()  # seconds spent per phase, for the report
+        self.server_env: dict[str, str] = {}  # more POSTVAULT_* for the server, over SERVER_ENV
         saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
         for k in saved:
             del os.environ[k]
@@ -168,7 +169,7 @@ class Harness:
 
     def start(self) -> None:
         began = time.monotonic()
-        self.proc, self.ports, log = start_server(self.home, SERVER_ENV)
+        self.proc, self.ports, log = start_server(self.home, {**SERVER_ENV, **self.server_env})
         self.logs.append(log)
         self.timings["start"] += time.monotonic() - began
 
@@ -205,6 +206,7 @@ class Harness:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
+        env.update(self.server_env)  # the same store as the server's
         return subprocess.run([sys.executable, "-m", "postvault.cli.main", *args, "--home", str(self.home)],
                               env=env, capture_output=True, text=True, timeout=300)
 
