@@ -71,7 +71,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Harne
         pytest.skip("mounting a tiny file system needs root")
     h = Harness(tmp_path)
     if request.param == "database":
-        h.server_env = {"POSTVAULT_STORE_BLOBS": "database"}
+        h.server_env["POSTVAULT_STORE_BLOBS"] = "database"
     data = h.home / "data"
     saved = h.home / "data.before"
     data.rename(saved)

@@ -45,8 +45,10 @@ def test_sigkill_cycles(harness: Harness) -> None:
 
     assert not harness.ledger.problems, "\n".join(harness.ledger.problems[:50])
     assert numbers["kills"] >= CYCLES
-    # The load really ran: enough acknowledged of each kind to mean something.
-    assert numbers["acked_smtp"] >= CYCLES and numbers["acked_append"] >= CYCLES, numbers
+    # The load really ran: each cycle but the early ones waited for an
+    # acknowledged message of each kind before its kill.
+    loaded = CYCLES - CYCLES // 5
+    assert numbers["acked_smtp"] >= loaded and numbers["acked_append"] >= loaded, numbers
     assert numbers["moved"] > 0 and numbers["expunged"] > 0, numbers
 
     fsck = harness.cli("fsck")
