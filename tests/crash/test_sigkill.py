@@ -49,7 +49,8 @@ def test_sigkill_cycles(harness: Harness) -> None:
     # acknowledged message of each kind before its kill.
     loaded = CYCLES - CYCLES // 5
     assert numbers["acked_smtp"] >= loaded and numbers["acked_append"] >= loaded, numbers
-    assert numbers["moved"] > 0 and numbers["expunged"] > 0, numbers
+    if CYCLES >= 20:  # shorter runs (POSTVAULT_CRASH_CYCLES) may not get that far
+        assert numbers["moved"] > 0 and numbers["expunged"] > 0, numbers
 
     fsck = harness.cli("fsck")
     assert fsck.returncode == 0 and fsck.stdout.rstrip().endswith("clean"), fsck.stdout + fsck.stderr
