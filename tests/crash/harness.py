@@ -368,7 +368,7 @@ class Harness:
             lambda: self._append_loop(stop), lambda: self._append_loop(stop),
             lambda: self._mover_loop(RECIPIENT, stop), lambda: self._mover_loop(APPENDER, stop),
         ]
-        threads = [threading.Thread(target=w, daemon=True) for w in workers]
+        threads = [threading.Thread(target=self._guarded, args=(w,), daemon=True) for w in workers]
         before = next(self.counter)
         for t in threads:
             t.start()
@@ -390,6 +390,15 @@ class Harness:
             t.join(30)
             assert not t.is_alive(), "a client thread did not notice the server was killed"
         self.timings["kill"] += time.monotonic() - began
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """A client's loop; anything but the server going away (which each
+        loop handles) is a problem the test reports, not a lost thread."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            with self.ledger.lock:
+                self.ledger.problems.append(f"a client failed: {exc!r}")
 
     # -- checks -----------------------------------------------------------
 
