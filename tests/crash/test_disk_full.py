@@ -17,11 +17,13 @@ CI it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import smtplib
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +189,55 @@ def test_storage_full_recognises_the_real_errors(tmp_path: Path) -> None:
     assert storage_full(OSError(13, "Permission denied")) is None
     assert storage_full(sqlite3.OperationalError("database is locked")) is None
     assert storage_full(ValueError("x")) is None
+
+
+def test_audit_checkpoints_survive_a_full_disk(tmp_path: Path) -> None:
+    """certs/ (where audit-head.json is written) on a full file system: the
+    server's checkpoint loop warns and carries on, and writes the head file
+    again once space returns."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("this test mounts a file system and must run as root (CI does)")
+        pytest.skip("mounting a tiny file system needs root")
+    h = Harness(tmp_path)
+    certs = h.home / "certs"
+    saved = h.home / "certs.before"
+    certs.rename(saved)
+    certs.mkdir(mode=0o700)
+    unmount = _mount(certs, tmp_path)
+    try:
+        for entry in saved.iterdir():
+            shutil.copy2(entry, certs / entry.name)
+        h.start()
+        h.imap(APPENDER).logout()  # events, so a checkpoint is due
+        head = certs / "audit-head.json"
+        deadline = time.monotonic() + 60
+        while not head.exists():
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        filler = _fill(certs)
+        seq = json.loads(head.read_text())["seq"]
+        h.imap(APPENDER).logout()
+        deadline = time.monotonic() + 60
+        while "checkpoint postponed, the storage is full" not in h.logs[-1].read_text():
+            assert time.monotonic() < deadline, "the checkpoint was not attempted on the full disk"
+            time.sleep(0.2)
+        assert json.loads(head.read_text())["seq"] == seq
+        assert not list(certs.glob(".audit-head.json.*.tmp")), "a half-written head file was left"
+
+        filler.unlink()
+        h.imap(APPENDER).logout()
+        deadline = time.monotonic() + 60
+        while json.loads(head.read_text())["seq"] <= seq:
+            assert time.monotonic() < deadline, "the checkpoint loop did not carry on after the disk was full"
+            time.sleep(0.2)
+        assert h.stop() == 0
+        assert "Traceback" not in h.logs[-1].read_text()
+        verify = h.cli("audit", "verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        if h.proc is not None and h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait(30)
+        if subprocess.run(unmount, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(certs)], capture_output=True)
