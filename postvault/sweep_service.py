@@ -14,6 +14,10 @@ left can go at once:
 - blobs kept in the database: their rows carry no age, so they are swept
   before any listener opens, in one statement.
 
+Only with SQLite, where this process is the store's one writer; with a
+database server that other processes may share, ``postvault fsck --repair``
+removes leftovers by age instead.
+
 Counts go to the log; never ids of anything that was content.
 """
 
@@ -47,6 +51,11 @@ class LeftoverSweep:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
+        if self.runtime.store.engine.dialect.name != "sqlite":
+            # A shared database server may have other writers, whose blob
+            # rows (or files) this start cannot tell from crash leftovers;
+            # there `fsck --repair` removes them by age.
+            return []
         root = self.runtime.config.store.blobs
         if root is None:
             try:
