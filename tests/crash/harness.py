@@ -108,6 +108,7 @@ class Ledger:
     uids: dict[tuple[str, str], dict[int, str]] = field(default_factory=dict)
     validity: dict[tuple[str, str], int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    mover_rounds: int = 0  # completed MOVE-then-EXPUNGE rounds, all cycles
 
     def saw(self, account: str, folder: str, uid: int, tag: str) -> None:
         """A client was told ``uid`` holds ``tag``: a UID never changes hands."""
@@ -332,6 +333,8 @@ class Harness:
                         return
                     with led.lock:
                         led.expunged |= tags
+                with led.lock:
+                    led.mover_rounds += 1
                 stop.wait(0.05)
         except NETWORK_ERRORS:
             return
@@ -356,8 +359,9 @@ class Harness:
         """Start, load, SIGKILL, wait for the clients to notice.
 
         The kill comes ``kill_after`` seconds after the load is flowing (an
-        SMTP message and an APPEND acknowledged in this cycle: a loaded
-        machine takes a while for the logins), or, if
+        SMTP message and an APPEND acknowledged in this cycle, and two
+        mover rounds done: a loaded machine takes a while for the logins),
+        or, if
         ``early``, that long after the server said it was ready (startup,
         logins)."""
         self.start()
@@ -370,6 +374,7 @@ class Harness:
         ]
         threads = [threading.Thread(target=self._guarded, args=(w,), daemon=True) for w in workers]
         before = next(self.counter)
+        rounds = self.ledger.mover_rounds
         for t in threads:
             t.start()
         began = time.monotonic()
@@ -377,7 +382,8 @@ class Harness:
         while not early and time.monotonic() < deadline:
             with self.ledger.lock:
                 fresh = [t for t in self.ledger.acked if int(t.split("-")[1]) > before]
-            if any(t.startswith("smtp-") for t in fresh) and any(t.startswith("app-") for t in fresh):
+                moving = self.ledger.mover_rounds >= rounds + 2
+            if moving and any(t.startswith("smtp-") for t in fresh) and any(t.startswith("app-") for t in fresh):
                 break
             time.sleep(0.02)
         self.timings["logins"] += time.monotonic() - began
