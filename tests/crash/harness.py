@@ -19,7 +19,8 @@ mail program would know it:
 - Every UID a client is told (APPENDUID, COPYUID, FETCH) is kept per
   (account, folder), with the Message-ID it belongs to.
 
-After each restart :meth:`Harness.check_uids` asks STATUS for every folder:
+After each restart :meth:`Harness.check_uids` reads every folder's
+UIDVALIDITY and UIDNEXT (from the database file, before any client runs):
 UIDVALIDITY never changes and UIDNEXT is above every UID ever seen (UIDs
 never go backwards, never reused). :meth:`Harness.final_check` reads every
 folder over IMAP, opens every message in full (FETCH BODY[], so each one is
@@ -27,8 +28,8 @@ decrypted) and checks: each acked message is there exactly once (or, if a
 client expunged it, at most once; none if the EXPUNGE was acked), no refused
 and no never-sent message is there, a delivered message is in both the
 recipient's folders and the sender's Sent or in neither, and UIDs match what
-clients were told. The acked-but-unacknowledged messages found are counted
-as lost in flight (the 250 or OK the server had no time to send).
+clients were told. The sent-but-unanswered messages found stored are
+counted as lost in flight (the 250 or OK the server had no time to send).
 """
 
 from __future__ import annotations
