@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import PostvaultError
+from .errors import PostvaultError, storage_full
 from .runtime import Runtime
 from .store.auditsign import ensure_signing_key
 
@@ -77,8 +77,13 @@ class AuditService:
                     await asyncio.to_thread(self._prune)
                 if await asyncio.to_thread(self._due):
                     await asyncio.to_thread(self._checkpoint, "periodic")
-            except (PostvaultError, SQLAlchemyError) as exc:
+            except (PostvaultError, SQLAlchemyError, OSError) as exc:
                 # A broken chain stays unpruned and keeps being reported;
-                # the servers keep serving.
-                log.error("audit housekeeping: %s", exc)
+                # the servers keep serving. A full disk (the checkpoint row
+                # or certs/audit-head.json not written) must not end this
+                # loop either: the checkpoint is made once space is back.
+                if storage_full(exc) is not None:
+                    log.warning("audit housekeeping: checkpoint postponed, the storage is full")
+                else:
+                    log.error("audit housekeeping: %s", type(exc).__name__ if isinstance(exc, OSError) else exc)
             await asyncio.sleep(poll)

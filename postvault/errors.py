@@ -8,6 +8,8 @@ file names or secrets.
 
 from __future__ import annotations
 
+import errno
+
 
 class PostvaultError(Exception):
     """Base of every error Postvault raises on purpose."""
@@ -104,3 +106,39 @@ class BackupError(PostvaultError):
 class AuditChainBroken(StoreError):
     """The audit chain does not verify (``postvault audit verify`` names the
     first broken entry); pruning refuses to delete evidence of that."""
+
+
+class StorageFull(StoreError):
+    """The disk (or quota) holding the database or the blobs is full: the
+    write was refused and rolled back, nothing half-stored. Mapped to SMTP
+    452 4.3.1 and IMAP NO [OVERQUOTA]; it clears by itself once space is
+    freed."""
+
+
+# errno values of a full disk or an exhausted quota.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def storage_full(exc: BaseException) -> StorageFull | None:
+    """``exc`` as a ``StorageFull`` if it says the storage is full, else None.
+
+    Recognises ``StorageFull`` itself, an ``OSError`` with ENOSPC or EDQUOT,
+    and SQLite's SQLITE_FULL ("database or disk is full"), bare or wrapped
+    by SQLAlchemy (whose ``orig`` holds the driver's error), anywhere in the
+    cause chain. Duck-typed, so this module imports nothing."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageFull):
+            return current
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return StorageFull("the storage is full")
+        if type(current).__name__ == "OperationalError" and "database or disk is full" in str(current):
+            return StorageFull("the storage is full")
+        orig = getattr(current, "orig", None)
+        if isinstance(orig, BaseException) and orig is not current:
+            current = orig
+            continue
+        current = current.__cause__ or current.__context__
+    return None

@@ -45,9 +45,12 @@ def build_services(runtime: Runtime) -> list[Service]:
     from .imapd.service import IMAPService
     from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
+    from .sweep_service import LeftoverSweep
     from .web.service import WebService
 
-    return [SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime),
+    # The sweep first: crash leftovers kept in the database go before any
+    # listener opens (see sweep_service).
+    return [LeftoverSweep(runtime), SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime),
             AuditService(runtime)]
 
 

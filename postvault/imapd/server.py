@@ -62,7 +62,8 @@ from twisted.internet import defer, reactor, task
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from ..errors import IntegrityError, InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError
+from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError,
+                      storage_full)
 from ..policy import folders
 from ..store.types import MessageMeta
 from . import render, structure
@@ -86,6 +87,9 @@ from .parse import (
 from .search import Candidate, run_search
 
 log = logging.getLogger("postvault.imapd")
+# The answer to a write refused because the server's disk is full.
+STORAGE_FULL = (b"[OVERQUOTA] The server's storage is full, so nothing was saved; try again later, once the "
+                b"administrator has freed space.")
 
 # RFC 7888 §4 (LITERAL-): the largest non-synchronizing literal we take.
 NONSYNC_LIMIT = 4096
@@ -551,13 +555,20 @@ class IMAPServer(imap4.IMAP4Server):
         except InvalidInput as exc:
             self.sendNegativeResponse(tag, b"[CANNOT] " + str(exc).encode("utf-8", "replace"))
             return
-        except PostvaultError as exc:
-            log.warning("%s failed: %s", name, type(exc).__name__)
-            self.sendNegativeResponse(tag, b"[SERVERBUG] The server could not complete this command.")
-            return
         except ConnectionError:
             return
-        except Exception:  # a bug: answer, log the type and stack (no content), keep the connection
+        except Exception as exc:  # noqa: BLE001 - every failure gets an answer and the connection stays
+            if storage_full(exc) is not None:
+                # RFC 5530 OVERQUOTA: the write was refused, nothing was
+                # stored; it succeeds again once space is freed.
+                log.warning("%s refused: the storage is full", name)
+                self.sendNegativeResponse(tag, STORAGE_FULL)
+                return
+            if isinstance(exc, PostvaultError):
+                log.warning("%s failed: %s", name, type(exc).__name__)
+                self.sendNegativeResponse(tag, b"[SERVERBUG] The server could not complete this command.")
+                return
+            # A bug: answer, log the type and stack (no content).
             log.exception("%s failed", name)
             if self.transport is not None and not self.transport.disconnecting:
                 self.sendNegativeResponse(tag, b"[SERVERBUG] Internal server error; the problem has been logged.")

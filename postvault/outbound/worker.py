@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from ..errors import storage_full
 from .queue import OutboundQueue
 from .sender import Outcome
 
@@ -85,16 +86,25 @@ class OutboundWorker:
         for job in self.jobs:
             try:
                 job()
-            except Exception:  # noqa: BLE001 - one failing job must not stop sending
-                log.exception("outbound: periodic job failed")
+            except Exception as exc:  # noqa: BLE001 - one failing job must not stop sending
+                if storage_full(exc) is not None:
+                    log.warning("outbound: periodic job skipped, the storage is full")
+                else:
+                    log.exception("outbound: periodic job failed")
         return run_once(self.queue, self.sender)
 
     async def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 busy = await asyncio.to_thread(self._pass)
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly locked; try again next round
-                log.exception("outbound: pass failed")
+            except Exception as exc:  # noqa: BLE001 - e.g. the database is briefly locked; try again next round
+                if storage_full(exc) is not None:
+                    # Not a bug: the queue cannot record outcomes until
+                    # space is freed; the rows keep their leases and retry.
+                    log.warning("outbound: pass skipped, the storage is full; retrying in %.0f s",
+                                self.poll_seconds)
+                else:
+                    log.exception("outbound: pass failed")
                 busy = 0
             if busy:
                 continue  # more may be due right away

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import AuthenticationFailed, InvalidInput, LoginLimited, NoSuchAccount
+from ..errors import AuthenticationFailed, InvalidInput, LoginLimited, NoSuchAccount, storage_full
 
 # "250 2.0.0 ..." or "250-2.0.0 ...": the reply already has its code.
 ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
@@ -79,6 +79,8 @@ IDLE_TIMEOUT = "421 4.4.2 No command for too long; closing the connection."
 SHUTTING_DOWN = "421 4.3.2 The server is restarting; please try again in a minute."
 TEMPORARY_FAILURE = ("451 4.3.0 The message could not be stored because of a temporary problem on the server; it "
                      "was not delivered, please try again in a few minutes.")
+STORAGE_FULL = ("452 4.3.1 The server's storage is full, so the message was not stored; your mail program keeps "
+                "it and can send it again once space is freed (try again later).")
 RECIPIENT_GONE = "550 5.1.1 {address} has no account on this server any more; check the address."
 NOT_IMPLEMENTED = "502 5.5.1 {command} is not offered by this server."
 
@@ -217,9 +219,12 @@ def error_reply(exc: BaseException, *, address: str = "") -> tuple[str, str]:
     if isinstance(exc, NoSuchAccount):
         # A recipient whose account was removed between RCPT and DATA.
         return RECIPIENT_GONE.format(address=address or "A recipient"), "no-such-account"
+    if storage_full(exc) is not None:
+        # RFC 3463 4.3.1 "mail system full": temporary, the client retries.
+        return STORAGE_FULL, "storage-full"
     if isinstance(exc, InvalidInput):
         return "554 5.6.0 The message could not be stored as sent; check its addresses and format.", \
             "invalid-input"
-    # CryptoError, StoreError, OSError (disk full), a locked database, a bug:
+    # CryptoError, StoreError, another OSError, a locked database, a bug:
     # the client keeps the message and retries.
     return TEMPORARY_FAILURE, type(exc).__name__

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..errors import HomeError
+from .blobs import _fsync_dir
 
 KEY_FILE = Path("certs/audit-signing.key")
 PUB_FILE = Path("certs/audit-signing.pub")
@@ -163,8 +165,16 @@ def checkpoint_line(fields: dict[str, Any], signature: bytes) -> str:
 
 def write_head(home: Path, fields: dict[str, Any], signature: bytes) -> None:
     """Replace audit-head.json with this checkpoint unless it already names a
-    newer one (two processes may write checkpoints)."""
+    newer one (two processes may write checkpoints).
+
+    Written whole or not at all: a temporary file, fsynced, renamed over the
+    old one, then the folder fsynced (the rename itself must survive a power
+    cut). A process killed before the rename leaves only its temporary file,
+    which verification never reads; the next write removes such files once
+    they are older than ``STALE_TMP_SECONDS`` (a younger one may be another
+    process's write in progress)."""
     path = home / HEAD_FILE
+    _remove_stale_temps(path)
     current = None
     try:
         current = read_head(home)
@@ -174,8 +184,28 @@ def write_head(home: Path, fields: dict[str, Any], signature: bytes) -> None:
         return
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(checkpoint_line(fields, signature) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(checkpoint_line(fields, signature) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+STALE_TMP_SECONDS = 60.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary head files left by a killed writer (see ``write_head``)."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass  # another writer finished or removed it
+

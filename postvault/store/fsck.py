@@ -269,3 +269,66 @@ def _check_blob_table(store: Store, report: FsckReport) -> None:
     for blob_id, parts, size in rows:
         report.add("orphan-blob", f"blob {blob_id} ({size} bytes in {parts} rows) is referred to by no message; "
                                   "kept (the database records no age for it)")
+
+
+@dataclass
+class SweepResult:
+    """What ``sweep_leftovers`` removed (counts only)."""
+
+    blobs: int = 0
+    temp_files: int = 0
+    table_blobs: int = 0
+
+
+def sweep_table_leftovers(store: Store) -> int:
+    """Blobs in the database table that no message refers to, deleted; how
+    many. Only while nothing else writes: a delivery commits its blob rows
+    before its message row, and those rows carry no age."""
+    with store.engine.begin() as conn:
+        ids = [r[0] for r in conn.execute(text(
+            "SELECT DISTINCT blob_id FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM messages)"))]
+        if ids:
+            conn.execute(text("DELETE FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM messages)"))
+    return len(ids)
+
+
+def sweep_leftovers(store: Store, root: Path, before: float, stop: Callable[[], bool] = lambda: False) \
+        -> SweepResult:
+    """What a killed writer left in the blob folder ``root``, deleted:
+    temporary files, and blobs no message refers to (written, but the
+    process died before the message row committed). Only entries last
+    changed before ``before`` (a ``time.time()``): a newer one may belong to
+    a delivery in progress. ``stop`` is asked between fan-out folders.
+
+    One indexed range query per fan-out folder, not one per blob, so a
+    large store costs a directory walk; the reference is checked again
+    right before each delete. (Content addressing cannot make a new message
+    reuse an orphan: every message is sealed under a fresh random key.)
+    """
+    result = SweepResult()
+    if not root.is_dir():
+        return result
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if stop():
+            break
+        if entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            if entry.stat(follow_symlinks=False).st_mtime < before and _unlink(Path(entry.path)):
+                result.temp_files += 1
+            continue
+        if not (entry.is_dir(follow_symlinks=False) and re.fullmatch(r"[0-9a-f]{2}", entry.name)):
+            continue
+        names = [b for b in os.scandir(entry.path)
+                 if _BLOB_ID.fullmatch(entry.name + b.name) and b.is_file(follow_symlinks=False)]
+        if not names:
+            continue
+        lo, hi = entry.name, f"{int(entry.name, 16) + 1:02x}" if entry.name != "ff" else "g"
+        with store.engine.connect() as conn:
+            used = set(conn.execute(text("SELECT blob_id FROM messages WHERE blob_id >= :lo AND blob_id < :hi"),
+                                    {"lo": lo, "hi": hi}).scalars())
+        for blob in names:
+            blob_id = entry.name + blob.name
+            if blob_id in used or blob.stat(follow_symlinks=False).st_mtime >= before:
+                continue
+            if not _referenced(store, blob_id) and _unlink(Path(blob.path)):
+                result.blobs += 1
+    return result

@@ -15,16 +15,18 @@ import json
 import logging
 import secrets
 import threading
+from contextlib import contextmanager
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, TypeVar
 
 from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound
+from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, storage_full
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
 from . import delivery
@@ -91,6 +93,21 @@ def _head(data: bytes) -> bytes:
     head = data[:MAX_HEADER_SCAN]
     end = head.find(b"\r\n\r\n")
     return head if end < 0 else head[: end + 2]
+
+
+@contextmanager
+def _full_disk() -> Iterator[None]:
+    """A write refused because the disk or quota is full comes out as
+    ``StorageFull`` (the protocol edges answer 452 4.3.1 / NO [OVERQUOTA]);
+    anything else passes unchanged. What failed was rolled back or removed
+    by the code inside, so nothing is half-stored."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError) as exc:
+        full = storage_full(exc)
+        if full is None:
+            raise
+        raise full from exc
 
 
 def _uid_list(dialect: str) -> Any:
@@ -317,10 +334,11 @@ class MailStore:
         key before it leaves this function."""
         public_id = secrets.token_hex(16)
         key = crypto.new_content_key()
-        writer = self.blobs.writer()
-        with writer:
-            size = crypto.seal_stream(io.BytesIO(data), writer, key, public_id.encode())
-            blob_id = writer.commit()  # type: ignore[attr-defined]
+        with _full_disk():
+            writer = self.blobs.writer()
+            with writer:
+                size = crypto.seal_stream(io.BytesIO(data), writer, key, public_id.encode())
+                blob_id = writer.commit()  # type: ignore[attr-defined]
         return public_id, blob_id, size, key, _head(data), self._seal_summary(data, key, public_id)
 
     @staticmethod
@@ -526,7 +544,7 @@ class MailStore:
         return results
 
     def _write_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult]:
-        with self.engine.connect() as conn:
+        with _full_disk(), self.engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
             with conn.begin():
                 return delivery.write_deliveries(conn, batch)
@@ -578,7 +596,7 @@ class MailStore:
         del data
         when = internal_date or now()
         try:
-            with unit_of_work(self._sessions) as s:
+            with _full_disk(), unit_of_work(self._sessions) as s:
                 box = self._mailbox(s, session.account_id, mailbox, lock=True)
                 msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="append", created_at=now(),
                               sealed_summary=sealed_summary)
