@@ -228,6 +228,7 @@ class Result:
     reconnects: int
     notifications: int = 0
     first_logins: float = 0.0  # seconds until every client had logged in once
+    source: str = "unknown"  # the commit the server ran from
     log_warnings: int = 0
 
     @property
@@ -588,6 +589,7 @@ def run(opts: Options, work: Path) -> Result:
     extra = make_home(home, mailboxes, senders, opts.fast_kdf)
     log(f"{len(mailboxes) + len(senders)} accounts made in {time.perf_counter() - t:.1f} s")
     imaps, subs = free_port(), free_port()
+    source = source_version()  # now: the tree may change while the run goes on
     certs = home / "certs"
     # New-mail notifications go to a local sink (STARTTLS, the home's own
     # certificate), so the run stays on loopback: with no relay the server
@@ -603,6 +605,7 @@ def run(opts: Options, work: Path) -> Result:
         finally:
             status = server.stop()
         result.notifications = len(notices.received)
+    result.source = source
     locked, tracebacks, errors, warnings, samples = scan_log(server.log_path)
     result.log_locked, result.log_tracebacks, result.log_errors = locked, tracebacks, errors
     result.log_warnings, result.log_samples = warnings, samples
@@ -742,7 +745,7 @@ def ms(x: float) -> str:
 
 def report(r: Result, out: Callable[[str], None] = print) -> None:
     o = r.options
-    out(f"Machine: {machine_line()}. Server code: {source_version()}.")
+    out(f"Machine: {machine_line()}. Server code: {r.source}.")
     out(f"Load average {r.load[0]:.1f} at the start, {r.load[1]:.1f} at the end.")
     out("")
     out(f"{o.imap} IMAP clients ({o.per_account} per mailbox), {o.smtp} SMTP senders (10 KB messages, "
