@@ -617,7 +617,8 @@ def run(opts: Options, work: Path) -> Result:
 async def _load(opts: Options, server: Serve, imaps: int, subs: int, mailboxes: list[str],
                 senders: list[str]) -> Result:
     ctx = client_context(server.home)
-    stats, sent, stop = Stats(), {}, Stop(len(senders))
+    stats, stop = Stats(), Stop(len(senders))
+    sent: dict[str, Sent] = {}  # Message-ID -> what its sender saw
     rng = random.Random(opts.seed)
     watchers = [Watcher(i, mailboxes[i % len(mailboxes)]) for i in range(opts.imap)]
     seconds = opts.minutes * 60
