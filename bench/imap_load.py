@@ -56,13 +56,11 @@ import random
 import re
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +73,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _server import Serve, free_port
 from imap_populate import BulkFiler, Mix, check_equivalent, make_message
 
 HOSTNAME = "mail.bench.test"
@@ -284,81 +283,14 @@ class Idler:
 # -- the server under test ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
+class Server(Serve):
     """``postvault serve`` with only the imaps listener, on loopback."""
 
     def __init__(self, home: Path) -> None:
-        self.home = home
         self.port = free_port()
         if SOURCE[0] == "unknown":  # the first server is the one measured for the tables
             SOURCE[:] = [source_version()]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
-        env.update({
-            "POSTVAULT_LISTEN_IMAPS": f"127.0.0.1:{self.port}",
-            "POSTVAULT_LISTEN_IMAP": "",
-            "POSTVAULT_LISTEN_SUBMISSIONS": "",
-            "POSTVAULT_LISTEN_SUBMISSION": "",
-            "POSTVAULT_LISTEN_HTTPS": "",
-            "PYTHONUNBUFFERED": "1",
-        })
-        self.log_path = home / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)],
-            env=env, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=str(ROOT))
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 120
-        ready = False
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("postvault ready"):
-                ready = True
-                break
-        if not ready:
-            self.stop()
-            raise RuntimeError("postvault serve did not start:\n" + self.log_path.read_text()[-3000:])
-        # Keep reading stdout so the server never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in iter(self.proc.stdout.readline, ""):
-            pass
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all threads)."""
-        with open(f"/proc/{self.pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+        super().__init__(home, {"imaps": f"127.0.0.1:{self.port}"}, home / f"serve-{self.port}.log")
 
 
 # -- measuring ----------------------------------------------------------------------------------

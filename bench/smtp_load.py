@@ -38,7 +38,6 @@ import platform
 import shutil
 import signal
 import smtplib
-import socket
 import ssl
 import statistics
 import subprocess
@@ -55,6 +54,9 @@ from pathlib import Path
 
 # Run from a checkout without installing: make the package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _server import Serve, free_port
 
 MB = 1_000_000
 PASSWORD = "bench passphrase for postvault load"
@@ -117,12 +119,6 @@ def bare_server(port: int, cert: Path, key: Path, out: Path) -> None:
 # --- servers as child processes ------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_ready(proc: subprocess.Popen[bytes], word: bytes, seconds: float = 120) -> None:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -159,16 +155,13 @@ class Servers:
         store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
         store.create_account(RECIPIENT, "member", "Bench Clinic", PASSWORD)
         store.close()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
         self.postvault_port, self.bare_port = free_port(), free_port()
-        env.update(POSTVAULT_LISTEN_IMAPS="", POSTVAULT_LISTEN_IMAP="", POSTVAULT_LISTEN_HTTPS="",
-                   POSTVAULT_LISTEN_SUBMISSION="", POSTVAULT_LISTEN_SUBMISSIONS=f"127.0.0.1:{self.postvault_port}",
-                   POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP=str(max(50, concurrency + 5)))
-        log = (self.work / "postvault.log").open("wb")
-        pv = subprocess.Popen([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)], env=env,
-                              stdout=subprocess.PIPE, stderr=log)
-        self.procs.append(pv)
-        wait_ready(pv, b"postvault ready")
+        try:
+            pv = Serve(home, {"submissions": f"127.0.0.1:{self.postvault_port}"}, self.work / "postvault.log",
+                       {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5))})
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
+        self.procs.append(pv.proc)
         self.postvault_pid = pv.pid
         out = self.work / "bare-out"
         out.mkdir()

@@ -513,6 +513,9 @@ class ImapConfig:
     absolute_session_hours: int = _smtp_key(
         "Hours after which a connection is closed with BYE even if active; the client logs in "
         "again (the idle limit is [sessions] imap_idle_minutes in policy.toml).", 24, 1, 720)
+    login_timeout_seconds: int = _smtp_key(
+        "Seconds a connection may sit idle before logging in; then it is closed with BYE. "
+        "Time the server spends checking a password does not count.", 60, 1, 3600)
     threads: int = _smtp_key(
         "Worker threads for store access, password checks and decryption.", 8, 2, 256)
     disable_for_clients: Switches = _text_default(

@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.mail import imap4
 
 from postvault.conf.schema import ImapConfig, parse_switches
+from postvault.errors import AuthenticationFailed
 from postvault.imapd import server as server_module
 from postvault.imapd.parse import BadCommand, Cursor, Literal, SeqSet, compact_set, fetch_items, search_keys
 from postvault.imapd.server import SWITCHABLE, IMAPServer
@@ -81,6 +82,49 @@ def test_idle_autologout_says_bye() -> None:
     clock.advance(61)  # before login: one minute
     assert transport.value() == b"* BYE Autologout; idle for too long\r\n"
     assert transport.disconnecting
+
+
+def test_login_timeout_is_configurable() -> None:
+    proto, transport, clock = make(ImapConfig(login_timeout_seconds=5))
+    clock.advance(4)
+    assert transport.value() == b""
+    clock.advance(2)
+    assert transport.value() == b"* BYE Autologout; idle for too long\r\n"
+
+
+class SlowPortal:
+    """A portal whose answer comes when the test says: the password check
+    waiting for a worker thread, bcrypt and Argon2id under a burst of logins."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def login(self, creds: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_a_slow_login_is_not_idleness() -> None:
+    """Regression (found by bench/soak.py): 50 clients logging in at once on
+    a loaded machine waited over a minute for their password checks, and the
+    pre-login timeout hung up on them while their LOGIN was being answered.
+    The timeout is paused during the check and restarts in full if it fails."""
+    proto, transport, clock = make()
+    portal = SlowPortal()
+    proto.portal = portal
+    clock.advance(30)
+    proto.dataReceived(b"a1 LOGIN user@dental.test secret\r\n")
+    assert len(portal.pending) == 1
+    clock.advance(300)  # five minutes of the server's own work
+    assert b"BYE" not in transport.value() and not transport.disconnecting
+    portal.pending[0].errback(AuthenticationFailed("no"))
+    assert transport.value().startswith(b"a1 NO ")
+    transport.clear()
+    clock.advance(59)  # a full pre-login timeout again, counted from the answer
+    assert transport.value() == b""
+    clock.advance(2)
+    assert transport.value() == b"* BYE Autologout; idle for too long\r\n"
 
 
 def test_absolute_session_limit() -> None:
