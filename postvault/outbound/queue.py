@@ -20,12 +20,12 @@ emptied the moment a row is final, and rows are only as long-lived as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..conf.schema import NotifyConfig
@@ -36,6 +36,7 @@ from ..store.models import OutboundMail
 Kind = Literal["invitation", "notification", "notice"]
 Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=10)
+_ADD = insert(OutboundMail.__table__)
 
 
 def utc_now() -> datetime:
@@ -127,6 +128,21 @@ class OutboundQueue:
             attempts=0, created_at=stamp, next_attempt_at=stamp, give_up_at=stamp + self.backoff.give_up_after,
             finished_at=None, last_error="",
         ))
+
+    def add_rows(self, conn: Connection, kind: Kind, mail_from: str, rows: Sequence[tuple[str, bytes, str | None]]
+                 ) -> None:
+        """``add`` for (recipient, body, account) rows inside the caller's
+        Core transaction: one multi-row insert (the SMTP server queues its
+        notifications in the transaction that files the message)."""
+        if not rows:
+            return
+        stamp = self.clock()
+        give_up = stamp + self.backoff.give_up_after
+        conn.execute(_ADD, [{
+            "kind": kind, "account": account, "mail_from": mail_from, "recipient": recipient, "body": body,
+            "state": "queued", "attempts": 0, "created_at": stamp, "next_attempt_at": stamp, "give_up_at": give_up,
+            "finished_at": None, "last_error": "",
+        } for recipient, body, account in rows])
 
     def claim_due(self, limit: int = 20) -> list[QueuedMail]:
         """Rows due now, each leased to the caller (see module docstring)."""
