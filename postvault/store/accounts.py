@@ -263,11 +263,11 @@ class AccountStore(ContactsStore):
     def accounts(self, emails: Iterable[str]) -> dict[str, AccountInfo]:
         """The accounts among ``emails``, keyed by lower-cased address."""
         wanted = {e.strip().lower() for e in emails}
-        with self._sessions() as s:
-            rows: Iterable[Account] = (
-                s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
-            )
-            return {a.email.lower(): self._info(a) for a in rows}
+        if not wanted:
+            return {}
+        # Core, not the ORM: the SMTP server asks for every recipient.
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            return {r.email.lower(): AccountInfo(*r) for r in conn.execute(_ACCOUNT_INFO, {"emails": sorted(wanted)})}
 
     def _check_password(
         self, email: str, password: str, client_ip: str | None, protocol: str | None
@@ -791,6 +791,11 @@ class AccountStore(ContactsStore):
             acct.updated_at = now()
             audit.record(s, "password.change", actor=acct.email, account=acct.email)
 
+
+_ACCOUNT_INFO = select(
+    Account.id, Account.email, Account.role, Account.state, Account.practice_name, Account.timezone,
+    Account.mailbox_name,
+).where(func.lower(Account.email).in_(bindparam("emails", expanding=True)))
 
 # -- notification claims inside a caller's transaction (SQLAlchemy Core) ------
 # The SMTP server claims the notifications of every message in the

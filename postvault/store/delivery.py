@@ -24,7 +24,8 @@ statements (no ORM unit of work) and few round trips per message:
 - the audit events of the whole batch: the previous hash read once, the
   chain computed exactly as ``audit.record`` does, one multi-row insert;
 - per message with a ``then`` hook (the SMTP server's new-mail
-  notifications), the hook, inside a SAVEPOINT of the same transaction:
+  notifications), the hook, inside a SAVEPOINT of the same transaction
+  (one for the batch; one per message only after a failure):
   the claims and the queued emails commit with the message (one commit,
   one fsync, for both), and a hook that fails is rolled back alone and
   costs neither its message nor the rest of the batch anything.
@@ -252,21 +253,33 @@ def write_deliveries(conn: Connection, batch: Sequence[PreparedDelivery]) -> lis
         ))
     conn.execute(_ADD_COPIES, copies)
     audit.record_many(conn, events)
-    for p, result in zip(batch, results):
-        if p.then is not None:
-            _run_hook(conn, p, result)
+    _run_hooks(conn, [(p, r) for p, r in zip(batch, results) if p.then is not None])
     return results
 
 
-def _run_hook(conn: Connection, p: PreparedDelivery, result: DeliveryResult) -> None:
-    """``p.then`` in a SAVEPOINT: on any error it is undone alone (and
-    logged without content); the message itself stays filed."""
-    assert p.then is not None
-    try:
-        with conn.begin_nested():
-            p.then(conn, p, result)
-    except Exception:  # noqa: BLE001 - a hook (e.g. a notification) never fails a stored message
-        log.exception("after-filing hook for message %s failed; rolled back alone", p.public_id)
+def _run_hooks(conn: Connection, hooked: Sequence[tuple[PreparedDelivery, DeliveryResult]]) -> None:
+    """Each message's ``then``, all in one SAVEPOINT (two statements per
+    batch rather than per message); if any raises, that SAVEPOINT is rolled
+    back and each hook runs again in one of its own, so that a failing hook
+    is undone alone (and logged without content) and its message, filed
+    before, stays filed. So a hook may run twice: it must write only
+    through ``conn``."""
+    if not hooked:
+        return
+    if len(hooked) > 1:
+        try:
+            with conn.begin_nested():
+                for p, result in hooked:
+                    p.then(conn, p, result)  # type: ignore[misc]
+            return
+        except Exception:  # noqa: BLE001 - retried one by one below
+            pass
+    for p, result in hooked:
+        try:
+            with conn.begin_nested():
+                p.then(conn, p, result)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a hook (e.g. a notification) never fails a stored message
+            log.exception("after-filing hook for message %s failed; rolled back alone", p.public_id)
 
 
 def hash_thread_ids(key: bytes, head: bytes) -> tuple[bytes | None, tuple[bytes, ...]]:
