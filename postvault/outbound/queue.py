@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..conf.schema import NotifyConfig
@@ -36,7 +36,7 @@ from ..store.models import OutboundMail
 Kind = Literal["invitation", "notification", "notice"]
 Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=10)
-_Q = OutboundMail.__table__
+_Q = cast(Table, OutboundMail.__table__)  # a Table (mypy sees only FromClause)
 _ADD = insert(_Q)
 # Built once: the worker runs these every pass (see claim_due, record_outcomes).
 _ANY_DUE = select(_Q.c.id).where(_Q.c.state == "queued", _Q.c.next_attempt_at <= bindparam("now")).limit(1)

@@ -23,10 +23,10 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Literal, cast
 from zoneinfo import available_timezones
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import AccountExists, AuthenticationFailed, IntegrityError, InvalidInput, NoSuchAccount
@@ -104,7 +104,7 @@ class NotifyState:
     interval: timedelta
     last_sent_at: datetime | None
     held_since: datetime | None
-    unread: int  # INBOX messages without \Seen (-1: not counted, see claim_notifications)
+    unread: int  # INBOX messages without \Seen (-1: not counted, see claim_notifications_in)
 
 
 @dataclass(frozen=True)
@@ -803,7 +803,7 @@ _ACCOUNT_INFO = select(
 # statements built once, because an ORM unit of work per recipient cost more
 # than filing the message itself.
 
-_PREFS = NotificationPrefs.__table__
+_PREFS = cast(Table, NotificationPrefs.__table__)  # a Table (mypy sees only FromClause)
 _CLAIM_READ = (
     select(Account.id, Account.email, Account.state, Account.role, Account.notify_enabled, Account.notify_email,
            _PREFS.c.account_id.label("has_prefs"), _PREFS.c.mode, _PREFS.c.interval_minutes, _PREFS.c.last_sent_at,
