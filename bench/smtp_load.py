@@ -144,6 +144,7 @@ class Servers:
     bare_port: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     postvault_pid: int = 0
+    bare_pid: int = 0
 
     def start(self, concurrency: int) -> None:
         from postvault.conf.load import load_config
@@ -170,6 +171,7 @@ class Servers:
                                 stdout=subprocess.PIPE, stderr=(self.work / "bare.log").open("wb"))
         self.procs.append(bare)
         wait_ready(bare, b"bare ready")
+        self.bare_pid = bare.pid
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -211,10 +213,24 @@ class Round:
     latencies: list[float]
     count: int
     size: int
+    cpu: float = 0.0  # the server process's user+system CPU seconds during the round
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far,
+    from /proc/PID/stat (fields 14 and 15, in clock ticks); 0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    if os.environ.get("BENCH_CPU_SPLIT"):
+        print(f"    pid {pid} user {fields[11]} sys {fields[12]}", file=sys.stderr)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[bytes],
-              logged_in: Callable[[], object] | None = None) -> Round:
+              logged_in: Callable[[], object] | None = None, pid: int = 0) -> Round:
     clients = []
     for _ in range(concurrency):
         c = smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=300)
@@ -239,12 +255,12 @@ def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[b
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(work, i) for i in range(concurrency)]
         barrier.wait(120)
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_seconds(pid)
         latencies = [x for f in futures for x in f.result()]
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu_before
     for c in clients:
         c.quit()
-    return Round(seconds, latencies, len(messages), sum(len(m) for m in messages))
+    return Round(seconds, latencies, len(messages), sum(len(m) for m in messages), cpu)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -260,6 +276,7 @@ def summarize(rounds: list[Round]) -> dict[str, float]:
         "p50": percentile(lat, 50) * 1000,
         "p99": percentile(lat, 99) * 1000,
         "n": sum(r.count for r in rounds),
+        "cpu": 1000 * sum(r.cpu for r in rounds) / sum(r.count for r in rounds),
     }
 
 
@@ -269,7 +286,8 @@ def py_spy(pid: int, out: str, seconds: int) -> subprocess.Popen[bytes] | None:
         print("(py-spy is not installed; no profile)", file=sys.stderr)
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(seconds), "--format", "raw",
-                             "--output", out, "--nonblocking", "--threads", "--gil"],
+                             "--output", out, "--nonblocking", "--threads",
+                             *os.environ.get("BENCH_SPY_FLAGS", "--gil").split()],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -294,6 +312,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few messages, one round: a smoke run")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, from: " + ", ".join(SIZES))
     parser.add_argument("--profile-out", help="py-spy raw profile of Postvault's first 10 KB round")
+    parser.add_argument("--profile-idle", type=float, default=0, metavar="SECONDS",
+                        help="after the load, measure both servers' CPU while idle for SECONDS (background "
+                             "work such as the outbound worker's polling) and, with --profile-out, record a "
+                             "py-spy profile of Postvault meanwhile (FILE.idle)")
     parser.add_argument("--bare-server", nargs=4, metavar=("PORT", "CERT", "KEY", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -319,44 +341,63 @@ def main() -> None:
                     run_round(port, ctx, min(2, args.concurrency), messages[:2])
                 done: dict[str, list[Round]] = {"Postvault": [], "bare aiosmtpd": []}
                 for r in range(rounds):
-                    for name, port in (("Postvault", servers.postvault_port), ("bare aiosmtpd", servers.bare_port)):
+                    for name, port, pid in (("Postvault", servers.postvault_port, servers.postvault_pid),
+                                            ("bare aiosmtpd", servers.bare_port, servers.bare_pid)):
                         spies: list[subprocess.Popen[bytes] | None] = []
                         start_spy = None
                         if args.profile_out and name == "Postvault" and size_name == "10 KB" and r == 0:
                             out = args.profile_out
                             start_spy = lambda: spies.append(py_spy(servers.postvault_pid, out, 600))  # noqa: E731
-                        done[name].append(run_round(port, ctx, args.concurrency, messages, start_spy))
+                        done[name].append(run_round(port, ctx, args.concurrency, messages, start_spy, pid))
                         spy = spies[0] if spies else None
                         if spy is not None:
                             spy.send_signal(signal.SIGINT)
                             spy.wait(60)
-                        print(f"  {size_name} {name} round {r + 1}: {n / done[name][-1].seconds:.1f} msg/s",
-                              file=sys.stderr, flush=True)
+                        last = done[name][-1]
+                        print(f"  {size_name} {name} round {r + 1}: {n / last.seconds:.1f} msg/s, "
+                              f"server CPU {1000 * last.cpu / n:.1f} ms/msg", file=sys.stderr, flush=True)
                 results[size_name] = {name: summarize(rs) for name, rs in done.items()}
+            idle = measure_idle(servers, args.profile_idle, args.profile_out) if args.profile_idle > 0 else None
         finally:
             servers.stop()
-    print_report(results, args.concurrency, rounds, counts)
+    print_report(results, args.concurrency, rounds, counts, idle)
+
+
+def measure_idle(servers: Servers, seconds: float, profile_out: str | None) -> dict[str, float]:
+    """CPU ms per second of each server while no client is connected."""
+    spy = py_spy(servers.postvault_pid, profile_out + ".idle", int(seconds) + 5) if profile_out else None
+    before = {"Postvault": cpu_seconds(servers.postvault_pid), "bare aiosmtpd": cpu_seconds(servers.bare_pid)}
+    time.sleep(seconds)
+    after = {"Postvault": cpu_seconds(servers.postvault_pid), "bare aiosmtpd": cpu_seconds(servers.bare_pid)}
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+    return {name: 1000 * (after[name] - before[name]) / seconds for name in before}
 
 
 def print_report(results: dict[str, dict[str, dict[str, float]]], concurrency: int, rounds: int,
-                 counts: dict[str, int]) -> None:
+                 counts: dict[str, int], idle: dict[str, float] | None = None) -> None:
     print(machine_line())
     print()
     print(f"C = {concurrency} concurrent TLS sessions, AUTH before the clock starts; {rounds} round(s) per server "
           "and size, interleaved.")
     print()
-    print("| size | server | messages | msg/s | MB/s | p50 ms | p99 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| size | server | messages | msg/s | MB/s | p50 ms | p99 ms | server CPU ms/msg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, by_server in results.items():
         for name, r in by_server.items():
             print(f"| {size} | {name} | {int(r['n'])} | {r['msgs']:.1f} | {r['mbs']:.1f} | {r['p50']:.0f} | "
-                  f"{r['p99']:.0f} |")
+                  f"{r['p99']:.0f} | {r['cpu']:.1f} |")
     print()
     print("| size | Postvault / bare, msg/s | Postvault / bare, MB/s |")
     print("| --- | --- | --- |")
     ratio: Callable[[str, str], float] = lambda s, k: results[s]["Postvault"][k] / results[s]["bare aiosmtpd"][k]
     for size in results:
         print(f"| {size} | {ratio(size, 'msgs'):.0%} | {ratio(size, 'mbs'):.0%} |")
+    if idle is not None:
+        print()
+        print("Idle, after the load: " + ", ".join(f"{name} {ms:.1f} ms of CPU per second" for name, ms in idle.items())
+              + ".")
 
 
 if __name__ == "__main__":

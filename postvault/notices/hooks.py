@@ -10,9 +10,10 @@ For the SMTP side:
   already pending or active it only links the address book.
 - After ``store.deliver`` returned, call ``after_delivery(store, config,
   result, sender)``. It never raises: the message is stored and must be
-  acknowledged whatever happens to its notification. ``after_deliveries``
-  does the same for many deliveries in one transaction (the SMTP server
-  batches them on the store's writer thread).
+  acknowledged whatever happens to its notification. ``notify_filed`` does
+  the same inside the transaction that files the message (the SMTP server
+  hands it to ``Store.submit_delivery`` as its ``then`` hook), so the
+  message and its notifications cost one commit.
 
 Both are synchronous (database work); call them on the same worker thread
 as ``store.deliver``.
@@ -21,15 +22,15 @@ as ``store.deliver``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from ..conf.schema import Config
-from ..outbound.message import build_invitation, build_notification, serialize
-from ..outbound.queue import Clock, OutboundQueue, utc_now
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
-from ..store.accounts import InvitationResult, NotifyState, NotifyTarget, NotifyVerdict
+from ..outbound.message import build_invitation, notification_bytes, serialize
+from ..outbound.queue import Clock, OutboundQueue, utc_now
+from ..store.accounts import InvitationResult, NotifyState, NotifyVerdict, claim_notifications_in
 from ..store.api import Store
 from ..store.types import AccountSession, DeliveryResult
 from . import schedule
@@ -103,51 +104,34 @@ def after_delivery(
     return queued
 
 
-def after_deliveries(
-    store: Store, config: Config, deliveries: Sequence[tuple[DeliveryResult, str]], *, clock: Clock = utc_now
-) -> list[int]:
-    """``after_delivery`` for many deliveries (result, sender) at once: the
-    senders read once, every claim and the emails in ONE transaction
-    (``Store.claim_notifications``); the count queued per delivery, in
-    order. Never raises."""
-    counts = [0] * len(deliveries)
-    try:
-        senders = store.accounts({sender for _, sender in deliveries})
-        at = clock()
-        wanted = [(i, recipient, senders.get(sender.lower()))
-                  for i, (result, sender) in enumerate(deliveries) for recipient, _uid in result.delivered]
-        queue = outbound_queue(store, config, clock)
-
-        def enqueue(session: Session, targets: list[NotifyTarget | None]) -> None:
-            for (i, _recipient, sender), target in zip(wanted, targets):
-                if target is None:
-                    continue
-                try:
-                    msg = build_notification(
-                        mail_from=config.notify.from_, to=target.address,
-                        sender_practice=sender.practice_name if sender is not None else None,
-                        route=sign_in_route(config), when=at,
-                    )
-                    queue.add(session, "notification", config.notify.from_, target.address, serialize(msg),
-                              account=target.account)
-                except Exception:  # noqa: BLE001 - one recipient's problem must not stop the others
-                    log.exception("notices: notification for message %s not queued", deliveries[i][0].message_id)
-                    continue
-                counts[i] += 1
-
-        # on_delivery decides on the preferences and times alone (only a
-        # held notification's sweep asks whether mail is still unread), so
-        # the INBOX, which grows with every message, is not counted.
-        outcomes = store.claim_notifications([r for _, r, _ in wanted], at, schedule.on_delivery, then=enqueue,
-                                             count_unread=False)
-        for (i, _r, _s), outcome in zip(wanted, outcomes):
-            if isinstance(outcome, Exception):
-                log.error("notices: notification for message %s not queued (%s)", deliveries[i][0].message_id,
-                          type(outcome).__name__)
-    except Exception:  # noqa: BLE001 - see the docstring: never fail a stored message
-        log.exception("notices: notifications for %d stored message(s) not queued", len(deliveries))
-        return [0] * len(deliveries)
-    return counts
+def notify_filed(
+    conn: Connection, config: Config, queue: OutboundQueue, result: DeliveryResult, sender_practice: str | None,
+    *, clock: Clock = utc_now,
+) -> int:
+    """``after_delivery`` inside the transaction that files the message
+    (``Store.submit_delivery(prepared, then=...)``): the claims
+    (``claim_notifications_in``, Core) and the queued emails
+    (``notification_bytes``, one multi-row insert) commit with the message,
+    for one commit instead of two. Returns how many were queued. It may
+    raise: the store runs it in a SAVEPOINT and logs a failure, so the
+    message stays stored (and acknowledged) either way."""
+    at = clock()
+    targets = claim_notifications_in(conn, [recipient for recipient, _uid in result.delivered], at,
+                                     schedule.on_delivery)
+    route = sign_in_route(config)
+    rows = []
+    for target in targets:
+        if isinstance(target, Exception):  # the account went away meanwhile
+            log.error("notices: notification for message %s not queued (%s)", result.message_id,
+                      type(target).__name__)
+            continue
+        if target is None:
+            continue
+        body = notification_bytes(mail_from=config.notify.from_, to=target.address, sender_practice=sender_practice,
+                                  route=route, when=at)
+        rows.append((target.address, body, target.account))
+    queue.add_rows(conn, "notification", config.notify.from_, rows)
+    return len(rows)
 
 
 def sweep_held(store: Store, config: Config, *, clock: Clock = utc_now) -> int:
@@ -171,11 +155,11 @@ def _notify(
     target = store.claim_notification(account, at, decide)
     if target is None:
         return 0
-    msg = build_notification(
+    body = notification_bytes(
         mail_from=config.notify.from_, to=target.address, sender_practice=practice, route=sign_in_route(config),
         when=at,
     )
     outbound_queue(store, config, clock).enqueue(
-        "notification", config.notify.from_, target.address, serialize(msg), account=target.account
+        "notification", config.notify.from_, target.address, body, account=target.account
     )
     return 1

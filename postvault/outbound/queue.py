@@ -20,12 +20,12 @@ emptied the moment a row is final, and rows are only as long-lived as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..conf.schema import NotifyConfig
@@ -36,6 +36,30 @@ from ..store.models import OutboundMail
 Kind = Literal["invitation", "notification", "notice"]
 Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=10)
+_Q = cast(Table, OutboundMail.__table__)  # a Table (mypy sees only FromClause)
+_ADD = insert(_Q)
+# Built once: the worker runs these every pass (see claim_due, record_outcomes).
+_ANY_DUE = select(_Q.c.id).where(_Q.c.state == "queued", _Q.c.next_attempt_at <= bindparam("now")).limit(1)
+_DUE = (
+    select(_Q.c.id, _Q.c.kind, _Q.c.account, _Q.c.mail_from, _Q.c.recipient, _Q.c.body, _Q.c.attempts,
+           _Q.c.give_up_at)
+    .where(_Q.c.state == "queued", _Q.c.next_attempt_at <= bindparam("now"))
+    .order_by(_Q.c.next_attempt_at, _Q.c.id)
+    .limit(bindparam("limit"))
+)
+_LEASE = (
+    update(_Q)
+    .where(_Q.c.id.in_(bindparam("ids", expanding=True)), _Q.c.state == "queued",
+           _Q.c.next_attempt_at <= bindparam("now"))
+    .values(next_attempt_at=bindparam("until"), attempts=_Q.c.attempts + 1)
+    .returning(_Q.c.id)
+)
+_FINISH = (
+    update(_Q).where(_Q.c.id == bindparam("row"))
+    .values(state=bindparam("state"), body=b"", finished_at=bindparam("finished"), last_error=bindparam("error"))
+)
+_RETRY = update(_Q).where(_Q.c.id == bindparam("row")).values(next_attempt_at=bindparam("next"),
+                                                              last_error=bindparam("error"))
 
 
 def utc_now() -> datetime:
@@ -128,78 +152,95 @@ class OutboundQueue:
             finished_at=None, last_error="",
         ))
 
+    def add_rows(self, conn: Connection, kind: Kind, mail_from: str, rows: Sequence[tuple[str, bytes, str | None]]
+                 ) -> None:
+        """``add`` for (recipient, body, account) rows inside the caller's
+        Core transaction: one multi-row insert (the SMTP server queues its
+        notifications in the transaction that files the message)."""
+        if not rows:
+            return
+        stamp = self.clock()
+        give_up = stamp + self.backoff.give_up_after
+        conn.execute(_ADD, [{
+            "kind": kind, "account": account, "mail_from": mail_from, "recipient": recipient, "body": body,
+            "state": "queued", "attempts": 0, "created_at": stamp, "next_attempt_at": stamp, "give_up_at": give_up,
+            "finished_at": None, "last_error": "",
+        } for recipient, body, account in rows])
+
     def claim_due(self, limit: int = 20) -> list[QueuedMail]:
         """Rows due now, each leased to the caller (see module docstring)."""
         stamp = self.clock()
-        claimed: list[QueuedMail] = []
-        due = select(OutboundMail.id).where(OutboundMail.state == "queued", OutboundMail.next_attempt_at <= stamp)
         with self._sessions() as s:
             # A plain read first: the worker polls every few seconds, and an
             # empty queue must not take SQLite's write lock each time.
-            if s.scalar(due.limit(1)) is None:
-                return claimed
+            if s.connection().scalar(_ANY_DUE, {"now": stamp}) is None:
+                return []
         with unit_of_work(self._sessions) as s:
-            rows = s.scalars(
-                select(OutboundMail)
-                .where(OutboundMail.state == "queued", OutboundMail.next_attempt_at <= stamp)
-                .order_by(OutboundMail.next_attempt_at, OutboundMail.id)
-                .limit(limit)
-            ).all()
-            for row in rows:
-                done = s.execute(
-                    update(OutboundMail)
-                    .where(OutboundMail.id == row.id, OutboundMail.next_attempt_at == row.next_attempt_at,
-                           OutboundMail.state == "queued")
-                    .values(next_attempt_at=stamp + LEASE, attempts=row.attempts + 1)
-                    .execution_options(synchronize_session=False)
-                )
-                if done.rowcount == 1:  # type: ignore[attr-defined]
-                    claimed.append(QueuedMail(row.id, row.kind, row.account, row.mail_from, row.recipient, row.body,
-                                              row.attempts + 1, _aware(row.give_up_at)))
-        return claimed
+            conn = s.connection()
+            rows = conn.execute(_DUE, {"now": stamp, "limit": limit}).all()
+            if not rows:
+                return []
+            # One conditional UPDATE leases them all: a row another worker
+            # leased meanwhile has a next_attempt_at past ``stamp`` and is
+            # left out (on SQLite, BEGIN IMMEDIATE already serializes us).
+            leased = set(conn.scalars(_LEASE, {"ids": [r.id for r in rows], "now": stamp, "until": stamp + LEASE}))
+        return [QueuedMail(r.id, r.kind, r.account, r.mail_from, r.recipient, r.body, r.attempts + 1,
+                           _aware(r.give_up_at)) for r in rows if r.id in leased]
 
     def mark_sent(self, item: QueuedMail, reply: str = "") -> None:
-        self._finish(item, "sent", reply, "outbound.sent")
+        self.record_outcomes([(item, "sent", reply, None)])
 
     def mark_failed(self, item: QueuedMail, reason: str, code: int | None = None) -> None:
-        self._finish(item, "failed", reason, "outbound.failed", code)
+        self.record_outcomes([(item, "permanent", reason, code)])
 
     def mark_temporary(self, item: QueuedMail, reason: str, code: int | None = None) -> bool:
         """Schedule a retry; or, past ``give_up_at``, fail the row. Returns
         True if it will be retried."""
-        stamp = self.clock()
-        if stamp >= item.give_up_at:
-            self._finish(item, "failed", f"gave up after {item.attempts} attempt(s); last: {reason}",
-                         "outbound.failed", code, gave_up=True)
-            return False
-        # The last try lands on the deadline itself rather than past it.
-        nxt = min(stamp + self.backoff.delay(item.attempts), item.give_up_at)
-        with unit_of_work(self._sessions) as s:
-            s.execute(
-                update(OutboundMail).where(OutboundMail.id == item.id)
-                .values(next_attempt_at=nxt, last_error=reason[:1000])
-                .execution_options(synchronize_session=False)
-            )
-        return True
+        return self.record_outcomes([(item, "temporary", reason, code)]) == ["retry"]
 
-    def _finish(
-        self, item: QueuedMail, state: str, reason: str, event: str, code: int | None = None, gave_up: bool = False
-    ) -> None:
+    def record_outcomes(self, outcomes: Sequence[tuple[QueuedMail, str, str, int | None]]) -> list[str]:
+        """The outcomes (item, "sent" | "permanent" | "temporary", reply or
+        reason, reply code) of a worker's pass, in ONE write transaction:
+        final rows lose their body and get one audit event each; temporary
+        failures are scheduled for a retry (exponential backoff) or, past
+        ``give_up_at``, fail for good. Returns per item "sent", "failed",
+        "retry" or "gave-up"."""
         stamp = self.clock()
-        with unit_of_work(self._sessions) as s:
-            s.execute(
-                update(OutboundMail).where(OutboundMail.id == item.id)
-                # The body goes (see module docstring); the row stays as a
-                # record of what happened until an admin prunes it.
-                .values(state=state, body=b"", finished_at=stamp, last_error=reason[:1000])
-                .execution_options(synchronize_session=False)
-            )
+        done: list[str] = []
+        finals: list[dict[str, object]] = []
+        retries: list[dict[str, object]] = []
+        events: list[audit.Event] = []
+        for item, status, reason, code in outcomes:
+            gave_up = status == "temporary" and stamp >= item.give_up_at
+            if status == "temporary" and not gave_up:
+                # The last try lands on the deadline itself rather than past it.
+                nxt = min(stamp + self.backoff.delay(item.attempts), item.give_up_at)
+                retries.append({"row": item.id, "next": nxt, "error": reason[:1000]})
+                done.append("retry")
+                continue
+            state = "sent" if status == "sent" else "failed"
+            if gave_up:
+                reason = f"gave up after {item.attempts} attempt(s); last: {reason}"
+            # The body goes (see module docstring); the row stays as a
+            # record of what happened until an admin prunes it.
+            finals.append({"row": item.id, "state": state, "finished": stamp, "error": reason[:1000]})
             detail = f"kind={item.kind} attempts={item.attempts}"
-            if code is not None:
+            if code is not None and state == "failed":  # a failure's reply code; a sent row's is 250
                 detail += f" reply={code}"
             if gave_up:
                 detail += " gave-up"
-            audit.record(s, event, actor="postvault", account=item.account, detail=detail)
+            events.append(audit.Event(f"outbound.{state}", actor="postvault", account=item.account, detail=detail))
+            done.append("gave-up" if gave_up else state)
+        if not outcomes:
+            return done
+        with unit_of_work(self._sessions) as s:
+            conn = s.connection()
+            if finals:
+                conn.execute(_FINISH, finals)
+            if retries:
+                conn.execute(_RETRY, retries)
+            audit.record_many(conn, events)
+        return done
 
     def entries(self, state: str | None = None) -> list[QueueEntry]:
         with self._sessions() as s:

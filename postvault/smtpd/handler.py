@@ -28,7 +28,7 @@ The order of checks follows maddy's per-stage checks:
   (``Store.prepare_delivery``) and committed by the store's group commit
   (``Store.submit_delivery``: several messages per transaction, each
   future resolved after the commit that holds it), its recipients'
-  notifications are queued (batched the same way), and 250 2.0.0 names
+  notifications claimed and queued in that same transaction, and 250 2.0.0 names
   the queue id. A refusal stores nothing. All of DATA's checks and the
   sealing run in one worker-thread call per message.
 
@@ -47,17 +47,17 @@ import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.parser import HeaderParser
 from typing import TYPE_CHECKING, cast
 
 from aiosmtpd.smtp import AuthResult
+from sqlalchemy import Connection
 
 from ..errors import AuthenticationFailed, LoginLimited
 from ..login import authenticate
-from ..notices.hooks import after_deliveries, invite_and_send
+from ..notices.hooks import invite_and_send, notify_filed, outbound_queue
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
 from ..policy.recipients import Recipient, Role, Sender, ThreadFacts, check_conversation, check_recipient
@@ -97,6 +97,7 @@ class SubmissionHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.store = runtime.store
+        self._queue = outbound_queue(runtime.store, runtime.config)
         # Deliveries need no limit here: sealing runs on worker threads, and
         # the commits are one thread's (the store's group commit), so no
         # queue of writers sleeps in SQLite's busy handler. Notifications
@@ -258,9 +259,10 @@ class SubmissionHandler:
         # session that goes away meanwhile must not cancel a commit that
         # others share (the message may still be stored, as after a crash
         # right after the commit; a client that saw no 250 sends again).
-        result = await asyncio.shield(asyncio.wrap_future(self.store.submit_delivery(outcome)))
+        # The recipients' notifications are claimed and queued in that same
+        # transaction (``_notify``), so they cost no second commit.
+        result = await asyncio.shield(asyncio.wrap_future(self.store.submit_delivery(outcome, then=self._notify)))
         # Stored: from here on nothing may turn the 250 into a failure.
-        await asyncio.shield(asyncio.wrap_future(self.store.group_write(self._notify_batch, (result, account.email))))
         log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
                  result.message_id, len(result.delivered), len(final))
         return replies.QUEUED.format(queue_id=result.message_id)
@@ -304,9 +306,10 @@ class SubmissionHandler:
         return self.store.prepare_delivery(final, email, list(envelope.rcpt_tos), client_ip=client_ip,
                                            protocol="smtp")
 
-    def _notify_batch(self, items: Sequence[tuple[DeliveryResult, str]]) -> list[int]:
-        """New-mail notifications for a batch of stored messages (never raises)."""
-        return after_deliveries(self.store, self.runtime.config, items)
+    def _notify(self, conn: Connection, prepared: PreparedDelivery, result: DeliveryResult) -> int:
+        """New-mail notifications for a message being filed, inside its
+        transaction (on the store's writer thread; see ``notify_filed``)."""
+        return notify_filed(conn, self.runtime.config, self._queue, result, prepared.sender.practice_name)
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,30 @@ class SubmissionEnvelope(Envelope):
         self.to_invite: list[str] = []
 
 
+# MAIL FROM / RCPT TO arguments of the common form "<dot-atom@dot-atom>"
+# plus parameters: for these, aiosmtpd's parse (email._header_value_parser's
+# get_angle_addr, a few hundred microseconds per command) returns exactly
+# the text between the brackets and the rest of the line, so it is skipped.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# After the ">", the parser also takes any white space (and comments) off
+# the rest: only a plain run of blanks before a parameter is taken here.
+_PLAIN_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+                         r"(?:[ \t]+(?=[^ \t(\r\n])|(?![ \t(\r\n]))(.*)\Z", re.DOTALL)
+
+
 class SubmissionProtocol(SMTP):
     """One client connection (see the module docstring)."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's ``_getaddr``, with a fast path for a plain address
+        (same result; anything else takes aiosmtpd's parser)."""
+        m = _PLAIN_PATH.match(arg) if arg else None
+        if m is None:
+            return super()._getaddr(arg)
+        addr, rest = m.group(1), m.group(2)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     def __init__(self, handler: Any, *, registry: SessionRegistry, limits: SmtpConfig, implicit_tls: bool,
                  tls_context: ssl.SSLContext | None, hostname: str, data_size_limit: int,

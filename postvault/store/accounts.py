@@ -23,16 +23,16 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Literal
+from typing import Literal, cast
 from zoneinfo import available_timezones
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import AccountExists, AuthenticationFailed, IntegrityError, InvalidInput, NoSuchAccount
 from . import audit, crypto, passwords, serverkeys
 from .contacts import ContactsStore
-from .db import unit_of_work
+from .db import WRITE_OPTION, unit_of_work
 from .models import Account, AuthFailure, Invitation, InvitationEscrow, Mailbox, MessageCopy, NotificationPrefs
 from .types import (
     DEFAULT_MAILBOXES,
@@ -104,7 +104,7 @@ class NotifyState:
     interval: timedelta
     last_sent_at: datetime | None
     held_since: datetime | None
-    unread: int  # INBOX messages without \Seen (-1: not counted, see claim_notifications)
+    unread: int  # INBOX messages without \Seen (-1: not counted, see claim_notifications_in)
 
 
 @dataclass(frozen=True)
@@ -263,11 +263,11 @@ class AccountStore(ContactsStore):
     def accounts(self, emails: Iterable[str]) -> dict[str, AccountInfo]:
         """The accounts among ``emails``, keyed by lower-cased address."""
         wanted = {e.strip().lower() for e in emails}
-        with self._sessions() as s:
-            rows: Iterable[Account] = (
-                s.scalars(select(Account).where(func.lower(Account.email).in_(wanted))) if wanted else []
-            )
-            return {a.email.lower(): self._info(a) for a in rows}
+        if not wanted:
+            return {}
+        # Core, not the ORM: the SMTP server asks for every recipient.
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            return {r.email.lower(): AccountInfo(*r) for r in conn.execute(_ACCOUNT_INFO, {"emails": sorted(wanted)})}
 
     def _check_password(
         self, email: str, password: str, client_ip: str | None, protocol: str | None
@@ -726,30 +726,14 @@ class AccountStore(ContactsStore):
         emails: Sequence[str],
         at: datetime,
         decide: Callable[[NotifyState, datetime], NotifyVerdict],
-        then: Callable[[Session, list[NotifyTarget | None]], None] | None = None,
-        *,
-        count_unread: bool = True,
     ) -> list[NotifyTarget | None | Exception]:
         """``claim_notification`` for several deliveries, in order, in ONE
-        write transaction (an account named twice sees its first claim on
-        the second). An account that cannot be read (gone meanwhile) gets
-        its error in its place and costs the others nothing. ``then`` runs
-        inside the same transaction with the claims' outcomes (the caller
-        queues the emails there, so claims and emails commit together).
-        ``count_unread`` False: ``decide`` does not look at
-        ``NotifyState.unread`` (it is -1), and the INBOX is not counted."""
-        out: list[NotifyTarget | None | Exception] = []
-        with unit_of_work(self._sessions) as s:
-            for email in emails:
-                try:
-                    # _claim reads and decides before it changes anything,
-                    # so an error here leaves nothing half-done.
-                    out.append(self._claim(s, email, at, decide, count_unread))
-                except NoSuchAccount as exc:
-                    out.append(exc)
-            if then is not None:
-                then(s, [r if not isinstance(r, Exception) else None for r in out])
-        return out
+        write transaction (see ``claim_notifications_in``), for callers
+        without a transaction of their own."""
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            conn.execution_options(**{WRITE_OPTION: True})
+            with conn.begin():
+                return claim_notifications_in(conn, emails, at, decide)
 
     def _claim(
         self, s: Session, email: str, at: datetime, decide: Callable[[NotifyState, datetime], NotifyVerdict],
@@ -806,3 +790,73 @@ class AccountStore(ContactsStore):
             acct.password_hash = pw_hash
             acct.updated_at = now()
             audit.record(s, "password.change", actor=acct.email, account=acct.email)
+
+
+_ACCOUNT_INFO = select(
+    Account.id, Account.email, Account.role, Account.state, Account.practice_name, Account.timezone,
+    Account.mailbox_name,
+).where(func.lower(Account.email).in_(bindparam("emails", expanding=True)))
+
+# -- notification claims inside a caller's transaction (SQLAlchemy Core) ------
+# The SMTP server claims the notifications of every message in the
+# transaction that files it (``delivery.write_deliveries``' hook): Core
+# statements built once, because an ORM unit of work per recipient cost more
+# than filing the message itself.
+
+_PREFS = cast(Table, NotificationPrefs.__table__)  # a Table (mypy sees only FromClause)
+_CLAIM_READ = (
+    select(Account.id, Account.email, Account.state, Account.role, Account.notify_enabled, Account.notify_email,
+           _PREFS.c.account_id.label("has_prefs"), _PREFS.c.mode, _PREFS.c.interval_minutes, _PREFS.c.last_sent_at,
+           _PREFS.c.held_since)
+    .select_from(Account.__table__.outerjoin(_PREFS, _PREFS.c.account_id == Account.id))
+    .where(func.lower(Account.email) == bindparam("email"))
+)
+_PREFS_NEW = insert(_PREFS)
+_PREFS_SET = (
+    update(_PREFS).where(_PREFS.c.account_id == bindparam("account"))
+    .values(last_sent_at=bindparam("sent"), held_since=bindparam("held"))
+)
+
+
+def claim_notifications_in(
+    conn: Connection, emails: Sequence[str], at: datetime, decide: Callable[[NotifyState, datetime], NotifyVerdict]
+) -> list[NotifyTarget | None | Exception]:
+    """``claim_notification`` for each of ``emails`` (new mail in its INBOX),
+    in order, inside the caller's write transaction: the same decisions and
+    the same rows as the ORM path (a missing preferences row is made, as
+    ``_prefs`` does), without counting the INBOX: ``decide`` must not look at
+    ``NotifyState.unread`` (it is -1; ``schedule.on_delivery`` does not). An
+    account named twice sees its first claim on the second. An unknown
+    account gets ``NoSuchAccount`` in its place and costs the others
+    nothing (nothing was written for it)."""
+    out: list[NotifyTarget | None | Exception] = []
+    for email in emails:
+        row = conn.execute(_CLAIM_READ, {"email": email.strip().lower()}).first()
+        if row is None:
+            out.append(NoSuchAccount(f"no account for {email.strip()}"))
+            continue
+        if row.has_prefs is None:
+            mode, interval, last, held = ("every" if row.notify_enabled else "off"), DEFAULT_INTERVAL_MINUTES, None, None
+        else:
+            mode, interval = row.mode, row.interval_minutes
+            last = _aware(row.last_sent_at) if row.last_sent_at else None
+            held = _aware(row.held_since) if row.held_since else None
+        state = NotifyState(row.state, mode if row.notify_enabled else "off",  # type: ignore[arg-type]
+                            timedelta(minutes=interval), last, held, -1)
+        verdict = decide(state, at)
+        target = None
+        new_last, new_held = last, held
+        if verdict == "send":
+            new_last, new_held = at, None
+            target = NotifyTarget(row.email, row.notify_email or row.email, row.role)
+        elif verdict == "hold":
+            new_held = held or at
+        else:
+            new_held = None
+        if row.has_prefs is None:
+            conn.execute(_PREFS_NEW, {"account_id": row.id, "mode": mode, "interval_minutes": interval,
+                                      "last_sent_at": new_last, "held_since": new_held})
+        elif (new_last, new_held) != (last, held):
+            conn.execute(_PREFS_SET, {"account": row.id, "sent": new_last, "held": new_held})
+        out.append(target)
+    return out

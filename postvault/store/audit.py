@@ -47,6 +47,7 @@ class Event:
 
 _TABLE = AuditEvent.__table__
 _LAST_HASH = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+_INSERT = insert(_TABLE)  # built once: record_many runs for every batch of deliveries
 
 
 def _rows(prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
@@ -82,7 +83,7 @@ def record_many(conn: Connection, events: Sequence[Event]) -> None:
     if not events:
         return
     last = conn.scalar(_LAST_HASH)
-    conn.execute(insert(_TABLE), _rows(last if last is not None else GENESIS, events))
+    conn.execute(_INSERT, _rows(last if last is not None else GENESIS, events))
 
 
 def record(

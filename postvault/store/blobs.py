@@ -60,6 +60,9 @@ class FileBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # Fan-out folders whose entry in root is known durable (see
+        # BlobWriter.commit); a set's add and membership test are atomic.
+        self._durable_fans: set[str] = set()
         if not self.root.is_dir():
             self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             # mkdir's mode is filtered by the umask; set it explicitly so a
@@ -195,11 +198,17 @@ class BlobWriter:
             else:
                 os.replace(self._tmp_path, final)
                 _fsync_dir(fan_dir)
-            # Always, not only when this writer made fan_dir: a concurrent
-            # writer may have made it and not yet fsynced root, and our blob
-            # is only durable once fan_dir's own entry is.  (Also makes the
-            # temp file's removal from root durable.)
-            _fsync_dir(self._store.root)
+            # Not only when this writer made fan_dir: a concurrent writer
+            # (or an earlier process, killed before its fsync) may have made
+            # it and not yet fsynced root, and our blob is only durable once
+            # fan_dir's own entry is. But once one root fsync has completed
+            # after fan_dir existed, its entry is on disk for good: at most
+            # one per fan-out folder per process, not one per blob. (The
+            # temp file's old entry in root may then come back after a
+            # crash, like any temp file a crash interrupts: inert garbage.)
+            if fan_dir.name not in self._store._durable_fans:
+                _fsync_dir(self._store.root)
+                self._store._durable_fans.add(fan_dir.name)
         except BaseException:
             self._abort()
             raise

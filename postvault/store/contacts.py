@@ -18,16 +18,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NoSuchAccount
 from . import audit
 from .db import unit_of_work
 from .models import Account, AddressBookEntry
 from .types import normalize_email, now
 
 ContactOutcome = Literal["added", "updated", "unchanged"]
+
+
+# Built once (see ``contacts``).
+_ACCOUNT_ROLE = select(Account.id, Account.role).where(func.lower(Account.email) == bindparam("email"))
+_MEMBER_BOOK = select(AddressBookEntry.email).where(AddressBookEntry.member_id == bindparam("account"))
+_INVITED_BY = (select(Account.email).join(AddressBookEntry, AddressBookEntry.member_id == Account.id)
+               .where(AddressBookEntry.colleague_id == bindparam("account")))
 
 
 @dataclass(frozen=True)
@@ -155,14 +162,10 @@ class ContactsStore:
 
     def contacts(self, email: str) -> list[str]:
         """A member's address book, or the members who invited a colleague."""
-        with self._sessions() as s:
-            acct = self._account(s, email)
-            if acct.role == "member":
-                rows = s.scalars(select(AddressBookEntry.email).where(AddressBookEntry.member_id == acct.id))
-            else:
-                rows = s.scalars(
-                    select(Account.email)
-                    .join(AddressBookEntry, AddressBookEntry.member_id == Account.id)
-                    .where(AddressBookEntry.colleague_id == acct.id)
-                )
-            return sorted(rows)
+        # Core, not the ORM: the SMTP server reads this for every message.
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            found = conn.execute(_ACCOUNT_ROLE, {"email": email.strip().lower()}).first()
+            if found is None:
+                raise NoSuchAccount(f"no account for {email.strip()}")
+            query = _MEMBER_BOOK if found.role == "member" else _INVITED_BY
+            return sorted(r[0] for r in conn.execute(query, {"account": found.id}))

@@ -22,7 +22,13 @@ statements (no ORM unit of work) and few round trips per message:
   message row;
 - the copies of the whole batch, in one multi-row insert;
 - the audit events of the whole batch: the previous hash read once, the
-  chain computed exactly as ``audit.record`` does, one multi-row insert.
+  chain computed exactly as ``audit.record`` does, one multi-row insert;
+- per message with a ``then`` hook (the SMTP server's new-mail
+  notifications), the hook, inside a SAVEPOINT of the same transaction
+  (one for the batch; one per message only after a failure):
+  the claims and the queued emails commit with the message (one commit,
+  one fsync, for both), and a hook that fails is rolled back alone and
+  costs neither its message nor the rest of the batch anything.
 
 Messages in one batch are written in order, so a reply later in the batch
 finds the thread of an earlier one, as it would one transaction later.
@@ -30,7 +36,8 @@ finds the thread of an earlier one, as it would one transaction later.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,6 +49,8 @@ from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadPartic
 from .notify import Change
 from .types import DeliveryResult, flags_text
 
+log = logging.getLogger(__name__)
+
 _MAILBOXES = Mailbox.__table__
 _MESSAGES = Message.__table__
 _COPIES = MessageCopy.__table__
@@ -50,7 +59,7 @@ _PARTICIPANTS = ThreadParticipant.__table__
 
 # Built once: a statement object made per call costs more CPU (SQLAlchemy's
 # coercions and cache keys) than SQLite takes to run it.
-_OWNERS = select(Account.id, Account.email, Account.public_key, Account.key_owner).where(
+_OWNERS = select(Account.id, Account.email, Account.public_key, Account.key_owner, Account.practice_name).where(
     func.lower(Account.email).in_(bindparam("emails", expanding=True)))
 _HELD = (
     select(Message.thread_id)
@@ -81,6 +90,7 @@ class Owner:
     email: str
     public_key: bytes
     key_owner: str
+    practice_name: str = ""
 
 
 def load_owners(conn: Connection, emails: Sequence[str]) -> list[Owner]:
@@ -88,7 +98,7 @@ def load_owners(conn: Connection, emails: Sequence[str]) -> list[Owner]:
     unknown one raises ``NoSuchAccount``."""
     wanted = [e.strip().lower() for e in emails]
     rows = conn.execute(_OWNERS, {"emails": sorted(set(wanted))})
-    found = {r.email.lower(): Owner(r.id, r.email, r.public_key, r.key_owner) for r in rows}
+    found = {r.email.lower(): Owner(r.id, r.email, r.public_key, r.key_owner, r.practice_name) for r in rows}
     out = []
     for given, key in zip(emails, wanted):
         owner = found.get(key)
@@ -106,6 +116,9 @@ class Copy:
     mailbox: str
     wrapped_key: bytes
     flags: tuple[str, ...]
+
+
+AfterFiling = Callable[[Connection, "PreparedDelivery", DeliveryResult], object]
 
 
 @dataclass
@@ -126,6 +139,9 @@ class PreparedDelivery:
     client_ip: str | None
     protocol: str | None
     changes: list[Change] = field(default_factory=list)
+    # Run inside the transaction that files this message, after it is
+    # filed (see the module docstring); what it writes commits with it.
+    then: AfterFiling | None = None
 
     def copies(self) -> list[Copy]:
         return [*self.inboxes, *([self.sent] if self.sent is not None else [])]
@@ -237,7 +253,44 @@ def write_deliveries(conn: Connection, batch: Sequence[PreparedDelivery]) -> lis
         ))
     conn.execute(_ADD_COPIES, copies)
     audit.record_many(conn, events)
+    _run_hooks(conn, [(p, r) for p, r in zip(batch, results) if p.then is not None])
     return results
+
+
+def _run_hooks(conn: Connection, hooked: Sequence[tuple[PreparedDelivery, DeliveryResult]]) -> None:
+    """Each message's ``then``, all in one SAVEPOINT (two statements per
+    batch rather than per message); if any raises, that SAVEPOINT is rolled
+    back and each hook runs again in one of its own, so that a failing hook
+    is undone alone (and logged without content) and its message, filed
+    before, stays filed. So a hook may run twice: it must write only
+    through ``conn``.
+
+    The SAVEPOINT statements are sent as they are (standard SQL, on SQLite
+    and PostgreSQL alike) rather than through ``Connection.begin_nested``,
+    whose bookkeeping cost more CPU than the statements themselves; nothing
+    else uses savepoints on this connection inside a delivery batch."""
+    if not hooked:
+        return
+    if len(hooked) > 1 and _in_savepoint(conn, lambda: [p.then(conn, p, r) for p, r in hooked]) is None:  # type: ignore[misc]
+        return
+    for p, result in hooked:
+        failed = _in_savepoint(conn, lambda: p.then(conn, p, result))  # type: ignore[misc]
+        if failed is not None:
+            log.error("after-filing hook for message %s failed; rolled back alone", p.public_id, exc_info=failed)
+
+
+def _in_savepoint(conn: Connection, work: Callable[[], object]) -> Exception | None:
+    """Run ``work`` inside ``SAVEPOINT``; on an exception roll back to it
+    (the enclosing transaction goes on) and return that exception."""
+    conn.exec_driver_sql("SAVEPOINT pv_after_filing")
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - returned to the caller; the hook's writes are undone here
+        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT pv_after_filing")
+        conn.exec_driver_sql("RELEASE SAVEPOINT pv_after_filing")
+        return exc
+    conn.exec_driver_sql("RELEASE SAVEPOINT pv_after_filing")
+    return None
 
 
 def hash_thread_ids(key: bytes, head: bytes) -> tuple[bytes | None, tuple[bytes, ...]]:

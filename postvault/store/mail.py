@@ -496,11 +496,17 @@ class MailStore:
             self._discard_blob(blob_id)
             raise
 
-    def submit_delivery(self, prepared: PreparedDelivery) -> Future[DeliveryResult]:
+    def submit_delivery(self, prepared: PreparedDelivery, then: delivery.AfterFiling | None = None
+                        ) -> Future[DeliveryResult]:
         """Queue a prepared message for the next group commit. The future
         holds its ``DeliveryResult`` once its transaction committed (and its
         changes are published), or the error that kept it out; then the
-        blob has been discarded."""
+        blob has been discarded. ``then(conn, prepared, result)`` runs in
+        that same transaction right after the message is filed, in a
+        SAVEPOINT of its own (see ``delivery``): what it writes commits with
+        the message, and if it raises only its own writes are undone."""
+        if then is not None:
+            prepared.then = then
         return self.group_write(self._commit_deliveries, prepared)
 
     def group_write(self, run_batch: Callable[[Sequence[T]], Sequence[R | BaseException]], item: T) -> Future[R]:

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Literal
 from zoneinfo import available_timezones
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import InvalidInput, NoSuchAccount
@@ -54,6 +54,12 @@ _EXTENSION = re.compile(r"[a-z0-9_-]{1,32}\Z")
 
 LinkState = Literal["valid", "expired", "used", "revoked", "unknown"]
 
+
+_ALLOWANCES = (
+    select(Account.email, OfficeAllowance.extension)
+    .join(OfficeAllowance, OfficeAllowance.member_id == Account.id)
+    .where(func.lower(Account.email).in_(bindparam("emails", expanding=True)), Account.role == "member")
+)
 
 @dataclass(frozen=True)
 class SignupLink:
@@ -123,13 +129,9 @@ class OfficesStore:
         if not wanted:
             return {}
         out: dict[str, set[str]] = {}
-        with self._sessions() as s:
-            rows = s.execute(
-                select(Account.email, OfficeAllowance.extension)
-                .join(OfficeAllowance, OfficeAllowance.member_id == Account.id)
-                .where(func.lower(Account.email).in_(wanted), Account.role == "member")
-            )
-            for email, ext in rows:
+        # Core, not the ORM: the SMTP server reads this for every message.
+        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+            for email, ext in conn.execute(_ALLOWANCES, {"emails": sorted(wanted)}):
                 out.setdefault(email.lower(), set()).add(ext)
         return {k: frozenset(v) for k, v in out.items()}
 

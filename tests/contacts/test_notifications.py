@@ -7,7 +7,7 @@ import dataclasses
 from email.message import EmailMessage
 
 from postvault.conf.schema import Config, Relay
-from postvault.notices.hooks import after_delivery, outbound_queue, sweep_held
+from postvault.notices.hooks import after_delivery, notify_filed, outbound_queue, sweep_held
 from postvault.outbound.sender import Sender
 from postvault.outbound.worker import run_once
 from postvault.store.api import Store
@@ -105,3 +105,46 @@ def test_notification_address_and_pending_accounts(store: Store, config: Config,
     [entry] = [e for e in outbound_queue(store, config).entries() if e.kind == "notification"]
     assert entry.recipient == "front-desk@ortho.test" and entry.account == colleague
     assert store.set_notification_settings(colleague, address=None).address == colleague
+
+
+def test_notifications_claimed_in_the_filing_transaction(store: Store, config: Config, people: dict[str, str]) -> None:
+    """What the SMTP server does (``notify_filed`` as the delivery's hook):
+    the same decisions as ``after_delivery``, committed with the message."""
+    member, colleague = people["member"], people["colleague"]
+    clock = Clock()
+    queue = outbound_queue(store, config, clock)
+    counts: list[int] = []
+
+    def deliver(n: int, to: list[str] | None = None) -> None:
+        prepared = store.prepare_delivery(phi_mail(f"<f{n}@dental.test>"), member, to or [colleague])
+
+        def then(conn, p, result) -> None:  # type: ignore[no-untyped-def]
+            counts.append(notify_filed(conn, config, queue, result, p.sender.practice_name, clock=clock))
+
+        store.submit_delivery(prepared, then=then).result(30)
+
+    deliver(1)
+    deliver(2)
+    assert counts == [1, 1]
+    bodies = queued_bodies(store, config)
+    assert len(bodies) == 2 and all(scan(b) == [] for b in bodies)
+    assert b"Subject: New secure message from Smile Dental" in bodies[0] and b"To: dr@ortho.test" in bodies[0]
+
+    store.set_notification_settings(colleague, mode="batched", interval_minutes=15)
+    clock.advance(minutes=1)
+    deliver(3)
+    assert counts[-1] == 0 and store.held_notifications() == [colleague]  # held
+    clock.advance(minutes=15)
+    deliver(4)
+    assert counts[-1] == 1 and store.held_notifications() == []  # interval over: sent, nothing held
+
+    store.set_notification_settings(colleague, mode="off", address="front-desk@ortho.test")
+    deliver(5)
+    assert counts[-1] == 0
+    store.set_notification_settings(colleague, mode="every")
+    store.invite_colleague(member, "pending@ortho.test")
+    deliver(6, [colleague, "pending@ortho.test"])  # no notification before sign-up
+    assert counts[-1] == 1
+    entry = [e for e in queue.entries() if e.kind == "notification"][-1]
+    assert entry.recipient == "front-desk@ortho.test" and entry.account == colleague
+    assert len(queued_bodies(store, config)) == 4

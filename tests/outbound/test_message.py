@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from email import message_from_bytes, policy
 
@@ -14,6 +15,7 @@ from postvault.outbound.message import (
     build_invitation,
     build_notification,
     header_text,
+    notification_bytes,
     serialize,
 )
 
@@ -87,3 +89,32 @@ def test_serialize_refuses_a_smuggled_header() -> None:
     msg["X-Extra"] = "something we did not build"
     with pytest.raises(UnsafeMessage):
         serialize(msg)
+
+
+def _without_message_id(raw: bytes) -> bytes:
+    return re.sub(rb"\r\nMessage-ID: <[^>\r\n]*>\r\n", b"\r\nMessage-ID: <x>\r\n", raw)
+
+
+@pytest.mark.parametrize("practice", [None, "Smile Dental", "Zahnärzte Genève", "A" * 300, *HOSTILE])
+@pytest.mark.parametrize("to", ["dr@ortho.test", "front.desk+notes@clinic.example.test"])
+def test_notification_template_makes_the_builders_bytes(practice: str | None, to: str) -> None:
+    when = datetime(2026, 3, 16, 9, 30, tzinfo=timezone.utc)
+    built = serialize(build_notification(mail_from="no-reply@mail.example.test", to=to, sender_practice=practice,
+                                         route=ROUTE, when=when))
+    for _ in range(2):  # the second one comes from the cached template
+        fast = notification_bytes(mail_from="no-reply@mail.example.test", to=to, sender_practice=practice,
+                                  route=ROUTE, when=when)
+        assert _without_message_id(fast) == _without_message_id(built)
+    parsed = message_from_bytes(fast, policy=policy.default)
+    assert parsed["To"] == to and parsed["Message-ID"].endswith("@mail.example.test>")
+    assert sorted(k.lower() for k in parsed.keys()) == sorted(h.lower() for h in HEADERS)
+
+
+def test_notification_template_ids_differ_and_odd_addresses_take_the_builder() -> None:
+    a, b = (notification_bytes(mail_from="no-reply@mail.example.test", to="dr@ortho.test", sender_practice="S",
+                               route=ROUTE) for _ in range(2))
+    assert message_from_bytes(a)["Message-ID"] != message_from_bytes(b)["Message-ID"]
+    long_to = "x" * 64 + "@" + "d" * 60 + ".test"  # "To: " + this is longer than a line may be
+    raw = notification_bytes(mail_from="no-reply@mail.example.test", to=long_to, sender_practice="S", route=ROUTE)
+    assert _without_message_id(raw).split(b"\r\n\r\n")[1] == _without_message_id(a).split(b"\r\n\r\n")[1]
+    assert message_from_bytes(raw, policy=policy.default)["To"] == long_to

@@ -80,3 +80,38 @@ def test_service_sends_and_stops(store: Store, config: Config, certs: Certs) -> 
     with sink(certs) as (handler, port):
         asyncio.run(main(port))
     assert queue.entries()[0].state == "sent" and len(handler.received) == 1 and swept
+
+
+class ByRecipient:
+    """A sender whose outcome depends on the recipient (our SendsMail seam)."""
+
+    def send(self, mail_from: str, rcpt: str, body: bytes) -> Outcome:
+        if rcpt.startswith("ok"):
+            return Outcome("sent", 250, "2.0.0 queued")
+        if rcpt.startswith("bad"):
+            return Outcome("permanent", 550, "5.1.1 no such user")
+        return Outcome("temporary", 451, "4.3.0 later")
+
+
+def test_one_pass_records_every_outcome_together(store: Store, clock: Clock) -> None:
+    from sqlalchemy import select
+
+    from postvault.store.models import AuditEvent
+
+    queue = OutboundQueue(store.engine, Backoff(timedelta(seconds=60)), clock)
+    for rcpt in ("ok1@a.test", "bad@a.test", "later@a.test", "ok2@a.test"):
+        queue.enqueue("notification", "no-reply@mail.example.test", rcpt, b"x", account=rcpt)
+    assert run_once(queue, ByRecipient()) == 4
+    got = {e.recipient: (e.state, e.attempts, e.has_body) for e in queue.entries()}
+    assert got == {"ok1@a.test": ("sent", 1, False), "bad@a.test": ("failed", 1, False),
+                   "later@a.test": ("queued", 1, True), "ok2@a.test": ("sent", 1, False)}
+    with store._sessions() as s:
+        events = [(e.event, e.account, e.detail) for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.event.like("outbound.%")).order_by(AuditEvent.id))]
+    assert events == [("outbound.sent", "ok1@a.test", "kind=notification attempts=1"),
+                      ("outbound.failed", "bad@a.test", "kind=notification attempts=1 reply=550"),
+                      ("outbound.sent", "ok2@a.test", "kind=notification attempts=1")]
+    assert queue.claim_due() == []  # the retry waits for its backoff...
+    clock.advance(seconds=60)
+    [item] = queue.claim_due()  # ...then comes back, its second attempt
+    assert (item.recipient, item.attempts) == ("later@a.test", 2)

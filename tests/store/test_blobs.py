@@ -197,25 +197,38 @@ def test_symlink_in_store_not_followed(tmp_path: Path) -> None:
         store.open(blob_id)
 
 
-def test_commit_fsyncs_root_even_when_fan_dir_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Review: a fan-out folder made by a concurrent writer that has not yet
-    # fsynced root must not leave our acknowledged blob undurable.
+def test_commit_fsyncs_root_once_per_fan_dir_even_when_it_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review: a fan-out folder made by a concurrent writer (or an earlier
+    # process) that has not yet fsynced root must not leave our acknowledged
+    # blob undurable; only after a root fsync that followed its creation may
+    # later blobs in it skip that fsync.
     from postvault.store import blobs as blobs_mod
 
     root = tmp_path / "blobs"
     store = FileBlobStore(root)
-    with store.writer() as w:
-        w.write(b"first")
-        first = w.commit()
-    data = b"second"
-    n = 0
-    while hashlib.sha256(data).hexdigest()[:2] != first[:2]:  # same fan dir
-        n += 1
-        data = b"second %d" % n
     synced: list[Path] = []
     real = blobs_mod._fsync_dir
     monkeypatch.setattr(blobs_mod, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
-    with store.writer() as w:
-        w.write(data)
+
+    def blob_in(fan: str, n: int) -> bytes:
+        data = b"blob %d" % n
+        while hashlib.sha256(data).hexdigest()[:2] != fan:
+            n += 1000
+            data = b"blob %d" % n
+        return data
+
+    (root / "ab").mkdir(mode=0o700)  # made by someone else, never fsynced by us
+    for n, expect_root in ((1, True), (2, False), (3, False)):
+        synced.clear()
+        with store.writer() as w:
+            w.write(blob_in("ab", n))
+            w.commit()
+        assert (root in synced) is expect_root
+        assert root / "ab" in synced  # the blob's own entry: every time
+    # A new store object (as after a restart) trusts nothing it has not synced.
+    synced.clear()
+    with FileBlobStore(root).writer() as w:
+        w.write(blob_in("ab", 4))
         w.commit()
     assert root in synced

@@ -190,3 +190,30 @@ def test_deliver_results_are_delivery_results(store: Store, people: dict[str, st
     r = store.deliver(raw(1), people["member"], [people["member2"], people["colleague"]], save_sent=False)
     assert isinstance(r, DeliveryResult)
     assert sorted(u for _, u in r.delivered) == [1, 1] and r.sent_uid is None
+
+
+def test_a_failing_then_hook_is_undone_alone_and_its_message_stays(
+        store: Store, people: dict[str, str], config) -> None:  # type: ignore[no-untyped-def]
+    def hook(fail: bool):  # type: ignore[no-untyped-def]
+        def then(conn, prepared, result) -> None:  # type: ignore[no-untyped-def]
+            # A write of the hook's own, then (for one of them) a failure.
+            audit.record_many(conn, [audit.Event("test.hook", actor="test", message=result.message_id)])
+            if fail:
+                raise RuntimeError("hook failed")
+        return then
+
+    release, blocker = held_writer(store)
+    prepared = [store.prepare_delivery(raw(i), people["member"], [people["member2"]]) for i in range(3)]
+    futures = [store.submit_delivery(p, then=hook(i == 1)) for i, p in enumerate(prepared)]
+    release.set()
+    blocker.result(30)
+    results = [f.result(30) for f in futures]
+    assert [r.delivered[0][1] for r in results] == [1, 2, 3]  # all three stored
+    with store._sessions() as s:
+        hooked = list(s.scalars(select(AuditEvent.message).where(AuditEvent.event == "test.hook")
+                                .order_by(AuditEvent.id)))
+        assert s.scalar(select(func.count()).select_from(Message)) == 3
+    # The failing hook's write is gone, the others' committed with their message.
+    assert hooked == [results[0].message_id, results[2].message_id]
+    assert len(blob_files(config)) == 3
+    assert chain_is_valid(store) >= 5
