@@ -144,6 +144,9 @@ class OutboundQueue:
                 .where(OutboundMail.state == "queued", OutboundMail.next_attempt_at <= stamp)
                 .order_by(OutboundMail.next_attempt_at, OutboundMail.id)
                 .limit(limit)
+                # PostgreSQL: rows another process is claiming right now are
+                # passed over rather than waited for (SQLite: one writer).
+                .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
                 done = s.execute(
