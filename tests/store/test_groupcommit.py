@@ -22,6 +22,9 @@ from postvault.store.types import DeliveryResult
 from ..conftest import PASSWORD
 from tests.support import stored_blobs
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 
 def raw(n: int, refs: str = "") -> bytes:
     extra = f"In-Reply-To: {refs}\r\n" if refs else ""

@@ -25,6 +25,9 @@ from postvault.store.models import Account, AuditEvent, Message, MessageCopy
 from tests.conftest import PASSWORD
 from tests.support import stored_blobs
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 
 def mail(subject: str = "Hello", body: str = "Body text\n", msgid: str = "<m1@dental.test>", **headers: str) -> bytes:
     m = EmailMessage()
