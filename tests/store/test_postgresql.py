@@ -16,7 +16,10 @@ whatever ``--db`` says; the other store tests run on PostgreSQL with
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
@@ -236,3 +239,46 @@ def test_database_blobs_in_postgresql(pg_cluster: Cluster) -> None:
         assert not store.blobs.exists(ids[0])
     finally:
         store.close()
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
+    return subprocess.run([sys.executable, "-m", "postvault.cli.main", *args, "--home", str(home)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_fsck_and_backup_on_postgresql(pg_home: Path, tmp_path: Path) -> None:
+    """``postvault fsck`` checks the index and the blobs in the database
+    (the SQLite file checks give way to a note); ``postvault backup``
+    refuses in one line and names pg_dump."""
+    store = open_store(load_config(pg_home))
+    try:
+        store.create_account(SENDER, "member", "dental", PASSWORD)
+        store.create_account(READER, "member", "clinic", PASSWORD)
+        for n in range(3):
+            store.deliver(mail(0, n, reply_to=None), SENDER, [READER])
+    finally:
+        store.close()
+    proc = cli(pg_home, "fsck")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        "note: the database's own pages are PostgreSQL's to check (pg_amcheck); it enforces the foreign keys itself",
+        "fsck: 3 messages, 6 copies, 3 blobs checked; clean",
+    ]
+
+    store = open_store(load_config(pg_home))
+    try:
+        with store.engine.begin() as conn:  # one flipped byte in one sealed blob
+            conn.execute(text("UPDATE blob_chunks SET data = set_byte(data, 40, get_byte(data, 40) # 1) "
+                              "WHERE blob_id = (SELECT min(blob_id) FROM blob_chunks)"))
+    finally:
+        store.close()
+    proc = cli(pg_home, "fsck")
+    assert proc.returncode == 1
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["damaged-blob", "note", "fsck"]
+
+    proc = cli(pg_home, "backup", "--out", str(tmp_path / "backup.tar"))
+    assert proc.returncode == 1 and proc.stdout == "" and not (tmp_path / "backup.tar").exists()
+    assert proc.stderr.splitlines() == [
+        'postvault: postvault backup copies SQLite stores; back up a PostgreSQL store with pg_dump '
+        '(it holds the blobs too when blobs = "database"), and the home folder beside it']
