@@ -52,7 +52,9 @@ class Cluster:
 
     def __init__(self) -> None:
         self.bindir = _bindir()
-        self.root = Path(tempfile.mkdtemp(prefix="postvault-pg-"))
+        # Under root the folder must be reachable by the postgres user:
+        # /tmp is, whatever $TMPDIR says.
+        self.root = Path(tempfile.mkdtemp(prefix="postvault-pg-", dir="/tmp" if os.geteuid() == 0 else None))
         self.data = self.root / "data"
         self.port = free_port()
         self._names = itertools.count(1)
