@@ -63,7 +63,8 @@ def _worker(home: str, worker: int, start: "multiprocessing.synchronize.Barrier"
         start.wait(60)
         for n in range(ROUNDS):
             # The first delivery of every worker brings NEWCOMER into the
-            # root's thread: all of them add that participant at once.
+            # root's thread: all of them add that participant (one after the
+            # other: NEWCOMER's INBOX row lock).
             rcpts = [READER, NEWCOMER] if n == 0 else [READER]
             result = store.deliver(mail(worker, n), SENDER, rcpts)
             done.append(("deliver", result.message_id, dict(result.delivered)[READER]))
@@ -182,7 +183,7 @@ def test_concurrent_writers_in_several_processes(pg_home: Path) -> None:
         assert sum("\\Flagged" in r.flags for r in rows) == flag_changes
 
         # Thread index: every delivered reply joined the root's thread;
-        # the newcomer that every worker added at once is there once.
+        # the newcomer that every worker added is there once.
         delivered = [by_id[pid] for kind, pid, _ in filed if kind == "deliver"]
         assert {r.thread_id for r in delivered} == {root_thread}
         assert sorted(participants) == sorted([SENDER, READER, OTHER, NEWCOMER])
