@@ -44,7 +44,8 @@ def lock_audit_chain(conn: Connection) -> None:
     take turns: on SQLite the write transaction (BEGIN IMMEDIATE) already
     does; on PostgreSQL a transaction-scoped advisory lock, released by
     COMMIT or ROLLBACK, shared by every process on the database. Appending
-    is the last thing a write transaction does, so no transaction holds it
-    while it waits for a row lock (no deadlock)."""
+    is the last step of the write transactions that lock rows, so none
+    holds it while it waits for a row lock (were one to, PostgreSQL would
+    find the deadlock and fail one transaction, not hang)."""
     if conn.dialect.name == "postgresql":
         conn.execute(_ADVISORY)
