@@ -13,15 +13,16 @@ import json
 import os
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine, text
 
 from postvault.certs.context import client_context
 from postvault.conf.load import load_config
@@ -30,9 +31,19 @@ from postvault.store.api import Store
 from tests.imapd.conftest import start_server, stop_server
 from tests.test_canary import encodings
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 PASSWORD = "correct horse battery staple"
 MEMBER, COLLEAGUE = "office@dental.test", "dr@ortho.test"
 MARKER = "Zürich-auditcanary-5f3e9a1c7b2d4e60"
+
+
+def query(engine: Engine, sql: str) -> list[dict[str, Any]]:
+    """Rows as the server left them, read past the store API (SQLite file
+    or PostgreSQL database alike)."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(text(sql)).mappings()]
 
 
 class Serve:
@@ -51,12 +62,10 @@ class Serve:
         client.login(user, PASSWORD)
         return client
 
-    def events(self) -> list[sqlite3.Row]:
-        with sqlite3.connect(self.home / "data" / "postvault.db") as c:
-            c.row_factory = sqlite3.Row
-            return c.execute("SELECT * FROM audit_events ORDER BY id").fetchall()
+    def events(self) -> list[dict[str, Any]]:
+        return query(self.store.engine, "SELECT * FROM audit_events ORDER BY id")
 
-    def wait_for(self, event: str, after: int, timeout: float = 10) -> list[sqlite3.Row]:
+    def wait_for(self, event: str, after: int, timeout: float = 10) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = [r for r in self.events() if r["id"] > after and r["event"] == event]
@@ -67,12 +76,12 @@ class Serve:
 
 
 @pytest.fixture(scope="module")
-def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+def serve(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[Serve]:
     home = tmp_path_factory.mktemp("audit") / "home"
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTVAULT_")}
     os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
     try:
-        init_home(home, "mail.example.test")
+        init_home(home, "mail.example.test", store_overrides())
         store = open_store(load_config(home))
     finally:
         del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
@@ -156,16 +165,16 @@ def test_activity_is_audited_without_content(serve: Serve) -> None:
     # No event holds the subject, the body or a file name, in any encoding.
     needles = encodings(MARKER)
     for r in serve.events():
-        text = "|".join(str(v) for v in tuple(r)).encode()
-        assert not [name for name, n in needles.items() if n in text], tuple(r)
-    assert "xray" not in str([tuple(r) for r in serve.events()])
+        values = "|".join(str(v) for v in r.values()).encode()
+        assert not [name for name, n in needles.items() if n in values], r
+    assert "xray" not in str([tuple(r.values()) for r in serve.events()])
 
     # The server signs the head by itself ([audit] checkpoint_seconds = 1).
     last = serve.events()[-1]["id"]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with sqlite3.connect(serve.home / "data" / "postvault.db") as c:
-            signed = c.execute("SELECT max(event_id) FROM audit_checkpoints WHERE kind='periodic'").fetchone()[0]
+        signed = query(serve.store.engine,
+                       "SELECT max(event_id) AS m FROM audit_checkpoints WHERE kind='periodic'")[0]["m"]
         if signed is not None and signed >= last:
             break
         time.sleep(0.2)
@@ -190,17 +199,21 @@ def test_activity_is_audited_without_content(serve: Serve) -> None:
     assert [x["id"] for x in lines] == sorted(x["id"] for x in lines) and len(lines) >= len(rows)
 
 
-def test_shutdown_signs_the_last_events(tmp_path: Path) -> None:
+def test_shutdown_signs_the_last_events(tmp_path: Path, store_overrides: Callable[[], dict[str, str]]) -> None:
     home = tmp_path / "home"
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTVAULT_")}
     try:
-        init_home(home, "mail.example.test")
+        init_home(home, "mail.example.test", store_overrides())
     finally:
         os.environ.update(saved)
     proc, _ports, _log = start_server(home)
     stop_server(proc)
     assert proc.returncode == 0
-    with sqlite3.connect(home / "data" / "postvault.db") as c:
-        last = c.execute("SELECT max(id), max(CASE WHEN event='server.stop' THEN id END) FROM audit_events").fetchone()
-        signed = c.execute("SELECT event_id, kind FROM audit_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-    assert last[0] == last[1] and signed == (last[0], "shutdown")
+    store = open_store(load_config(home))
+    try:
+        [last] = query(store.engine, "SELECT max(id) AS last, max(CASE WHEN event='server.stop' THEN id END) AS stop "
+                                     "FROM audit_events")
+        [signed] = query(store.engine, "SELECT event_id, kind FROM audit_checkpoints ORDER BY seq DESC LIMIT 1")
+    finally:
+        store.close()
+    assert last["last"] == last["stop"] and signed == {"event_id": last["last"], "kind": "shutdown"}

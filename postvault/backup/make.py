@@ -67,8 +67,9 @@ def sqlite_file(url: str) -> Path:
     """The database file of a SQLite store URL; ``BackupError`` otherwise."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        raise BackupError("postvault backup copies SQLite stores; back up a PostgreSQL store with pg_dump, "
-                          "and the blob folder and home folder beside it")
+        # One line that says what to do instead (docs/scaling.md, PostgreSQL).
+        raise BackupError("postvault backup copies SQLite stores; back up a PostgreSQL store with pg_dump "
+                          "(it holds the blobs too when blobs = \"database\"), and the home folder beside it")
     return Path(parsed.database)
 
 

@@ -46,6 +46,9 @@ _DUE = (
     .where(_Q.c.state == "queued", _Q.c.next_attempt_at <= bindparam("now"))
     .order_by(_Q.c.next_attempt_at, _Q.c.id)
     .limit(bindparam("limit"))
+    # PostgreSQL: rows another process is claiming right now are passed
+    # over rather than waited for (SQLite renders nothing: one writer).
+    .with_for_update(skip_locked=True)
 )
 _LEASE = (
     update(_Q)

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.orm import Session
 
 from .models import AuditEvent
+from .sqlcompat import lock_audit_chain
 
 GENESIS = b"\x00" * 32
 
@@ -46,15 +47,16 @@ class Event:
 
 
 _TABLE = AuditEvent.__table__
-_LAST_HASH = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+_HEAD = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
 _INSERT = insert(_TABLE)  # built once: record_many runs for every batch of deliveries
 
 
-def _rows(prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
-    """The rows of ``events`` chained after ``prev``: each row's hash is
-    ``event_hash(previous row's hash, its canonical fields)``."""
+def _rows(last_id: int, prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
+    """The rows of ``events`` chained after entry ``last_id`` whose hash is
+    ``prev``: each row's hash is ``event_hash(previous row's hash, its
+    canonical fields)``; ids follow on without a gap."""
     rows: list[dict[str, object]] = []
-    for e in events:
+    for i, e in enumerate(events, start=last_id + 1):
         at = datetime.now(timezone.utc)
         fields = {
             "at": at.isoformat(),
@@ -68,7 +70,7 @@ def _rows(prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
         }
         digest = event_hash(prev, fields)
         rows.append({
-            "at": at, "event": e.event, "actor": e.actor, "account": e.account, "message": e.message,
+            "id": i, "at": at, "event": e.event, "actor": e.actor, "account": e.account, "message": e.message,
             "client_ip": e.client_ip, "protocol": e.protocol, "detail": e.detail, "prev_hash": prev,
             "hash": digest,
         })
@@ -77,13 +79,20 @@ def _rows(prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
 
 
 def record_many(conn: Connection, events: Sequence[Event]) -> None:
-    """Append ``events``, in order, inside the caller's write transaction
-    (which serializes appenders): the previous hash is read once and the
-    rows go in with one multi-row insert, ids ascending in chain order."""
+    """Append ``events``, in order, inside the caller's write transaction,
+    which holds the chain (``lock_audit_chain``) from here until it ends:
+    the head is read once and the rows go in with one multi-row insert.
+
+    Ids are given here, the head's plus one, two, ...: what SQLite's rowid
+    would give. A PostgreSQL sequence would not do: a rolled-back
+    transaction still uses up its numbers, and ``verify`` rightly reads a
+    gap in the ids as deleted entries."""
     if not events:
         return
-    last = conn.scalar(_LAST_HASH)
-    conn.execute(_INSERT, _rows(last if last is not None else GENESIS, events))
+    lock_audit_chain(conn)
+    head = conn.execute(_HEAD).first()
+    last_id, prev = (int(head[0]), head[1]) if head is not None else (0, GENESIS)
+    conn.execute(_INSERT, _rows(last_id, prev, events))
 
 
 def record(

@@ -83,6 +83,7 @@ from .auditsign import (
     write_head,
 )
 from .db import unit_of_work
+from .sqlcompat import lock_audit_chain
 from .models import AuditCheckpoint, AuditEvent
 
 log = logging.getLogger("postvault.audit")
@@ -244,6 +245,9 @@ class AuditLog:
         for attempt in range(3):
             try:
                 with unit_of_work(self._sessions) as s:
+                    # No event may join the chain between reading its head
+                    # and signing it (PostgreSQL: other processes append).
+                    lock_audit_chain(s.connection())
                     head = s.execute(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc())
                                      .limit(1)).first()
                     event_id, event_hash = (head[0], head[1]) if head is not None else (0, audit.GENESIS)
@@ -394,6 +398,7 @@ class AuditLog:
             raise AuditChainBroken(f"not pruning: {report.summary()}")
         key = ensure_signing_key(home)
         with unit_of_work(self._sessions) as s:
+            lock_audit_chain(s.connection())
             last = s.scalar(select(func.max(AuditEvent.id))) or 0
             # Only what was verified above goes (events may have come since).
             cut = through if through is not None else min(report.last_id or 0, last)

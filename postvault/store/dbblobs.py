@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import IntegrityError
 from .db import unit_of_work
 from .models import BlobChunk
+from .sqlcompat import insert_ignoring_duplicates
 
 ROW_SIZE = 1024 * 1024
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
@@ -60,7 +61,13 @@ class DatabaseBlobWriter(io.RawIOBase):
         with unit_of_work(self._factory) as session:
             exists = session.scalar(select(BlobChunk.seq).where(BlobChunk.blob_id == blob_id).limit(1))
             if exists is None:
-                session.add_all(BlobChunk(blob_id=blob_id, seq=i, data=row) for i, row in enumerate(self._rows))
+                # The same bytes written by another process meanwhile are
+                # the same blob: its rows stand (PostgreSQL; SQLite has one
+                # writer at a time).
+                conn = session.connection()
+                for i, row in enumerate(self._rows):
+                    conn.execute(insert_ignoring_duplicates(BlobChunk.__table__, conn.dialect.name),
+                                 {"blob_id": blob_id, "seq": i, "data": row})
         self._rows.clear()
         self._blob_id = blob_id
         return blob_id

@@ -47,6 +47,7 @@ from ..errors import MailboxNotFound, NoSuchAccount
 from . import audit, threads
 from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
 from .notify import Change
+from .sqlcompat import insert_ignoring_duplicates
 from .types import DeliveryResult, flags_text
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ _HELD = (
 )
 _NEW_THREAD = insert(_THREADS)
 _PARTICIPANTS_OF = select(_PARTICIPANTS.c.email).where(_PARTICIPANTS.c.thread_id == bindparam("thread"))
-_ADD_PARTICIPANTS = insert(_PARTICIPANTS)
 _NEW_MESSAGE = insert(_MESSAGES)
 _NEXT_UIDS = (
     update(_MAILBOXES)
@@ -168,7 +168,9 @@ def _thread(conn: Connection, p: PreparedDelivery) -> int:
         known = set(conn.scalars(_PARTICIPANTS_OF, {"thread": thread_id}))
     new = sorted(p.participants - known)
     if new:
-        conn.execute(_ADD_PARTICIPANTS, [{"thread_id": thread_id, "email": e} for e in new])
+        # Skips a participant another process added meanwhile (PostgreSQL).
+        conn.execute(insert_ignoring_duplicates(_PARTICIPANTS, conn.dialect.name),
+                     [{"thread_id": thread_id, "email": e} for e in new])
     return thread_id
 
 

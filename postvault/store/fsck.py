@@ -4,7 +4,7 @@ and without reading content.
 What can be checked without any password:
 
 * the database file itself (SQLite ``PRAGMA integrity_check`` and
-  ``foreign_key_check``);
+  ``foreign_key_check``; on PostgreSQL a note says to use ``pg_amcheck``);
 * the index: UIDs are positive and below their folder's UIDNEXT (RFC 3501
   §2.3.1.1), unique per folder, copies point at folders and messages that
   exist and agree on the size, modseqs do not pass the folder's
@@ -99,7 +99,11 @@ def fsck(store: Store, blob_root: Path | None, *, quick: bool = False, repair: b
 
 def _check_database(store: Store, report: FsckReport) -> None:
     if store.engine.dialect.name != "sqlite":
-        report.notes.append("database file checks are SQLite's; use the database server's own tools")
+        # The PRAGMAs below are SQLite's. PostgreSQL enforces foreign keys
+        # always (SQLite only when a connection asks), and checks its own
+        # pages with its own tool.
+        report.notes.append("the database's own pages are PostgreSQL's to check (pg_amcheck); "
+                            "it enforces the foreign keys itself")
         return
     with store.engine.connect() as conn:
         rows = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]

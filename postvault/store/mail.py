@@ -43,6 +43,7 @@ from .models import (
     ThreadParticipant,
 )
 from .notify import Change, ChangeBus
+from .sqlcompat import insert_ignoring_duplicates
 from .types import (
     AccountSession,
     AppendResult,
@@ -169,7 +170,10 @@ class MailStore:
         key = "INBOX" if name.upper() == "INBOX" else name
         q = select(Mailbox).where(Mailbox.account_id == account_id, Mailbox.name == key)
         if lock:
-            q = q.with_for_update()
+            # The row lock (PostgreSQL; SQLite's BEGIN IMMEDIATE already
+            # holds the database) and the row as it is now, not as this
+            # session may have read it before the lock.
+            q = q.with_for_update().execution_options(populate_existing=True)
         box = s.scalar(q)
         if box is None:
             raise MailboxNotFound(f"no mailbox named {name!r}")
@@ -368,8 +372,13 @@ class MailStore:
             s.flush()
             thread_id = t.id
         known = set(s.scalars(select(ThreadParticipant.email).where(ThreadParticipant.thread_id == thread_id)))
-        for email in {p.lower() for p in participants} - known:
-            s.add(ThreadParticipant(thread_id=thread_id, email=email))
+        new = sorted({p.lower() for p in participants} - known)
+        if new:
+            # Another writer (PostgreSQL: another process) may add the same
+            # participant meanwhile; either insert is the same row.
+            conn = s.connection()
+            conn.execute(insert_ignoring_duplicates(ThreadParticipant.__table__, conn.dialect.name),
+                         [{"thread_id": thread_id, "email": e} for e in new])
         return own, thread_id
 
     @staticmethod
@@ -782,8 +791,11 @@ class MailStore:
         # no re-encryption.
         pairs = []
         with unit_of_work(self._sessions) as s:
-            src = self._mailbox(s, session.account_id, mailbox, lock=True)
-            dst = self._mailbox(s, session.account_id, dest, lock=True)
+            # Both rows locked in one order (by name, as delivery does), so
+            # a COPY one way and one the other way cannot deadlock.
+            order = sorted({mailbox, dest}, key=lambda n: "INBOX" if n.upper() == "INBOX" else n)
+            locked = {name: self._mailbox(s, session.account_id, name, lock=True) for name in order}
+            src, dst = locked[mailbox], locked[dest]
             copies = list(
                 s.scalars(
                     select(MessageCopy)

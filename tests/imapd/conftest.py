@@ -1,7 +1,8 @@
 """Fixtures for the IMAP tests: the real ``postvault serve`` as a subprocess
 on free loopback ports (``POSTVAULT_LISTEN_*`` overrides, HTTPS off), over
 a home made by ``postvault init``; accounts made through the store in this
-process (the SQLite store is shared between the two processes).
+process (the store, SQLite or with ``--db postgresql`` PostgreSQL, is
+shared between the two processes).
 
 The server runs once per test session; each test makes its own accounts,
 so tests never see each other's mail. Argon2id runs with one pass here
@@ -17,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,14 +134,14 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("imap") / "home"
     saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
     for k in saved:
         del os.environ[k]
     os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
     try:
-        init_home(home, HOST)
+        init_home(home, HOST, store_overrides())
         store = open_store(load_config(home))
     finally:
         del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]

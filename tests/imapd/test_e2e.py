@@ -19,8 +19,12 @@ from .conftest import PASSWORD, Server
 from .test_clients import maildir, mbsync, mbsync_rc
 from .test_imaplib import raw_session, read_until
 
-pytestmark = pytest.mark.skipif(shutil.which("swaks") is None or shutil.which("mbsync") is None,
-                                reason="swaks and isync are installed by .ci/run")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("swaks") is None or shutil.which("mbsync") is None,
+                       reason="swaks and isync are installed by .ci/run"),
+    # Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+    pytest.mark.databases,
+]
 
 
 def swaks(server: Server, sender: str, to: str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -10,12 +10,16 @@ import socket
 import time
 from email.message import EmailMessage
 
+import pytest
 from sqlalchemy import select
 
 from postvault.store.models import AuditEvent
 
 from .client import Client
 from .conftest import PASSWORD, Server
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 
 def imaps(server: Server, user: str) -> imaplib.IMAP4_SSL:

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 from datetime import timedelta
 
+import pytest
+
 from postvault.conf.schema import Config, Relay
 from postvault.home import open_store
 from postvault.outbound.queue import LEASE, Backoff, OutboundQueue
@@ -15,6 +17,9 @@ from postvault.outbound.worker import OutboundWorker, run_once
 from postvault.store.api import Store
 from tests.outbound.conftest import Clock
 from tests.outbound.sink import Certs, sink
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 
 class Refusing:

@@ -20,7 +20,7 @@ import dataclasses
 import smtplib
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -169,13 +169,13 @@ def _runtime(home: Path, policy: Policy, limits: SmtpConfig) -> Runtime:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[World]:
     mp = pytest.MonkeyPatch()
     for var in list(__import__("os").environ):
         if var.startswith("POSTVAULT_"):
             mp.delenv(var)
     home = tmp_path_factory.mktemp("smtpd") / "home"
-    init_home(home, HOST)
+    init_home(home, HOST, store_overrides())
     runtime = Runtime.open(home)
     store = runtime.store
     store.create_account(MEMBER, "member", "Smile Dental", PASSWORD, "America/New_York")

@@ -7,8 +7,13 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from .client import PASSWORD, message
 from .conftest import Server, World
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 CLIENTS, MESSAGES = 10, 50
 SENDER, RECIPIENT = "bulk@clinic.test", "bulk-in@clinic.test"

@@ -12,6 +12,9 @@ import pytest
 from .client import message, stuff, transaction
 from .conftest import COLLEAGUE, MEMBER, MEMBER2, OUTSIDER, PENDING, Server, World
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 SMUGGLED = (b"MAIL FROM:<office@dental.test>\r\nRCPT TO:<front@clinic.test>\r\nDATA\r\n"
             b"From: office@dental.test\r\nSubject: smuggled\r\n\r\nsmuggled body\r\n")
 

@@ -15,6 +15,9 @@ from postvault.store.models import Account, AuditEvent, AuthFailure, Invitation,
 from tests.conftest import PASSWORD
 from tests.store.test_store_api import mail
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 
 def test_verify_password_needs_no_key_and_records_failures(store: Store, people: dict[str, str]) -> None:
     info = store.verify_password(people["member"], PASSWORD, client_ip="127.0.0.1", protocol="smtp")

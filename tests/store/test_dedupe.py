@@ -15,6 +15,9 @@ from postvault.store.models import AuditEvent, Message
 from postvault.store.types import now
 from tests.conftest import PASSWORD
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 
 def raw(msgid: str | None = "<sent-1@dental.test>", subject: str = "Referral") -> bytes:
     head = f"From: office@dental.test\r\nTo: dr@ortho.test\r\nSubject: {subject}\r\n"

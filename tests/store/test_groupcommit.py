@@ -20,16 +20,16 @@ from postvault.store.models import AuditEvent, Mailbox, Message, MessageCopy
 from postvault.store.types import DeliveryResult
 
 from ..conftest import PASSWORD
+from tests.support import stored_blobs
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 
 def raw(n: int, refs: str = "") -> bytes:
     extra = f"In-Reply-To: {refs}\r\n" if refs else ""
     return (f"From: office@dental.test\r\nTo: front@clinic.test\r\nSubject: note {n}\r\n"
             f"Message-ID: <gc-{n}@dental.test>\r\n{extra}\r\nbody {n}\r\n").encode()
-
-
-def blob_files(config) -> list[Path]:  # type: ignore[no-untyped-def]
-    return [p for p in Path(config.store.blobs).rglob("*") if p.is_file()]
 
 
 def held_writer(store: Store) -> tuple[threading.Event, Future[int]]:
@@ -88,7 +88,7 @@ def test_concurrent_deliveries_are_stored_once_with_distinct_ascending_uids(
     with store._sessions() as s:
         assert s.scalar(select(func.count()).select_from(Message)) == n
         assert s.scalar(select(func.count()).select_from(MessageCopy)) == 2 * n
-    assert len(blob_files(config)) == n
+    assert len(stored_blobs(store)) == n
     assert chain_is_valid(store) >= n
 
 
@@ -114,7 +114,7 @@ def test_a_failing_message_does_not_affect_the_others_in_its_batch(
     with store.engine.begin() as conn:
         colleague = store.get_account(people["colleague"]).id
         conn.execute(delete(Mailbox).where(Mailbox.account_id == colleague, Mailbox.name == "INBOX"))
-    assert len(blob_files(config)) == 3
+    assert len(stored_blobs(store)) == 3
 
     release, blocker = held_writer(store)
     futures = [store.submit_delivery(p) for p in (good1, bad, good2)]
@@ -132,7 +132,7 @@ def test_a_failing_message_does_not_affect_the_others_in_its_batch(
         assert s.scalar(select(func.count()).select_from(MessageCopy)) == 4
         events = list(s.scalars(select(AuditEvent.message).where(AuditEvent.event == "message.deliver")))
     assert sorted(events) == sorted([r1.message_id, r3.message_id])
-    assert len(blob_files(config)) == 2
+    assert len(stored_blobs(store)) == 2
     reader = store.login(people["member2"], PASSWORD)
     assert [m.uid for m in store.snapshot(reader, "INBOX").messages] == [1, 2]
     assert chain_is_valid(store) >= 2

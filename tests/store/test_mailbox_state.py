@@ -8,12 +8,16 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select
 
 from postvault.store.api import Store
 from postvault.store.models import Mailbox, Message, MessageCopy
 from postvault.store.types import flags_set
 from tests.conftest import PASSWORD
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 FLAG_CHOICES = [(), ("\\Seen",), ("\\Seen", "\\Answered"), ("\\Flagged",), ("\\Seen", "$Label1"), ("NonJunk",)]
 

@@ -12,6 +12,9 @@ from postvault.store.api import Store
 from postvault.store.notify import Change, ChangeBus
 from tests.conftest import PASSWORD
 
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
+
 
 def raw(msgid: str = "<n1@dental.test>", subject: str = "Hello") -> bytes:
     return (f"From: office@dental.test\r\nTo: dr@ortho.test\r\nSubject: {subject}\r\nMessage-ID: {msgid}\r\n\r\n"

@@ -23,6 +23,10 @@ from postvault.store.db import sessions
 from postvault.store.models import Account, AuditEvent, Message, MessageCopy
 
 from tests.conftest import PASSWORD
+from tests.support import stored_blobs
+
+# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
+pytestmark = pytest.mark.databases
 
 
 def mail(subject: str = "Hello", body: str = "Body text\n", msgid: str = "<m1@dental.test>", **headers: str) -> bytes:
@@ -35,10 +39,6 @@ def mail(subject: str = "Hello", body: str = "Body text\n", msgid: str = "<m1@de
         m[k.replace("_", "-")] = v
     m.set_content(body)
     return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
-
-
-def blob_files(config) -> list[Path]:  # type: ignore[no-untyped-def]
-    return [p for p in Path(config.store.blobs).rglob("*") if p.is_file()]
 
 
 def test_default_mailboxes_have_special_use(store: Store, people: dict[str, str]) -> None:
@@ -72,7 +72,7 @@ def test_unknown_recipient_stores_nothing(store: Store, people: dict[str, str], 
     with store._sessions() as s:
         assert s.scalar(select(func.count()).select_from(MessageCopy)) == 0
         assert s.scalar(select(func.count()).select_from(Message)) == 0
-    assert blob_files(config) == []
+    assert stored_blobs(store) == []
 
 
 def test_failed_commit_leaves_no_blob(store: Store, people: dict[str, str], config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -83,7 +83,7 @@ def test_failed_commit_leaves_no_blob(store: Store, people: dict[str, str], conf
     with pytest.raises(RuntimeError):
         store.deliver(mail(), people["member"], [people["colleague"]])
     monkeypatch.undo()
-    assert blob_files(config) == []
+    assert stored_blobs(store) == []
     s = store.login(people["colleague"], PASSWORD)
     assert store.snapshot(s, "INBOX").messages == ()
 
@@ -176,9 +176,9 @@ def test_modseq_grows_with_every_change(store: Store, people: dict[str, str]) ->
 def test_last_expunged_copy_removes_blob(store: Store, people: dict[str, str], config) -> None:  # type: ignore[no-untyped-def]
     s = store.login(people["member"], PASSWORD)
     store.append(s, "INBOX", mail(), ["\\Deleted"])
-    assert len(blob_files(config)) == 1
+    assert len(stored_blobs(store)) == 1
     store.expunge(s, "INBOX")
-    assert blob_files(config) == []
+    assert stored_blobs(store) == []
 
 
 def test_blob_moved_to_another_message_or_account_is_refused(store: Store, people: dict[str, str]) -> None:
