@@ -722,6 +722,14 @@ def pct_mmm(values: Sequence[float]) -> str:
     return f"{v[0]:.0%} / {statistics.median(v):.0%} / {v[-1]:.0%}"
 
 
+def div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def pc(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.0%}"
+
+
 def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -800,9 +808,9 @@ def print_report(rep: Report, lab: Lab, icfg: ImapCfg | None, runs: int, argv: s
                 pv, other = rep.smtp["Postvault"].get(key, []), rep.smtp[peer].get(key, [])
                 if pv and other:
                     a, b = med([getattr(r, metric) for r in pv]), med([getattr(r, metric) for r in other])
-                    cpu = med([r.cpu for r in pv]) / med([r.cpu for r in other])
-                    goals.append((label, fmt(a), fmt(b), f"{a / b:.0%}", "yes" if a / b >= goal else "**no**",
-                                  f"{cpu:.0%}"))
+                    cpu = div(med([r.cpu for r in pv]), med([r.cpu for r in other]))
+                    goals.append((label, fmt(a), fmt(b), pc(div(a, b)), "yes" if div(a, b) >= goal else "**no**",
+                                  pc(cpu)))
     if rep.imap:
         assert icfg is not None
         peer = next((k for k in rep.imap if k != "Postvault"), None)
@@ -854,10 +862,10 @@ def print_report(rep: Report, lab: Lab, icfg: ImapCfg | None, runs: int, argv: s
                 other = rep.imap[peer].get((OPS[key], 10), [])
                 if pv and other:
                     a, b = med([p.rate for p in pv]), med([p.rate for p in other])
-                    cpu = med([p.server_cpu / max(1, len(p.latencies)) for p in pv]) / \
-                        med([p.server_cpu / max(1, len(p.latencies)) for p in other])
-                    goals.append((label, fmt(a), fmt(b), f"{a / b:.0%}", "yes" if a / b >= goal else "**no**",
-                                  f"{cpu:.0%}"))
+                    cpu = div(med([p.server_cpu / max(1, len(p.latencies)) for p in pv]),
+                              med([p.server_cpu / max(1, len(p.latencies)) for p in other]))
+                    goals.append((label, fmt(a), fmt(b), pc(div(a, b)), "yes" if div(a, b) >= goal else "**no**",
+                                  pc(cpu)))
         pv = rep.imap.get("Postvault", {})
         peer_res = rep.imap.get(peer, {}) if peer else {}
 
@@ -899,8 +907,19 @@ def main() -> int:
     ap.add_argument("--only", choices=("imap", "smtp"), help="one protocol only")
     ap.add_argument("--no-peers", action="store_true", help="Postvault alone (for trying the script)")
     ap.add_argument("--keep-on-error", action="store_true", help="keep the temporary folder if the run fails")
+    ap.add_argument("--save", metavar="FILE", help="also pickle the raw results to FILE")
+    ap.add_argument("--report-from", metavar="FILE", help="print the report of results saved with --save")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes sealing the mailbox")
     args = ap.parse_args()
+    if args.report_from:
+        import pickle
+
+        with open(args.report_from, "rb") as f:
+            saved = pickle.load(f)  # a file this script wrote
+        lab = Lab(Path(tempfile.gettempdir()))
+        lab.versions, lab.skipped = saved["versions"], saved["skipped"]
+        print_report(saved["rep"], lab, saved["icfg"], saved["runs"], saved["argv"])
+        return 0
     if os.geteuid() != 0 and not args.no_peers:
         raise SystemExit("run as root: Dovecot and Postfix start as root and drop privileges (or --no-peers)")
     quick = args.quick
@@ -997,6 +1016,15 @@ def main() -> int:
             log(f"kept {work} (servers' logs: postvault.log, dovecot/dovecot.log, postfix/postfix.log)")
     rep.load = (load0, os.getloadavg()[0])
     rep.minutes = (time.perf_counter() - started) / 60
+    if args.save:
+        import pickle
+
+        try:
+            with open(args.save, "wb") as f:
+                pickle.dump({"rep": rep, "versions": lab.versions, "skipped": lab.skipped,
+                             "icfg": icfg if rep.imap else None, "runs": runs, "argv": argv}, f)
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as e:
+            log(f"could not save the results: {e!r}")
     print_report(rep, lab, icfg if rep.imap else None, runs, argv)
     return 0
 
