@@ -753,14 +753,17 @@ class Report:
     smtp: dict[str, dict[tuple[str, int], list[SmtpRound]]] = field(default_factory=dict)
     load: tuple[float, float] = (0.0, 0.0)
     minutes: float = 0.0
+    load_samples: list[float] = field(default_factory=list)  # 1-minute load average, every 30 s
 
 
 def print_report(rep: Report, lab: Lab, icfg: ImapCfg | None, runs: int, argv: str) -> None:
     import imap_load as il
 
     print(f"Command: `python bench/compare.py{argv}`. {machine_line(lab)}")
+    samples = getattr(rep, "load_samples", None)
+    during = f", {mmm(samples)} (min / median / max) sampled every 30 s during the run" if samples else ""
     print(f"Server code: {il.source_version()}. Whole run {rep.minutes:.1f} minutes; load average "
-          f"{rep.load[0]:.1f} at the start, {rep.load[1]:.1f} at the end (the machine is shared: compare "
+          f"{rep.load[0]:.1f} at the start, {rep.load[1]:.1f} at the end{during} (the machine is shared: compare "
           "the ratios, measured in the same run with the servers' rounds interleaved, rather than absolute "
           "figures).\n")
     for name, why in lab.skipped.items():
@@ -947,6 +950,13 @@ def main() -> int:
     signal.signal(signal.SIGHUP, on_signal)
     rep = Report()
     ok = False
+    sampling = threading.Event()
+
+    def sample_load() -> None:
+        while not sampling.wait(30):
+            rep.load_samples.append(os.getloadavg()[0])
+
+    threading.Thread(target=sample_load, daemon=True).start()
     try:
         cold = [[f"cold{r}-{k}@dental.bench.test" for k in range(icfg.cold)] for r in range(runs)]
         t0, step = make_postvault_home(lab, messages, [a for run_ in cold for a in run_], args.workers)
@@ -1014,6 +1024,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"kept {work} (servers' logs: postvault.log, dovecot/dovecot.log, postfix/postfix.log)")
+    sampling.set()
     rep.load = (load0, os.getloadavg()[0])
     rep.minutes = (time.perf_counter() - started) / 60
     if args.save:
