@@ -23,7 +23,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from postvault.conf.load import load_config
-from postvault.home import open_store
 from postvault.progress import Progress
 from postvault.store import audit
 from postvault.store.api import Store

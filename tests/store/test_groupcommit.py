@@ -7,7 +7,6 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timezone
-from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, func, select
@@ -215,5 +214,5 @@ def test_a_failing_then_hook_is_undone_alone_and_its_message_stays(
         assert s.scalar(select(func.count()).select_from(Message)) == 3
     # The failing hook's write is gone, the others' committed with their message.
     assert hooked == [results[0].message_id, results[2].message_id]
-    assert len(blob_files(config)) == 3
+    assert len(stored_blobs(store)) == 3
     assert chain_is_valid(store) >= 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
