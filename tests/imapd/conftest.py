@@ -17,7 +17,7 @@ import os
 import ssl
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,14 +111,17 @@ def _start_once(home: Path, extra_env: dict[str, str] | None) -> tuple[subproces
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)],
                             env=env, stdout=subprocess.PIPE, stderr=out, text=True)
-    deadline = time.monotonic() + 60
     assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("postvault ready"):
-            return proc, ports, log
+    # readline() would wait forever on a server that hangs before saying
+    # anything; the timer's kill ends the wait with end-of-file.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("postvault ready"):
+                return proc, ports, log
+    finally:
+        watchdog.cancel()
     proc.kill()
     proc.wait()
     raise RuntimeError("postvault serve did not start:\n" + log.read_text())
