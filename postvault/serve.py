@@ -43,6 +43,7 @@ class Service(Protocol):
 def build_services(runtime: Runtime) -> list[Service]:
     from .audit_service import AuditService
     from .imapd.service import IMAPService
+    from .node_service import NodeLink
     from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
     from .sweep_service import LeftoverSweep
@@ -51,7 +52,7 @@ def build_services(runtime: Runtime) -> list[Service]:
     # The sweep first: crash leftovers kept in the database go before any
     # listener opens (see sweep_service).
     return [LeftoverSweep(runtime), SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime),
-            AuditService(runtime)]
+            AuditService(runtime), NodeLink(runtime)]
 
 
 async def _run(runtime: Runtime, drain_seconds: float) -> None:

@@ -518,6 +518,10 @@ class ImapConfig:
         "Time the server spends checking a password does not count.", 60, 1, 3600)
     threads: int = _smtp_key(
         "Worker threads for store access, password checks and decryption.", 8, 2, 256)
+    idle_poll_seconds: int = _smtp_key(
+        "Seconds between an IDLE session's looks at its mailbox in the database, for changes "
+        "no notice announced (on SQLite: those made by postvault commands; on PostgreSQL "
+        "every process announces its changes, so this only backs up a lost notice).", 10, 1, 3600)
     disable_for_clients: Switches = _text_default(
         "Capabilities to switch off for clients whose ID name (RFC 2971) contains NAME, as "
         '"NAME: CAP CAP; NAME: CAP" (e.g. "Outlook: IDLE"); empty: none.', "", parse_switches, show_switches)

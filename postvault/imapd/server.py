@@ -95,7 +95,8 @@ STORAGE_FULL = (b"[OVERQUOTA] The server's storage is full, so nothing was saved
 NONSYNC_LIMIT = 4096
 STREAM_CHUNK = 64 * 1024
 FETCH_BATCH = 500
-IDLE_POLL_WITH_BUS = 10.0
+# Without a change bus IDLE learns everything by polling; with one, the
+# poll ([imap] idle_poll_seconds) only backs the bus up.
 IDLE_POLL_WITHOUT_BUS = 0.5
 UID_COMMANDS = {"COPY", "FETCH", "STORE", "SEARCH", "MOVE", "EXPUNGE"}
 # Commands during which EXPUNGE must not be sent (RFC 3501 §7.4.1).
@@ -599,11 +600,17 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendUntaggedResponse(b"BYE Your password was changed; please log in again with the new one")
             self._close()
             return
+        box = self.mbox
+        if change.kind == "resync":
+            # Another node's change too big to name, or notices that may
+            # have been lost: read the mailbox again, as the poll would.
+            if box is not None and change.mailbox in ("", box.name):
+                self._mark_dirty(box)
+            return
         for i, (mailbox, kind, uids, _) in enumerate(self._expect):
             if mailbox == change.mailbox and kind == change.kind and set(change.uids) <= uids:
                 del self._expect[i]
                 return
-        box = self.mbox
         if box is None or change.mailbox != box.name:
             return
         # Only the expunged UIDs and who re-flagged what need remembering:
@@ -612,6 +619,9 @@ class IMAPServer(imap4.IMAP4Server):
             box.pending_expunge.update(change.uids)
         elif change.kind == "flags":
             box.pending_flags.update(change.uids)
+        self._mark_dirty(box)
+
+    def _mark_dirty(self, box: SelectedMailbox) -> None:
         box.dirty = True
         if self._waiting is not None and self._waiting_mode == "idle":
             d = defer.Deferred.fromCoroutine(self._updates(True))
@@ -695,7 +705,7 @@ class IMAPServer(imap4.IMAP4Server):
     def _start_idle_poll(self) -> None:
         # With the change bus, polling only catches other processes' changes
         # (the CLI); without it, it is how IDLE learns anything.
-        every = IDLE_POLL_WITH_BUS if self.service.bus is not None else IDLE_POLL_WITHOUT_BUS
+        every = self.service.limits.idle_poll_seconds if self.service.bus is not None else IDLE_POLL_WITHOUT_BUS
         self._idle_poll = task.LoopingCall(self._poll_once)
         self._idle_poll.start(every, now=False).addErrback(lambda f: None)
 

@@ -20,7 +20,8 @@ Invariants:
   ``postvault.mime.summary``) is made when it is sealed and kept sealed under
   its content key; ``summaries`` lists a folder without reading a blob.
 - Every committed change to a mailbox is announced on ``Store.bus``
-  (``notify.ChangeBus``), after the commit, for IMAP IDLE.
+  (``notify.ChangeBus``), after the commit, for IMAP IDLE; on PostgreSQL
+  to every process on the database (``pgnotify.PgChangeBus``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class Store(AccountStore, MailStore, OfficesStore, AuditLog, RecoveryStore, Emer
         engine = make_engine(url)
         upgrade(engine)
         store = cls(engine, None, kdf)
+        if engine.dialect.name == "postgresql":
+            # Other processes on this database hear this one's changes, and
+            # (once ``postvault serve`` starts it) the other way round.
+            from .pgnotify import PgChangeBus
+
+            store.bus = PgChangeBus(engine)
         if blobs != "database":
             store.blobs = FileBlobStore(Path(blobs))
         return store

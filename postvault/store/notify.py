@@ -11,11 +11,13 @@ there. Publishing happens on the thread that made the change, which is a
 worker thread for the servers; callbacks must be quick and must not block
 (the IMAP side hops to the reactor with ``reactor.callFromThread``).
 
-This bus is in-process only. A later issue adds PostgreSQL LISTEN/NOTIFY so
-that several server processes hear each other; that slots in by overriding
-``publish`` (send a NOTIFY, then deliver locally) and calling ``deliver``
-from the listening thread for changes other processes made. Subscribers do
-not change.
+This bus is in-process only. On PostgreSQL, ``pgnotify.PgChangeBus``
+extends it across processes (LISTEN/NOTIFY): its ``publish`` also sends a
+NOTIFY, and a listening thread calls ``deliver`` for the changes other
+processes made. Subscribers do not change, except that they must take a
+``resync``: "re-read this mailbox (or, with mailbox "", every mailbox of
+the account) from the database", sent when a change was too big to name
+or notices may have been lost.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["exists", "flags", "expunge", "logout"]
+ChangeKind = Literal["exists", "flags", "expunge", "logout", "resync"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class Change:
     ``logout`` (mailbox "" and no UIDs): the account's password changed, so
     every open session of it must end (the web pages publish it; IMAP
     sessions say BYE and close).
+    ``resync`` (no UIDs): something changed in this mailbox, or in every
+    mailbox of the account if the name is "", that the bus can't name;
+    read it again (only ever comes from another process, see pgnotify).
     """
 
     account_id: int
@@ -84,6 +89,11 @@ class ChangeBus:
         """How many subscriptions an account has (for tests and metrics)."""
         with self._lock:
             return len(self._subs.get(account_id, {}))
+
+    def accounts(self) -> list[int]:
+        """The accounts that have subscribers now."""
+        with self._lock:
+            return list(self._subs)
 
     def publish(self, change: Change) -> None:
         """Announce a committed change to this process's subscribers."""
