@@ -124,13 +124,14 @@ def encode_resync_all(node: str) -> str:
 
 def decode(payload: str) -> tuple[str, Change | None]:
     """(sending node, change); the change is None for "every account
-    resyncs". Raises ``ValueError`` on a payload that is not ours."""
+    resyncs". Raises ``ValueError``, ``KeyError`` or ``TypeError`` on a
+    payload that is not ours."""
     body = json.loads(payload)
     if not isinstance(body, dict) or body.get("v") != VERSION:
         raise ValueError("unknown notice version")
     node, account, kind, mailbox = body["n"], body["a"], body["k"], body["m"]
     if not isinstance(node, str) or not isinstance(mailbox, str):
-        raise ValueError("bad notice")
+        raise TypeError("bad notice")
     if kind not in ("exists", "flags", "expunge", "logout", "resync"):
         raise ValueError("unknown change kind")
     if account is None:
@@ -138,7 +139,7 @@ def decode(payload: str) -> tuple[str, Change | None]:
             raise ValueError("only a resync may name every account")
         return node, None
     if not isinstance(account, int) or isinstance(account, bool):
-        raise ValueError("bad account id")
+        raise TypeError("bad account id")
     return node, Change(account, mailbox, kind, parse_ranges(str(body["u"])))
 
 
@@ -264,10 +265,12 @@ class PgChangeBus(ChangeBus):
         """Whether the LISTEN is in place right now."""
         return self._listening.is_set()
 
-    def _connect(self) -> Any:
+    def _connect(self, role: str) -> Any:
         import psycopg
 
         args, kwargs = _connect_args(self.engine)
+        # Named, so pg_stat_activity shows which node's sender or listener it is.
+        kwargs["application_name"] = f"postvault-{role}-{self.node}"
         return psycopg.connect(*args, **kwargs)
 
     def _backoff(self, delay: float) -> float:
@@ -286,7 +289,7 @@ class PgChangeBus(ChangeBus):
                 payloads = self._take()
             try:
                 if conn is None:
-                    conn = self._connect()
+                    conn = self._connect("send")
                 conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads))
                 delay = BACKOFF_FIRST
             except Exception as exc:  # noqa: BLE001 - any connection trouble: keep the changes, try again
@@ -317,7 +320,7 @@ class PgChangeBus(ChangeBus):
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # noqa: BLE001 - already broken; nothing to keep
+            except Exception:  # noqa: BLE001, S110 - already broken; nothing to keep
                 pass
 
     def _listener(self) -> None:
@@ -326,7 +329,7 @@ class PgChangeBus(ChangeBus):
         while not self._stopping.is_set():
             conn = None
             try:
-                conn = self._connect()
+                conn = self._connect("listen")
                 conn.execute(f"LISTEN {CHANNEL}")
                 self._listening.set()
                 delay = BACKOFF_FIRST
