@@ -66,6 +66,8 @@ class ChangeBus:
         # own unsubscribe.
         self._subs: dict[int, dict[int, Callback]] = {}
         self._next = 0
+        # Watchers of what other processes changed, any account (token -> callback).
+        self._remote: dict[int, Callback] = {}
 
     def subscribe(self, account_id: int, callback: Callback) -> Callable[[], None]:
         """Call ``callback`` for every change to ``account_id``'s mailboxes;
@@ -90,6 +92,22 @@ class ChangeBus:
         with self._lock:
             return len(self._subs.get(account_id, {}))
 
+    def watch_remote(self, callback: Callback) -> Callable[[], None]:
+        """Call ``callback`` for every change another process made, to any
+        account (the web pages end their sessions of an account whose
+        password was changed on another node); returns the unsubscribe.
+        This in-process bus hears no other process, so never calls it."""
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._remote[token] = callback
+
+        def unwatch() -> None:
+            with self._lock:
+                self._remote.pop(token, None)
+
+        return unwatch
+
     def accounts(self) -> list[int]:
         """The accounts that have subscribers now."""
         with self._lock:
@@ -107,8 +125,16 @@ class ChangeBus:
         it. A callback that raises is logged and skipped: a broken listener
         must not fail the store call that already committed its change.
         """
+        self._run(change, self._subs.get)
+
+    def deliver_remote(self, change: Change) -> None:
+        """``deliver`` a change another process made; its watchers hear it too."""
+        self._run(change, lambda _: self._remote)
+        self.deliver(change)
+
+    def _run(self, change: Change, pick: Callable[[int], dict[int, Callback] | None]) -> None:
         with self._lock:
-            callbacks = list(self._subs.get(change.account_id, {}).values())
+            callbacks = list((pick(change.account_id) or {}).values())
         for callback in callbacks:
             try:
                 callback(change)

@@ -375,7 +375,7 @@ class PgChangeBus(ChangeBus):
         if change is None:
             self._resync_everyone()
         else:
-            self.deliver(change)
+            self.deliver_remote(change)
 
     def _resync_everyone(self) -> None:
         for account_id in self.accounts():

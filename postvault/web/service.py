@@ -216,17 +216,28 @@ class WebService:
         self._bridges: set[Bridge] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._unwatch: Any = None
 
     async def start(self) -> list[str]:
         endpoint = self.runtime.config.listen.https
         if endpoint is None:
             return []
+        # A password changed on another node ends this node's web sessions
+        # of that account too (IMAP sessions hear it on their own).
+        self._unwatch = self.runtime.store.bus.watch_remote(self._remote_change)
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(self._bridge, endpoint.host, endpoint.port, ssl=self.runtime.tls.context,
                                        ssl_handshake_timeout=30, reuse_address=True)
         self._servers.append(srv)
         self._sweeper = asyncio.create_task(self._sweep(), name="postvault-web-sweep")
         return [f"https {endpoint}"]
+
+    def _remote_change(self, change: Any) -> None:
+        # On the notice thread; SessionStore is thread-safe.
+        if change.kind == "logout":
+            ended = self.app.sessions.drop_account(change.account_id)
+            if ended:
+                log.info("ended %d web sessions: password changed on another node", ended)
 
     def _bridge(self) -> Bridge:
         bridge = _Bridge(lambda: self.site.buildProtocol(None), secure=True, on_close=self._bridges.discard)
@@ -239,6 +250,8 @@ class WebService:
             self.app.sessions.sweep()
 
     async def stop(self, drain_seconds: float) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
         for srv in self._servers:
             srv.close()
         if self._sweeper is not None:

@@ -36,7 +36,7 @@ WAIT = 15.0
 
 
 class Nodes:
-    def __init__(self, a: Server, b: Server, https: int) -> None:
+    def __init__(self, a: Server, b: Server, https: list[int]) -> None:
         self.a, self.b, self.https = a, b, https
 
 
@@ -55,12 +55,12 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Cluster) -> Iter
         assert n == 1, key
     policy.write_text(text, "utf-8")
     store = open_store(load_config(home))
-    https = free_port()
-    slow_poll = {"POSTVAULT_IMAP_IDLE_POLL_SECONDS": "3600"}
+    https = [free_port(), free_port()]
     started: list[Server] = []
     try:
-        for env in ({**slow_poll, "POSTVAULT_LISTEN_HTTPS": f"127.0.0.1:{https}"}, slow_poll):
-            proc, ports, log = start_server(home, env)
+        for port in https:
+            proc, ports, log = start_server(home, {"POSTVAULT_IMAP_IDLE_POLL_SECONDS": "3600",
+                                                   "POSTVAULT_LISTEN_HTTPS": f"127.0.0.1:{port}"})
             started.append(Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"],
                                   store, proc, log))
         yield Nodes(started[0], started[1], https)
@@ -144,15 +144,22 @@ def test_failed_logins_on_both_nodes_lock_the_account_on_both(nodes: Nodes) -> N
         assert typ == "NO" and b"UNAVAILABLE" in text, text
 
 
-def test_a_password_change_on_node_a_ends_imap_sessions_on_node_b(nodes: Nodes) -> None:
+def test_a_password_change_on_node_a_ends_imap_and_web_sessions_on_node_b(nodes: Nodes) -> None:
     a, b = nodes.a, nodes.b
     member = a.account("member")
     watcher = idle(b, member)
-    web = WebClient(nodes.https, a.context())
+    browser_on_b = WebClient(nodes.https[1], b.context())
+    browser_on_b.login(member, PASSWORD)
+    assert browser_on_b.get("/account").status == 200
+    web = WebClient(nodes.https[0], a.context())
     web.login(member, PASSWORD)
     done = web.submit("/password", "/password", {"old": PASSWORD, "new": NEW_PASSWORD, "new2": NEW_PASSWORD})
     assert done.status == 303, done.text
+    assert web.get("/account").status == 200  # the browser that changed it stays in
     assert b"BYE" in read_until(watcher, b"BYE", WAIT)[-1]
+    # The web session on B ended too (B heard the same notice as its IMAP
+    # session, which has just said BYE, so this is no race).
+    assert browser_on_b.get("/account").status == 303
     # B's login cache knew the old password: it no longer opens the account there.
     with pytest.raises(imaplib.IMAP4.error):
         imaps(b, member)
