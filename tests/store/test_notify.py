@@ -49,6 +49,21 @@ def test_subscribe_publish_unsubscribe() -> None:
     assert len(a.changes) == 1 and len(b.changes) == 2 and bus.subscribers(1) == 1
 
 
+def test_the_in_process_bus_has_no_remote_changes_to_tell() -> None:
+    bus = ChangeBus()
+    watcher, local = Recorder(), Recorder()
+    unwatch = bus.watch_remote(watcher)
+    bus.subscribe(1, local)
+    bus.publish(Change(1, "INBOX", "exists", (1,)))
+    assert watcher.changes == [] and len(local.changes) == 1 and bus.accounts() == [1]
+    # What another process made (pgnotify's listener calls this): both hear it.
+    bus.deliver_remote(Change(1, "INBOX", "flags", (1,)))
+    assert len(watcher.changes) == 1 and len(local.changes) == 2
+    unwatch()
+    bus.deliver_remote(Change(2, "INBOX", "flags", (1,)))
+    assert len(watcher.changes) == 1
+
+
 def test_a_failing_listener_is_logged_without_content_and_others_still_hear(caplog: pytest.LogCaptureFixture) -> None:
     bus = ChangeBus()
     heard = Recorder()

@@ -14,13 +14,23 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from postvault.store.api import Store
 from postvault.store.db import make_engine
-from postvault.store.notify import Change
-from postvault.store.pgnotify import PAYLOAD_LIMIT, PgChangeBus, decode, encode, encode_resync_all, parse_ranges, uid_ranges
+from postvault.store.notify import Change, ChangeBus
+from postvault.store.pgnotify import (
+    PAYLOAD_LIMIT,
+    PgChangeBus,
+    decode,
+    encode,
+    encode_resync_all,
+    parse_ranges,
+    uid_ranges,
+)
 from tests.pgcluster import Cluster
 
 WAIT = 10.0
@@ -114,10 +124,12 @@ def buses(pg_url: str) -> Iterator[Callable[[], PgChangeBus]]:
 def test_a_change_on_one_node_reaches_the_other_once(buses: Callable[[], PgChangeBus]) -> None:
     a, b = buses(), buses()
     assert a.start() and b.start()
-    on_a, on_b, other_account = Recorder(), Recorder(), Recorder()
+    on_a, on_b, other_account, remote_a, remote_b = Recorder(), Recorder(), Recorder(), Recorder(), Recorder()
     a.subscribe(1, on_a)
     b.subscribe(1, on_b)
     b.subscribe(2, other_account)
+    a.watch_remote(remote_a)
+    b.watch_remote(remote_b)
     for change in (Change(1, "INBOX", "exists", (4,)), Change(1, "INBOX", "flags", (1, 2, 3)),
                    Change(1, "Sent", "expunge", (9,)), Change(1, "", "logout", ())):
         a.publish(change)
@@ -129,6 +141,8 @@ def test_a_change_on_one_node_reaches_the_other_once(buses: Callable[[], PgChang
         time.sleep(0.05)
     assert len(on_a.changes) == 4 and a.received == 0
     assert b.received == 4 and other_account.changes == []
+    # Watchers hear every account's changes, but only other processes'.
+    assert remote_b.changes == on_b.changes and remote_a.changes == []
 
 
 def test_a_burst_is_merged_and_a_huge_change_resyncs(buses: Callable[[], PgChangeBus]) -> None:
@@ -206,3 +220,14 @@ def test_stop_is_prompt_and_later_changes_still_go_out(buses: Callable[[], PgCha
     assert time.monotonic() - t < 5 and not a.listening
     a.publish(Change(4, "INBOX", "exists", (1,)))  # a draining node's change
     heard.wait_for(lambda c: c.uids == (1,))
+
+
+def test_only_a_postgresql_store_gets_the_cross_process_bus(pg_url: str, tmp_path: Path) -> None:
+    sqlite = Store.open(f"sqlite:///{tmp_path / 'one.db'}", tmp_path / "blobs")
+    pg = Store.open(pg_url, "database")
+    try:
+        assert type(sqlite.bus) is ChangeBus
+        assert isinstance(pg.bus, PgChangeBus) and not pg.bus.listening
+    finally:
+        sqlite.close()
+        pg.close()
