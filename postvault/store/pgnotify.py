@@ -66,6 +66,11 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 WAIT_SECONDS = 0.5
 CHECK_SECONDS = 30.0
 VERSION = 1
+# UIDs a received notice may name (ranges make far more fit in a payload);
+# beyond, the mailbox is re-read instead.
+MAX_UIDS = 100_000
+# Notices per NOTIFY statement.
+BATCH = 500
 
 
 # -- the payload ----------------------------------------------------------------------------------
@@ -85,15 +90,21 @@ def uid_ranges(uids: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def parse_ranges(raw: str) -> tuple[int, ...]:
-    uids: list[int] = []
+def parse_ranges(raw: str) -> tuple[int, ...] | None:
+    """The UIDs of ``uid_ranges``; None if they are more than ``MAX_UIDS``
+    (the receiver then resyncs the mailbox rather than hold them all)."""
+    bounds: list[tuple[int, int]] = []
+    total = 0
     for part in filter(None, raw.split(",")):
         first, _, last = part.partition(":")
         lo, hi = int(first), int(last or first)
-        if hi < lo or hi - lo > 10_000_000:
+        if lo < 1 or hi < lo:
             raise ValueError("bad UID range")
-        uids.extend(range(lo, hi + 1))
-    return tuple(uids)
+        total += hi - lo + 1
+        bounds.append((lo, hi))
+    if total > MAX_UIDS:
+        return None
+    return tuple(u for lo, hi in bounds for u in range(lo, hi + 1))
 
 
 def encode(node: str, change: Change) -> str:
@@ -140,7 +151,10 @@ def decode(payload: str) -> tuple[str, Change | None]:
         return node, None
     if not isinstance(account, int) or isinstance(account, bool):
         raise TypeError("bad account id")
-    return node, Change(account, mailbox, kind, parse_ranges(str(body["u"])))
+    uids = parse_ranges(str(body["u"]))
+    if uids is None:
+        return node, Change(account, mailbox, "resync", ())
+    return node, Change(account, mailbox, kind, uids)
 
 
 # -- the bus --------------------------------------------------------------------------------------
@@ -192,7 +206,7 @@ class PgChangeBus(ChangeBus):
                 self._enqueue(change)
                 self._cond.notify()
                 return
-        self._send_now([encode(self.node, change)])
+        self._send_now([change])
 
     def _enqueue(self, change: Change) -> None:
         # With _cond held.
@@ -204,23 +218,25 @@ class PgChangeBus(ChangeBus):
         if not self._lost:
             self._pending.setdefault(key, set()).update(change.uids)
 
-    def _take(self) -> list[str]:
-        # With _cond held: the payloads of everything pending.
-        if self._lost:
-            payloads = [encode_resync_all(self.node)]
-        else:
-            payloads = [encode(self.node, Change(a, m, k, tuple(sorted(u))))  # type: ignore[arg-type]
-                        for (a, m, k), u in self._pending.items()]
+    def _take(self) -> list[Change | None]:
+        # With _cond held: everything pending (None: "every account resyncs").
+        taken: list[Change | None] = [None] if self._lost else [
+            Change(a, m, k, tuple(sorted(u))) for (a, m, k), u in self._pending.items()]  # type: ignore[arg-type]
         self._pending.clear()
         self._lost = False
-        return payloads
+        return taken
 
-    def _send_now(self, payloads: list[str]) -> None:
+    def _payloads(self, changes: list[Change | None]) -> list[str]:
+        return [encode_resync_all(self.node) if c is None else encode(self.node, c) for c in changes]
+
+    def _send_now(self, changes: list[Change | None]) -> None:
         """Without the sender thread: through the engine's pool; never raises."""
+        payloads = self._payloads(changes)
         try:
             with self.engine.begin() as conn:
-                conn.execute(text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
-                             {"channel": CHANNEL, "payloads": payloads})
+                for i in range(0, len(payloads), BATCH):
+                    conn.execute(text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p"),
+                                 {"channel": CHANNEL, "payloads": payloads[i:i + BATCH]})
         except Exception as exc:  # noqa: BLE001 - the change is committed whatever the notice does
             log.warning("could not announce a change to other nodes (%s)", type(exc).__name__)
 
@@ -256,9 +272,9 @@ class PgChangeBus(ChangeBus):
         self._listening.clear()
         # What the sender could not send (its connection was down).
         with self._cond:
-            payloads = self._take() if (self._pending or self._lost) else []
-        if payloads:
-            self._send_now(payloads)
+            left = self._take() if (self._pending or self._lost) else []
+        if left:
+            self._send_now(left)
 
     @property
     def listening(self) -> bool:
@@ -286,16 +302,19 @@ class PgChangeBus(ChangeBus):
                     self._cond.wait()
                 if not self._pending and not self._lost:
                     break  # stopping, nothing left
-                payloads = self._take()
+                changes = self._take()
             try:
                 if conn is None:
                     conn = self._connect("send")
-                conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, payloads))
+                while changes:
+                    conn.execute("SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+                                 (CHANNEL, self._payloads(changes[:BATCH])))
+                    del changes[:BATCH]
                 delay = BACKOFF_FIRST
             except Exception as exc:  # noqa: BLE001 - any connection trouble: keep the changes, try again
                 log.warning("could not announce changes to other nodes (%s); retrying", type(exc).__name__)
                 with self._cond:
-                    self._requeue(payloads)
+                    self._requeue(changes)
                 self._close(conn)
                 conn = None
                 if self._stopping.is_set():
@@ -303,15 +322,12 @@ class PgChangeBus(ChangeBus):
                 delay = self._backoff(delay)
         self._close(conn)
 
-    def _requeue(self, payloads: list[str]) -> None:
-        # With _cond held: put unsent notices back (merged with newer ones).
-        for payload in payloads:
-            _, change = decode(payload)
+    def _requeue(self, changes: list[Change | None]) -> None:
+        # With _cond held: put unsent changes back (merged with newer ones).
+        for change in changes:
             if change is None:
                 self._pending.clear()
                 self._lost = True
-            elif change.kind == "resync":
-                self._lost = True  # rare; resync everything rather than model it
             else:
                 self._enqueue(change)
 

@@ -67,6 +67,8 @@ def test_uid_ranges_round_trip() -> None:
     assert parse_ranges("1:3,5,9:10") == (1, 2, 3, 5, 9, 10)
     with pytest.raises(ValueError):
         parse_ranges("9:1")
+    with pytest.raises(ValueError):
+        parse_ranges("0:3")
 
 
 def test_payload_round_trip_carries_ids_and_uids_only() -> None:
@@ -84,8 +86,11 @@ def test_a_change_too_big_for_a_notice_becomes_a_resync_of_its_mailbox() -> None
     payload = encode("n", Change(3, "INBOX", "expunge", gappy))
     assert len(payload.encode()) <= PAYLOAD_LIMIT
     assert decode(payload) == ("n", Change(3, "INBOX", "resync", ()))
-    # A long contiguous run still fits as a range.
+    # A long contiguous run still fits as a range ...
     assert decode(encode("n", Change(3, "INBOX", "expunge", tuple(range(1, 100_001)))))[1].uids[-1] == 100_000  # type: ignore[union-attr]
+    # ... but a receiver does not spell out millions of UIDs: it re-reads.
+    huge = encode("n", Change(3, "INBOX", "expunge", tuple(range(1, 2_000_001))))
+    assert len(huge) < 100 and decode(huge) == ("n", Change(3, "INBOX", "resync", ()))
     # A mailbox name too long to carry: every mailbox of the account.
     assert decode(encode("n", Change(3, "x" * 9000, "exists", (1,)))) == ("n", Change(3, "", "resync", ()))
 
@@ -192,7 +197,8 @@ def test_a_killed_listen_connection_comes_back_and_everyone_resyncs(pg_url: str,
         admin.dispose()
 
 
-def test_a_killed_send_connection_loses_nothing(pg_url: str, buses: Callable[[], PgChangeBus]) -> None:
+def test_a_killed_send_connection_loses_nothing(pg_url: str, buses: Callable[[], PgChangeBus],
+                                               caplog: pytest.LogCaptureFixture) -> None:
     a, b = buses(), buses()
     assert a.start() and b.start()
     heard = Recorder()
@@ -208,6 +214,8 @@ def test_a_killed_send_connection_loses_nothing(pg_url: str, buses: Callable[[],
         admin.dispose()
     a.publish(Change(9, "INBOX", "exists", (2,)))
     heard.wait_for(lambda c: c.uids == (2,))
+    # It went through the retry: the first try met the dead connection.
+    assert "could not announce changes to other nodes (AdminShutdown); retrying" in caplog.text
 
 
 def test_stop_is_prompt_and_later_changes_still_go_out(buses: Callable[[], PgChangeBus]) -> None:
