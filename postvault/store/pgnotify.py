@@ -351,7 +351,7 @@ class PgChangeBus(ChangeBus):
                 delay = BACKOFF_FIRST
                 if not first:
                     self.reconnects += 1
-                    log.info("listening for other nodes' changes again; every session re-reads")
+                    log.info("listening for other nodes' changes (again); every session re-reads")
                     self._resync_everyone()
                 first = False
                 quiet_since = time.monotonic()
@@ -370,6 +370,9 @@ class PgChangeBus(ChangeBus):
                 if self._stopping.is_set():
                     break
                 self._listening.clear()
+                # Sessions may have missed notices, even if this was the
+                # first try (the node serves without waiting for it).
+                first = False
                 log.warning("lost the connection that hears other nodes (%s); reconnecting", type(exc).__name__)
                 self._close(conn)
                 conn = None
