@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import imaplib
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
+from postvault.store.api import Store
+from postvault.store.notify import Change
+from postvault.store.pgnotify import CHANNEL, encode
 from tests.pgcluster import Cluster
 from tests.support import free_port
 from tests.web.conftest import Client as WebClient
@@ -116,6 +121,34 @@ def test_mail_flags_and_expunge_on_node_a_show_in_idle_on_node_b(nodes: Nodes) -
     # (\Recent is this node's: B's session claimed it, A's may have too.)
     assert lines[-1].startswith(b"f OK") and [line for line in lines if line.startswith(b"* ")] == [
         b"* 1 FETCH (FLAGS (\\Recent))"], lines
+
+
+def test_a_resync_notice_makes_node_b_re_read_the_mailbox(nodes: Nodes) -> None:
+    # What a change too big for a notice (tests/store/test_pgnotify.py)
+    # or a listener that reconnected sends: "re-read this mailbox".
+    a, b = nodes.a, nodes.b
+    member = a.account("member")
+    for n in range(3):
+        a.store.deliver(f"Subject: m{n}\r\n\r\nbody {n}\r\n".encode(), a.sender, [member])
+    watcher = idle(b, member)
+    # A process that announces nothing (a plain in-process bus) removes
+    # the second message ...
+    quiet = Store(a.store.engine, a.store.blobs, a.store.kdf)
+    session = quiet.login(member, PASSWORD)
+    quiet.set_flags(session, "INBOX", [2], ["\\Deleted"], "add")
+    assert quiet.expunge(session, "INBOX") == [2]
+    # ... which B does not hear of (its poll is an hour away) ...
+    watcher.sock.settimeout(1.0)
+    with pytest.raises((socket.timeout, TimeoutError)):
+        watcher.response()
+    # ... until a resync notice for the mailbox comes.
+    with a.store.engine.begin() as conn:
+        conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                     {"channel": CHANNEL, "payload": encode("elsewhere", Change(session.account_id, "INBOX", "resync", ()))})
+    assert read_until(watcher, b"EXPUNGE", WAIT)[-1] == b"* 2 EXPUNGE"
+    watcher.send(b"DONE\r\n")
+    assert watcher.response().startswith(b"i OK")
+    assert watcher.command("n", "UID SEARCH ALL")[0] == b"* SEARCH 1 3"
 
 
 def test_failed_logins_on_both_nodes_lock_the_account_on_both(nodes: Nodes) -> None:
