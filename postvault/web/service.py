@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 
 from ..imapd.transport import Bridge, StreamTransport
+from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
 from .http import SECURITY_HEADERS, Response, WebRequest
 from .pages import WebApp
@@ -214,16 +215,15 @@ class WebService:
         self.site = _Site(_Root(self), timeout=60)
         self.busy = 0
         self._bridges: set[Bridge] = set()
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[Listener] = []
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
         endpoint = self.runtime.config.listen.https
         if endpoint is None:
             return []
-        loop = asyncio.get_running_loop()
-        srv = await loop.create_server(self._bridge, endpoint.host, endpoint.port, ssl=self.runtime.tls.context,
-                                       ssl_handshake_timeout=30, reuse_address=True)
+        srv = await start_listener("https", endpoint, self._bridge, self.runtime.config.proxy,
+                                   tls=self.runtime.tls.context, handshake_timeout=30)
         self._servers.append(srv)
         self._sweeper = asyncio.create_task(self._sweep(), name="postvault-web-sweep")
         return [f"https {endpoint}"]
