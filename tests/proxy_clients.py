@@ -50,48 +50,54 @@ def connect(port: int, header: bytes, *, source: str = "127.0.0.1", timeout: flo
 
 
 class ProxiedIMAP(imaplib.IMAP4):
-    """imaplib behind a PROXY header; ``context``: implicit TLS after it."""
+    """imaplib behind a PROXY header (none if empty), from ``source``;
+    ``context``: implicit TLS after the header."""
 
-    def __init__(self, port: int, header: bytes, context: ssl.SSLContext | None = None) -> None:
-        self._header, self._context = header, context
+    def __init__(self, port: int, header: bytes, context: ssl.SSLContext | None = None, *,
+                 source: str = "127.0.0.1") -> None:
+        self._header, self._context, self._source = header, context, source
         super().__init__("localhost", port, timeout=30)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        sock = connect(self.port, self._header, timeout=timeout or 30)
+        sock = connect(self.port, self._header, source=self._source, timeout=timeout or 30)
         if self._context is not None:
             return self._context.wrap_socket(sock, server_hostname="localhost")
         return sock
 
 
 class ProxiedSMTP(smtplib.SMTP):
-    """smtplib behind a PROXY header; ``context``: implicit TLS after it."""
+    """smtplib behind a PROXY header (none if empty), from ``source``;
+    ``context``: implicit TLS after the header."""
 
-    def __init__(self, port: int, header: bytes, context: ssl.SSLContext | None = None) -> None:
-        self._header, self._context = header, context
+    def __init__(self, port: int, header: bytes, context: ssl.SSLContext | None = None, *,
+                 source: str = "127.0.0.1") -> None:
+        self._header, self._context, self._source = header, context, source
         super().__init__("localhost", port, timeout=30)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        sock = connect(port, self._header, timeout=timeout)
+        sock = connect(port, self._header, source=self._source, timeout=timeout)
         if self._context is not None:
             return self._context.wrap_socket(sock, server_hostname="localhost")
         return sock
 
 
 class _ProxiedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, port: int, header: bytes, context: ssl.SSLContext) -> None:
+    def __init__(self, port: int, header: bytes, context: ssl.SSLContext, source: str) -> None:
         super().__init__("localhost", port, timeout=30, context=context)
         self._header = header
         self._ctx = context
+        self._source = source
 
     def connect(self) -> None:
-        sock = connect(self.port, self._header, timeout=30)
+        sock = connect(self.port, self._header, source=self._source, timeout=30)
         self.sock = self._ctx.wrap_socket(sock, server_hostname="localhost")
 
 
-def web_login(port: int, header: bytes, context: ssl.SSLContext, email: str, password: str) -> int:
+def web_login(port: int, header: bytes, context: ssl.SSLContext, email: str, password: str, *,
+              source: str = "127.0.0.1") -> int:
     """Log in on the web pages (GET the form, POST it back), each request
     over a new connection behind ``header``; returns the POST's status."""
-    conn = _ProxiedHTTPS(port, header, context)
+    conn = _ProxiedHTTPS(port, header, context, source)
     try:
         conn.request("GET", "/login")
         resp = conn.getresponse()
@@ -102,7 +108,7 @@ def web_login(port: int, header: bytes, context: ssl.SSLContext, email: str, pas
     token = re.search(r'name="csrf" value="([^"]+)"', page)
     assert token, "no CSRF token on the login page"
     body = urllib.parse.urlencode({"email": email, "password": password, "csrf": token[1]})
-    conn = _ProxiedHTTPS(port, header, context)
+    conn = _ProxiedHTTPS(port, header, context, source)
     try:
         conn.request("POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded",
                                               "Cookie": "; ".join(cookies)})
