@@ -42,6 +42,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -438,12 +439,11 @@ class ProxyListener:
                 raise ProxyHeaderRefused("sender not in [proxy] trusted")
             try:
                 header = await asyncio.wait_for(read_header(conn), self._config.timeout_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ProxyHeaderRefused("no complete header in time") from None
-            factory = self._factory
+            factory: Callable[[], Any] = self._factory
             if header.source is not None:
-                def factory() -> _Handover:
-                    return _Handover(self._factory(), header)
+                factory = functools.partial(self._handover, header)
             handed = True
             # From here asyncio owns the socket (it closes it on failure).
             await asyncio.get_running_loop().connect_accepted_socket(
@@ -454,13 +454,12 @@ class ProxyListener:
             # A reset while reading the header, or a failed TLS handshake
             # (ssl.SSLError is an OSError): the type only, as for every TLS failure.
             log.info("proxy: %s: connection from %s failed: %s", self.kind, sender, type(exc).__name__)
-        except asyncio.CancelledError:
-            if not handed:
-                conn.close()
-            raise
         finally:
             if not handed:
                 conn.close()
+
+    def _handover(self, header: ProxyHeader) -> _Handover:
+        return _Handover(self._factory(), header)
 
     def close(self) -> None:
         for task in self._accepting:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import imaplib
 import os
-import smtplib
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -217,20 +216,20 @@ def test_login_throttling_counts_the_claimed_address(node: Node) -> None:
     proxy's: another client behind the same proxy logs in at once."""
     after = node.last_id()
     for n in range(IP_THROTTLE_AFTER):
-        with ProxiedIMAP(node.ports["imaps"], v2("127.0.0.66"), node.context()) as client:
-            with pytest.raises(imaplib.IMAP4.error):
-                client.login(f"nobody{n}@dental.test", "wrong password")
+        with ProxiedIMAP(node.ports["imaps"], v2("127.0.0.66"), node.context()) as client, \
+                pytest.raises(imaplib.IMAP4.error):
+            client.login(f"nobody{n}@dental.test", "wrong password")
     # The next attempt from 127.0.0.66, even with the right password, is
     # refused before the password is checked.
-    with ProxiedIMAP(node.ports["imaps"], v2("127.0.0.66"), node.context()) as client:
-        with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
-            client.login("desk@clinic.test", PASSWORD)
+    with ProxiedIMAP(node.ports["imaps"], v2("127.0.0.66"), node.context()) as client, \
+            pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+        client.login("desk@clinic.test", PASSWORD)
     limited = node.wait_for("login.limited", after)[-1]
     assert limited["client_ip"] == "127.0.0.66" and "scope=address" in (limited["detail"] or "")
     # Same proxy, another client: not throttled.
     with ProxiedIMAP(node.ports["imaps"], v1("127.0.0.67"), node.context()) as client:
         client.login("desk@clinic.test", PASSWORD)
-    since = datetime.now(timezone.utc) - timedelta(hours=1)
+    since = datetime.now(UTC) - timedelta(hours=1)
     assert node.store.recent_auth_failures("x@y.test", "127.0.0.66", since)[1]
     assert not node.store.recent_auth_failures("x@y.test", "127.0.0.1", since)[1]
 

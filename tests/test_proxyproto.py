@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from postvault.conf.load import load_config_text
 from postvault.conf.schema import ProxyConfig, parse_networks
 from postvault.errors import ConfigError, ProxyHeaderRefused
-from postvault.proxyproto import MAX_HEADER, V2_SIGNATURE, ProxyHeader, parse_header, read_header, trusted
+from postvault.proxyproto import (
+    MAX_HEADER,
+    V2_SIGNATURE,
+    ProxyHeader,
+    parse_header,
+    read_header,
+    trusted,
+)
 
 CLIENT = "127.0.0.42"
 
@@ -139,7 +146,7 @@ def test_v2_unspec_and_unix_keep_socket_address() -> None:
     assert parse_header(v2(fam=0x31, block=unix)) == ProxyHeader(2, 16 + 216, None, None)
 
 
-@pytest.mark.parametrize("cut", range(0, 28))
+@pytest.mark.parametrize("cut", range(28))
 def test_v2_truncated_asks_for_more(cut: int) -> None:
     assert parse_header(v2()[:cut]) is None
 
