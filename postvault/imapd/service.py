@@ -3,7 +3,9 @@
 Two listeners from ``[listen]``: ``imaps`` (implicit TLS, RFC 8314) and
 ``imap`` (STARTTLS required before any login). Both use the runtime's
 ``TLSContextHolder`` through asyncio (``transport.py``), so SIGHUP's new
-certificate applies to the next handshake on either port.
+certificate applies to the next handshake on either port. On a listener
+named in ``[proxy] listeners`` a PROXY protocol header comes first
+(``proxyproto.py``), and ``getPeer`` is the client it names.
 
 Invariants:
 - Store calls, password checks and decryption run on one dedicated

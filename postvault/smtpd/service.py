@@ -7,6 +7,11 @@ Two listeners, each optional (an empty ``[listen]`` value disables it):
 - ``submission`` (port 587): STARTTLS (RFC 3207), required before AUTH and
   MAIL (RFC 8314 section 3.3 still recommends 465 to clients).
 
+A listener named in ``[proxy] listeners`` takes a PROXY protocol header
+from the load balancer first, before the TLS handshake on 465 and before
+the greeting on 587 (``proxyproto.py``); the session's ``peer_ip`` (per
+address limit, audit, Received header) is then the client's address.
+
 Both run on the loop of ``postvault serve`` (no aiosmtpd ``Controller``,
 which would start a loop of its own in a thread). Certificates follow
 SIGHUP: the context handed to ``create_server`` at start switches each new

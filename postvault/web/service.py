@@ -1,7 +1,9 @@
 """The HTTPS service of ``postvault serve``: ``twisted.web`` on the ``https``
 listener, over asyncio's TLS with the runtime's ``TLSContextHolder`` (the
 same context, BCP 195 settings and SIGHUP reload as the mail listeners; the
-adapter is the IMAP service's ``Bridge``).
+adapter is the IMAP service's ``Bridge``). With ``https`` in ``[proxy]
+listeners`` a PROXY protocol header is read before TLS (``proxyproto.py``)
+and the pages' ``client_ip`` is the client it names.
 
 Invariants:
 - Every response carries the security headers (``http.SECURITY_HEADERS``),
