@@ -441,6 +441,9 @@ class ProxyListener:
                 header = await asyncio.wait_for(read_header(conn), self._config.timeout_seconds)
             except TimeoutError:
                 raise ProxyHeaderRefused("no complete header in time") from None
+            log.debug("proxy: %s: v%d %s header from %s for %s", self.kind, header.version,
+                      "LOCAL" if header.local else "PROXY", sender,
+                      header.source[0] if header.source else "itself")
             factory: Callable[[], Any] = self._factory
             if header.source is not None:
                 factory = functools.partial(self._handover, header)

@@ -224,6 +224,10 @@ def test_send_proxy_v1_backend(setup: Setup) -> None:
         with ProxiedIMAP(setup.front["imaps_v1"], b"", setup.context(), source="127.0.0.78") as client:
             client.login(MEMBER, PASSWORD)
     assert all(_served(setup, "connection from 127.0.0.78 (imaps)"))
+    # What HAProxy sent: v1 here (send-proxy), v2 everywhere else (send-proxy-v2).
+    assert all(_served(setup, "proxy: imaps: v1 PROXY header from 127.0.0.1 for 127.0.0.78"))
+    assert all(_served(setup, "proxy: imaps: v2 PROXY header from 127.0.0.1 for 127.0.0.77"))
+    assert all(_served(setup, "proxy: imaps: v2 LOCAL header from 127.0.0.1 for itself"))  # health checks
     assert [e["client_ip"] for e in setup.events("login.ok", after)] == ["127.0.0.78", "127.0.0.78"]
 
 
@@ -273,6 +277,8 @@ def test_web_login_through_haproxy(setup: Setup) -> None:
 
 
 def test_nodes_refused_nothing(setup: Setup) -> None:
-    """HAProxy's connections, health checks included, all had valid headers."""
+    """HAProxy's connections, health checks included, all had valid headers
+    and none failed (warnings and info lines of postvault.proxy)."""
     for log in setup.logs:
-        assert "postvault.proxy: proxy:" not in log.read_text(), log.read_text()[-2000:]
+        text = log.read_text()
+        assert "WARNING postvault.proxy" not in text and "INFO postvault.proxy: proxy:" not in text, text[-2000:]
