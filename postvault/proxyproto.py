@@ -457,6 +457,10 @@ class ProxyListener:
             # A reset while reading the header, or a failed TLS handshake
             # (ssl.SSLError is an OSError): the type only, as for every TLS failure.
             log.info("proxy: %s: connection from %s failed: %s", self.kind, sender, type(exc).__name__)
+        except Exception as exc:
+            # Anything else is our bug, not the client's; this connection
+            # ends, the listener goes on. The type only: no client bytes.
+            log.error("proxy: %s: connection from %s: unexpected %s", self.kind, sender, type(exc).__name__)
         finally:
             if not handed:
                 conn.close()
