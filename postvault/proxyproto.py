@@ -457,7 +457,7 @@ class ProxyListener:
             # A reset while reading the header, or a failed TLS handshake
             # (ssl.SSLError is an OSError): the type only, as for every TLS failure.
             log.info("proxy: %s: connection from %s failed: %s", self.kind, sender, type(exc).__name__)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one connection's bug must not go unlogged
             # Anything else is our bug, not the client's; this connection
             # ends, the listener goes on. The type only: no client bytes.
             log.error("proxy: %s: connection from %s: unexpected %s", self.kind, sender, type(exc).__name__)
