@@ -187,7 +187,19 @@ def test_garbage_refused(data: bytes) -> None:
 # --- properties ------------------------------------------------------------------
 
 
-@given(st.binary(max_size=300))
+# Random bytes, and random bytes behind each signature (plain random bytes
+# almost never start like a header).
+_ANY_INPUT = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda b: V2_SIGNATURE + b, st.binary(max_size=300)),
+    st.builds(lambda b: V2_SIGNATURE + b"\x21" + b, st.binary(max_size=300)),
+    st.builds(lambda b: b"PROXY " + b, st.binary(max_size=120)),
+    st.builds(lambda fam, b: b"PROXY " + fam + b" " + b, st.sampled_from([b"TCP4", b"TCP6", b"UNKNOWN"]),
+              st.text("0123456789abcdef.: \r\n", max_size=110).map(str.encode)),
+)
+
+
+@given(_ANY_INPUT)
 @settings(max_examples=2000, deadline=None)
 def test_any_bytes_parse_or_refuse(data: bytes) -> None:
     """Never any other exception; a header never claims more than was given
