@@ -88,6 +88,12 @@ class AccessExpired(InvalidInput):
     """A time-limited session (emergency access) has ended: expired or revoked."""
 
 
+class ProxyHeaderRefused(InvalidInput):
+    """A connection on a PROXY-protocol listener did not start with a valid
+    PROXY protocol header (``proxyproto.py``), or came from a sender that is
+    not trusted to send one. The text names the fault, never the bytes."""
+
+
 class LoginLimited(PostvaultError):
     """Too many failed logins: this attempt is refused before the password
     is checked. ``decision`` (a ``policy.decision.Decision``) carries the

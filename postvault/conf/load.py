@@ -218,6 +218,11 @@ def _build(specs: list[KeySpec], raw: dict[str, Any], where: dict[str, str],
         if spec.dotted == "hostname":
             hostname = typed
     tables = {sec.attr: sec.cls(**parsed.get(sec.name, {})) for sec in sections()}
+    proxy = tables["proxy"]
+    if proxy.listeners and not proxy.trusted:
+        # Each key alone is valid; together they would refuse every connection.
+        raise ConfigError(f"{where.get('proxy.trusted', source)}: proxy.trusted: expected at least one "
+                          f"address or network when proxy.listeners is set, got \"\"")
     return Config(**parsed[None], **tables)
 
 

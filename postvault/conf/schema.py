@@ -607,6 +607,63 @@ def _default_audit() -> AuditConfig:
     return AuditConfig()
 
 
+LISTENER_NAMES = ("imaps", "imap", "submissions", "submission", "https")
+LISTENERS_EXAMPLE = 'listener names from [listen], comma-separated, e.g. "imaps, submissions"'
+NETWORKS_EXAMPLE = 'IP addresses or networks, comma-separated, e.g. "10.0.0.5, 192.0.2.0/24"'
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_listener_names(raw: str, home: Path) -> frozenset[str]:
+    names = [item.strip() for item in raw.split(",")] if raw.strip() else []
+    if any(name not in LISTENER_NAMES for name in names):
+        raise Expected(f"{LISTENERS_EXAMPLE} ({', '.join(LISTENER_NAMES)})")
+    return frozenset(names)
+
+
+def show_listener_names(value: frozenset[str]) -> str:
+    return ", ".join(name for name in LISTENER_NAMES if name in value)
+
+
+def parse_networks(raw: str, home: Path) -> tuple[Network, ...]:
+    out = []
+    for item in raw.split(",") if raw.strip() else []:
+        try:
+            # strict: "10.1.2.3/8" is a typo for an address or a network,
+            # and silently trusting all of 10/8 is not the safe reading.
+            out.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError:
+            raise Expected(NETWORKS_EXAMPLE) from None
+    return tuple(out)
+
+
+def show_networks(value: tuple[Network, ...]) -> str:
+    return ", ".join(str(net) for net in value)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The PROXY protocol (HAProxy's send-proxy / send-proxy-v2) on listeners
+    behind a TCP load balancer, so that the audit log, login throttling and
+    connection limits see the client's address (docs/scaling.md)."""
+
+    listeners: frozenset[str] = text_key(
+        "Listeners whose connections must start with a PROXY protocol header (v1 or v2), as "
+        f"{LISTENERS_EXAMPLE}; empty: none. Such a listener takes connections only from the "
+        "proxies in trusted, and never without a header: give the load balancer listeners of "
+        "its own, apart from those that clients reach directly.",
+        "", parse_listener_names, show_listener_names, value=frozenset())
+    trusted: tuple[Network, ...] = text_key(
+        f"The load balancers allowed to send PROXY headers, as {NETWORKS_EXAMPLE}.",
+        "", parse_networks, show_networks, value=())
+    timeout_seconds: int = int_key(
+        "Seconds a connection has to send its whole PROXY header before it is closed "
+        "(the protocol suggests at least 3, to cover a TCP retransmit).", 5, 1, 60, python_default=True)
+
+
+def _default_proxy() -> ProxyConfig:
+    return ProxyConfig()
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole of ``conf/postvault.toml``, validated and typed."""
@@ -631,6 +688,9 @@ class Config:
     recovery: RecoveryConfig = field(default_factory=_default_recovery, metadata={
         "doc": "Key recovery with OpenPGP escrow, and emergency access (see docs/recovery.md).",
         "section": RecoveryConfig})
+    proxy: ProxyConfig = field(default_factory=_default_proxy, metadata={
+        "doc": "PROXY protocol from a load balancer such as HAProxy (see docs/scaling.md).",
+        "section": ProxyConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------

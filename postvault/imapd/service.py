@@ -3,7 +3,9 @@
 Two listeners from ``[listen]``: ``imaps`` (implicit TLS, RFC 8314) and
 ``imap`` (STARTTLS required before any login). Both use the runtime's
 ``TLSContextHolder`` through asyncio (``transport.py``), so SIGHUP's new
-certificate applies to the next handshake on either port.
+certificate applies to the next handshake on either port. On a listener
+named in ``[proxy] listeners`` a PROXY protocol header comes first
+(``proxyproto.py``), and ``getPeer`` is the client it names.
 
 Invariants:
 - Store calls, password checks and decryption run on one dedicated
@@ -27,6 +29,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
 from .cred import make_portal
 from .mailbox import RecentClaims
@@ -52,7 +55,7 @@ class IMAPService:
         self.pool = ThreadPool(minthreads=2, maxthreads=self.limits.threads, name="postvault-imap")
         self.sessions: set[IMAPServer] = set()
         self._per_ip: Counter[str] = Counter()
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[Listener] = []
         self._gone: asyncio.Event | None = None
 
     # -- what sessions use ------------------------------------------------------
@@ -82,7 +85,6 @@ class IMAPService:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> list[str]:
-        loop = asyncio.get_running_loop()
         self.pool.start()
         self._gone = asyncio.Event()
         listening = []
@@ -90,10 +92,10 @@ class IMAPService:
         for kind, endpoint, implicit in (("imaps", listen.imaps, True), ("imap", listen.imap, False)):
             if endpoint is None:
                 continue
-            # Plain TCP from asyncio; TLS is ours (transport.py, tls.py).
-            server = await loop.create_server(
-                lambda implicit=implicit: self._bridge(implicit), endpoint.host, endpoint.port,
-                reuse_address=True)
+            # Plain TCP from asyncio; TLS is ours (transport.py, tls.py), so
+            # on a PROXY-protocol listener the header comes before it.
+            server = await start_listener(kind, endpoint, lambda implicit=implicit: self._bridge(implicit),
+                                          self.runtime.config.proxy)
             self._servers.append(server)
             listening.append(f"{kind} {endpoint}")
         return listening

@@ -7,6 +7,11 @@ Two listeners, each optional (an empty ``[listen]`` value disables it):
 - ``submission`` (port 587): STARTTLS (RFC 3207), required before AUTH and
   MAIL (RFC 8314 section 3.3 still recommends 465 to clients).
 
+A listener named in ``[proxy] listeners`` takes a PROXY protocol header
+from the load balancer first, before the TLS handshake on 465 and before
+the greeting on 587 (``proxyproto.py``); the session's ``peer_ip`` (per
+address limit, audit, Received header) is then the client's address.
+
 Both run on the loop of ``postvault serve`` (no aiosmtpd ``Controller``,
 which would start a loop of its own in a thread). Certificates follow
 SIGHUP: the context handed to ``create_server`` at start switches each new
@@ -28,6 +33,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from ..conf.schema import Endpoint
+from ..proxyproto import Listener, start_listener
 from .handler import SubmissionHandler
 from .protocol import SubmissionProtocol
 
@@ -85,7 +91,7 @@ class SubmissionService:
         self.runtime = runtime
         self.handler = SubmissionHandler(runtime)
         self.registry = SessionRegistry(runtime.config.smtp.max_connections_per_ip)
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listener] = []
         # "submissions"/"submission" -> the address actually bound (port 0
         # in tests becomes a real port).
         self.bound: dict[str, tuple[str, int]] = {}
@@ -106,19 +112,18 @@ class SubmissionService:
         )
 
     async def start(self) -> list[str]:
-        loop = asyncio.get_running_loop()
         listen = self.runtime.config.listen
         out: list[str] = []
         for kind, endpoint, implicit in (("submissions", listen.submissions, True),
                                          ("submission", listen.submission, False)):
             if endpoint is None:
                 continue
-            server = await loop.create_server(
-                lambda implicit=implicit: self._protocol(implicit),
-                endpoint.host, endpoint.port,
-                ssl=self.runtime.tls.context if implicit else None,
-                ssl_handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
-                reuse_address=True,
+            # On a PROXY-protocol listener the header is read before TLS
+            # and before the greeting (proxyproto.py).
+            server = await start_listener(
+                kind, endpoint, lambda implicit=implicit: self._protocol(implicit), self.runtime.config.proxy,
+                tls=self.runtime.tls.context if implicit else None,
+                handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
             )
             self.servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]

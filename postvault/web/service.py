@@ -1,7 +1,9 @@
 """The HTTPS service of ``postvault serve``: ``twisted.web`` on the ``https``
 listener, over asyncio's TLS with the runtime's ``TLSContextHolder`` (the
 same context, BCP 195 settings and SIGHUP reload as the mail listeners; the
-adapter is the IMAP service's ``Bridge``).
+adapter is the IMAP service's ``Bridge``). With ``https`` in ``[proxy]
+listeners`` a PROXY protocol header is read before TLS (``proxyproto.py``)
+and the pages' ``client_ip`` is the client it names.
 
 Invariants:
 - Every response carries the security headers (``http.SECURITY_HEADERS``),
@@ -30,6 +32,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 
 from ..imapd.transport import Bridge, StreamTransport
+from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
 from .http import SECURITY_HEADERS, Response, WebRequest
 from .pages import WebApp
@@ -214,7 +217,7 @@ class WebService:
         self.site = _Site(_Root(self), timeout=60)
         self.busy = 0
         self._bridges: set[Bridge] = set()
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[Listener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._unwatch: Any = None
 
@@ -225,9 +228,8 @@ class WebService:
         # A password changed on another node ends this node's web sessions
         # of that account too (IMAP sessions hear it on their own).
         self._unwatch = self.runtime.store.bus.watch_remote(self._remote_change)
-        loop = asyncio.get_running_loop()
-        srv = await loop.create_server(self._bridge, endpoint.host, endpoint.port, ssl=self.runtime.tls.context,
-                                       ssl_handshake_timeout=30, reuse_address=True)
+        srv = await start_listener("https", endpoint, self._bridge, self.runtime.config.proxy,
+                                   tls=self.runtime.tls.context, handshake_timeout=30)
         self._servers.append(srv)
         self._sweeper = asyncio.create_task(self._sweep(), name="postvault-web-sweep")
         return [f"https {endpoint}"]
