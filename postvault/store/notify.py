@@ -28,7 +28,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["exists", "flags", "expunge", "logout"]
+ChangeKind = Literal["exists", "flags", "expunge", "logout", "deleted", "renamed"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Change:
     ``logout`` (mailbox "" and no UIDs): the account's password changed, so
     every open session of it must end (the web pages publish it; IMAP
     sessions say BYE and close).
+    ``deleted`` / ``renamed`` (no UIDs): the folder ``mailbox`` is gone, or
+    now has another name; a session that has it selected must not go on
+    writing to that name (IMAP sessions say BYE).
     """
 
     account_id: int
