@@ -52,6 +52,9 @@ import inspect
 import io
 import logging
 import time
+from email import policy as email_policy
+from email.parser import HeaderParser
+from email.utils import getaddresses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +68,8 @@ from twisted.python.failure import Failure
 from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxHasChildren, MailboxNotFound,
                       MessageNotFound, PostvaultError, storage_full)
 from ..policy import folders
+from ..policy.attachments import check_attachments
+from ..policy.decision import Decision
 from ..store.types import MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
@@ -1164,6 +1169,13 @@ class IMAPServer(imap4.IMAP4Server):
         flags = [f for f in flags if f.lower() != "\\recent"]
         if date is not None:
             date = date.astimezone(timezone.utc)  # stored as UTC; the database keeps no zone
+        # The attachment policy of submission (issue 5 item 6): a draft or a
+        # sent copy carrying what SMTP would refuse is refused here too, and
+        # nothing is stored. On a worker thread: it parses the message.
+        verdict = await account.run(_append_policy, self.store, account.email, account.role, message,
+                                    self.service.policy)
+        if not verdict.allowed:
+            raise IMAPNo(verdict.text, verdict.imap_code or "CANNOT")
 
         try:
             result = await account.run(self.store.append, account.session, canonical, io.BytesIO(message),
@@ -1560,6 +1572,30 @@ class IMAPServer(imap4.IMAP4Server):
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------
+
+
+# APPEND reads at most this much of the header for the offices a message
+# names, and at most this many addresses: a real header is far smaller.
+_APPEND_HEAD_MAX = 64 * 1024
+_APPEND_ADDRESSES_MAX = 200
+
+
+def _append_policy(store: Any, account_email: str, role: str, message: bytes, policy: Any) -> Decision:
+    """The attachment decision for an APPENDed message: the function SMTP
+    DATA uses (``policy.attachments.check_attachments``), with the
+    exceptions of the member offices the message names (From, To, Cc, Bcc)
+    and the account's own if it is a member: what submitting the message to
+    them would get. A draft only sits in its author's own mailbox, and
+    sending it later passes SMTP's checks again."""
+    head = message[:_APPEND_HEAD_MAX]
+    end = head.find(b"\r\n\r\n")
+    head = head if end < 0 else head[:end]
+    parsed = HeaderParser(policy=email_policy.compat32).parsestr(head.decode("utf-8", "surrogateescape"))
+    values = [str(v) for name in ("From", "To", "Cc", "Bcc") for v in parsed.get_all(name, [])]
+    named = [a.strip().lower() for _, a in getaddresses(values) if "@" in a][:_APPEND_ADDRESSES_MAX]
+    offices = sorted(set(named + ([account_email.lower()] if role == "member" else [])))
+    allowed = store.conversation_allowances(offices, policy)
+    return check_attachments(message, policy.attachments, allowed)
 
 
 def _ancestors(name: str) -> list[str]:
