@@ -272,7 +272,12 @@ class MailStore:
         \\Noselect alternative would leave a name that holds nothing).
         INBOX and the special-use folders are refused (``InvalidInput``).
         Its UIDVALIDITY is remembered so a folder made later under the same
-        name gets another. Audited as ``mailbox.delete`` with the folder's
+        name gets another. Its subscription goes with it: subscriptions are
+        a flag on the folder's row, and SUBSCRIBE takes existing folders
+        only (RFC 3501 §6.3.6 allows that). RFC 3501 §6.3.9 says a server
+        must not remove a name from the subscription list on its own; here
+        the client asked for the folder to go, and a name kept would show
+        in Outlook's LSUB-based folder list as a folder that isn't there. Audited as ``mailbox.delete`` with the folder's
         id and the messages' ids, never its name (a name may be PHI)."""
         self.check_access(session, write=True)
         with unit_of_work(self._sessions) as s:
