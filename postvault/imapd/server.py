@@ -1042,11 +1042,12 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo(d.text, d.imap_code or "CANNOT")
         source = decision.name
         account = self._acct()
-        box = self.mbox
-        inside = box is not None and source != folders.INBOX and (
-            box.name == source or box.name.startswith(source + folders.DELIMITER))
-        if inside:
-            self._expect_change(box.name, "renamed", ())  # type: ignore[union-attr]
+        box: SelectedMailbox | None = self.mbox
+        if box is not None and (source == folders.INBOX or not (
+                box.name == source or box.name.startswith(source + folders.DELIMITER))):
+            box = None  # not inside what is renamed
+        if box is not None:
+            self._expect_change(box.name, "renamed", ())
         try:
             await account.run(self.store.rename_mailbox, account.session, source, new, client_ip=self.client_ip,
                               protocol="imap")
@@ -1056,10 +1057,10 @@ class IMAPServer(imap4.IMAP4Server):
             raise IMAPNo(f'A folder "{new}" already exists.', "ALREADYEXISTS") from None
         if source != folders.INBOX:
             self.service.recent.rename(account.session.account_id, source, new)
-        if inside and self.mbox is box:
+        if box is not None and self.mbox is box:
             # This session follows its folder to the new name; its UIDs
             # stand (the new UIDVALIDITY is for clients that re-SELECT).
-            box.name = new + box.name[len(source):]  # type: ignore[union-attr]
+            box.name = new + box.name[len(source):]
         return b"RENAME completed"
 
     auth_RENAME = select_RENAME = (do_RENAME, A_MAILBOX, A_MAILBOX)

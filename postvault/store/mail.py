@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, TypeVar
 
-from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select
+from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -356,7 +356,7 @@ class MailStore:
                 # One UPDATE: the copies keep their UIDs, modseqs and keys
                 # (a key wrap is bound to the account and message, not the
                 # folder).
-                s.execute(MessageCopy.__table__.update().where(MessageCopy.mailbox_id == box.id)
+                s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box.id)
                           .values(mailbox_id=dest.id))
                 box.highestmodseq += 1
                 detail = f"folder_id={box.id} to_folder_id={dest.id} count={len(uids)}"
