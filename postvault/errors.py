@@ -71,6 +71,11 @@ class MailboxExists(StoreError):
     """The mailbox already exists."""
 
 
+class MailboxHasChildren(StoreError):
+    """DELETE of a folder that has folders below it (RFC 9051 §7.1
+    HASCHILDREN): delete or move those first."""
+
+
 class MessageNotFound(StoreError):
     """No message with this UID in this mailbox."""
 

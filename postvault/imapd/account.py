@@ -172,19 +172,20 @@ class Account:
         return defer.Deferred.fromCoroutine(self.open(self.canonical(name), rw))
 
     def delete(self, name: str) -> None:
-        raise imap4.MailboxException("Folders can't be deleted here.")
+        raise imap4.MailboxException("DELETE is handled asynchronously.")
 
     def rename(self, oldname: str, newname: str) -> None:
-        raise imap4.MailboxException("Folders can't be renamed here.")
+        raise imap4.MailboxException("RENAME is handled asynchronously.")
 
     def isSubscribed(self, name: str) -> bool:
+        # Answered from the store by LSUB (server.py); Twisted never asks.
         return True
 
     def subscribe(self, name: str) -> None:
-        """Every folder is subscribed (the four always exist)."""
+        raise imap4.MailboxException("SUBSCRIBE is handled asynchronously.")
 
     def unsubscribe(self, name: str) -> None:
-        """See subscribe."""
+        raise imap4.MailboxException("UNSUBSCRIBE is handled asynchronously.")
 
     def listMailboxes(self, ref: str, wildcard: str) -> defer.Deferred[list[MailboxInfo]]:
         pattern = list_pattern(ref, wildcard)

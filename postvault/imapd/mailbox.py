@@ -86,6 +86,19 @@ class RecentClaims:
             self._claimed[key] = max(first, state.mailbox.uidnext)
             return first
 
+    def forget(self, account_id: int, mailbox: str) -> None:
+        """DELETE: a folder made later under this name starts afresh."""
+        with self._lock:
+            self._claimed.pop((account_id, mailbox), None)
+
+    def rename(self, account_id: int, old: str, new: str) -> None:
+        """RENAME (the folder and those below it): the claims follow the
+        UIDs, which the renamed folders keep."""
+        with self._lock:
+            for (acct, name) in list(self._claimed):
+                if acct == account_id and (name == old or name.startswith(old + "/")):
+                    self._claimed[(acct, new + name[len(old):])] = self._claimed.pop((acct, name))
+
     def claim_to(self, account_id: int, mailbox: str, uidnext: int) -> None:
         """A session that has the mailbox selected read-write took what
         arrived up to ``uidnext``."""

@@ -52,6 +52,9 @@ import inspect
 import io
 import logging
 import time
+from email import policy as email_policy
+from email.parser import HeaderParser
+from email.utils import getaddresses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -62,9 +65,11 @@ from twisted.internet import defer, reactor, task
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, PostvaultError,
-                      storage_full)
+from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxHasChildren, MailboxNotFound,
+                      MessageNotFound, PostvaultError, storage_full)
 from ..policy import folders
+from ..policy.attachments import check_attachments
+from ..policy.decision import Decision
 from ..store.types import MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
@@ -613,6 +618,9 @@ class IMAPServer(imap4.IMAP4Server):
                 return
         if box is None or change.mailbox != box.name:
             return
+        if change.kind in ("deleted", "renamed"):
+            self._folder_gone()
+            return
         # Only the expunged UIDs and who re-flagged what need remembering:
         # added and re-flagged rows are read back by modseq (``_updates``).
         if change.kind == "expunge":
@@ -626,6 +634,17 @@ class IMAPServer(imap4.IMAP4Server):
         if self._waiting is not None and self._waiting_mode == "idle":
             d = defer.Deferred.fromCoroutine(self._updates(True))
             d.addErrback(lambda f: log.warning("IDLE update failed: %s", f.type.__name__))
+
+    def _folder_gone(self) -> None:
+        """Another session deleted or renamed the selected folder. Going on
+        under the old name could write to a folder made later under it, and
+        IMAP has no untagged way to deselect, so: BYE, as Dovecot does; the
+        client reconnects and finds the folder list as it is now."""
+        self.mbox = None
+        self.state = "auth"
+        if self.transport is not None and not self._closing:
+            self.sendUntaggedResponse(b"BYE The selected folder was deleted or renamed in another session")
+            self._close()
 
     async def _check_changed(self) -> None:
         """Cheap look for changes the bus can't tell (another process)."""
@@ -667,7 +686,14 @@ class IMAPServer(imap4.IMAP4Server):
             # Cleared before the read: a change committed while it runs
             # sets it again, and is picked up by the next round.
             box.dirty = False
-            changes = await account.run(self.store.mailbox_changes, account.session, box.name, box.highestmodseq)
+            try:
+                changes = await account.run(self.store.mailbox_changes, account.session, box.name,
+                                            box.highestmodseq)
+            except MailboxNotFound:
+                # Gone without a word on the bus (another process).
+                if self.mbox is box:
+                    self._folder_gone()
+                return
             if self.mbox is not box:
                 return
             present = None
@@ -985,30 +1011,88 @@ class IMAPServer(imap4.IMAP4Server):
 
     auth_CREATE = select_CREATE = (do_CREATE, A_MAILBOX)
 
-    def do_DELETE(self, tag: bytes, name: str) -> bytes:
+    async def do_DELETE(self, tag: bytes, name: str) -> bytes:
+        # RFC 3501 §6.3.4 / RFC 9051 §6.3.4: a user folder, with its
+        # messages; never one of the four (policy names every spelling).
         decision = folders.may_delete(name, self.service.policy)
         if not decision.allowed:
             raise IMAPNo(decision.text, decision.imap_code or "CANNOT")
-        raise IMAPNo("Deleting folders is not supported; move the messages out instead.", "CANNOT")
+        account = self._acct()
+        box = self.mbox
+        # Our own change: this session is not told to say BYE about it.
+        self._expect_change(name, "deleted", ())
+        try:
+            await account.run(self.store.delete_mailbox, account.session, name, client_ip=self.client_ip,
+                              protocol="imap")
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
+        except MailboxHasChildren:
+            # RFC 9051 §7.1 HASCHILDREN; refusing is RFC 3501 §6.3.4's
+            # simple choice (the other keeps an empty \Noselect name).
+            raise IMAPNo(f'The folder "{name}" has folders inside it; delete or move those first.',
+                         "HASCHILDREN") from None
+        self.service.recent.forget(account.session.account_id, name)
+        if box is not None and self.mbox is box and box.name == name:
+            # This session had it selected: back to the authenticated state
+            # (RFC 9051 §7.1 CLOSED), as a SELECT of another folder would.
+            self.mbox = None
+            self.state = "auth"
+            self.sendPositiveResponse(None, b"[CLOSED] The selected folder was deleted")
+        return b"DELETE completed"
 
     auth_DELETE = select_DELETE = (do_DELETE, A_MAILBOX)
 
-    def do_RENAME(self, tag: bytes, old: str, new: str) -> bytes:
-        decision = folders.may_delete(old, self.service.policy)
+    async def do_RENAME(self, tag: bytes, old: str, new: str) -> bytes:
+        # RFC 3501 §6.3.5 / RFC 9051 §6.3.6: folders below it move along;
+        # RENAME INBOX moves INBOX's messages into a new folder.
+        new = new.rstrip(folders.DELIMITER) or new
+        decision = folders.may_rename(old, new, self.service.policy)
         if not decision.allowed:
-            raise IMAPNo(decision.text, decision.imap_code or "CANNOT")
-        raise IMAPNo("Renaming folders is not supported.", "CANNOT")
+            d = decision.decision
+            raise IMAPNo(d.text, d.imap_code or "CANNOT")
+        source = decision.name
+        account = self._acct()
+        box: SelectedMailbox | None = self.mbox
+        if box is not None and (source == folders.INBOX or not (
+                box.name == source or box.name.startswith(source + folders.DELIMITER))):
+            box = None  # not inside what is renamed
+        if box is not None:
+            self._expect_change(box.name, "renamed", ())
+        try:
+            await account.run(self.store.rename_mailbox, account.session, source, new, client_ip=self.client_ip,
+                              protocol="imap")
+        except MailboxNotFound:
+            raise IMAPNo(f'There is no folder "{old}".', "NONEXISTENT") from None
+        except MailboxExists:
+            raise IMAPNo(f'A folder "{new}" already exists.', "ALREADYEXISTS") from None
+        if source != folders.INBOX:
+            self.service.recent.rename(account.session.account_id, source, new)
+        if box is not None and self.mbox is box:
+            # This session follows its folder to the new name; its UIDs
+            # stand (the new UIDVALIDITY is for clients that re-SELECT).
+            box.name = new + box.name[len(source):]
+        return b"RENAME completed"
 
     auth_RENAME = select_RENAME = (do_RENAME, A_MAILBOX, A_MAILBOX)
 
-    def do_SUBSCRIBE(self, tag: bytes, name: str) -> bytes:
-        self._acct().canonical(name)
+    async def _subscription(self, name: str, on: bool) -> None:
+        account = self._acct()
+        canonical = account.canonical(name)
+        try:
+            await account.run(self.store.set_subscribed, account.session, canonical, on)
+        except MailboxNotFound:
+            # RFC 3501 §6.3.6 lets a server refuse a name that doesn't
+            # exist; here subscriptions belong to folders.
+            raise IMAPNo(f'There is no folder "{name}" to subscribe to.', "NONEXISTENT") from None
+
+    async def do_SUBSCRIBE(self, tag: bytes, name: str) -> bytes:
+        await self._subscription(name, True)
         return b"SUBSCRIBE completed"
 
-    def do_UNSUBSCRIBE(self, tag: bytes, name: str) -> bytes:
-        # The four folders stay subscribed: a client that lost them would
-        # lose Sent and Trash.
-        self._acct().canonical(name)
+    async def do_UNSUBSCRIBE(self, tag: bytes, name: str) -> bytes:
+        # The four folders stay subscribed (the store refuses, NO [CANNOT]):
+        # a client that lost them from LSUB would lose Sent and Trash.
+        await self._subscription(name, False)
         return b"UNSUBSCRIBE completed"
 
     auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, A_MAILBOX)
@@ -1024,7 +1108,12 @@ class IMAPServer(imap4.IMAP4Server):
             return command + b" completed"
         boxes = await self._acct().mailboxes()
         names = [b.name for b in boxes]
+        if command == b"LSUB":
+            # RFC 3501 §6.3.9: the subscribed folders (the four always are).
+            boxes = [b for b in boxes if b.subscribed]
         regex = list_pattern(ref, pattern)
+        shown = {b.name for b in boxes}
+        lines: list[tuple[str, list[str]]] = []
         for box in boxes:
             if not matches(regex, box.name):
                 continue
@@ -1034,8 +1123,18 @@ class IMAPServer(imap4.IMAP4Server):
                 attrs.append("\\HasChildren" if has else "\\HasNoChildren")
             if box.special_use and self.enabled("SPECIAL-USE"):
                 attrs.append(box.special_use)  # RFC 6154 §2, also in LSUB for Outlook
+            lines.append((box.name, attrs))
+        if (ref + pattern).endswith("%"):
+            # RFC 3501 §6.3.8-9: with "%" last, a level of hierarchy that
+            # is no folder (or, for LSUB, not subscribed) is listed too,
+            # \Noselect: "a" for "a/b".
+            for parent in sorted({p for n in shown for p in _ancestors(n)} - shown):
+                if matches(regex, parent):
+                    attrs = ["\\Noselect"] + (["\\HasChildren"] if self.enabled("CHILDREN") else [])
+                    lines.append((parent, attrs))
+        for name, attrs in lines:
             self.sendUntaggedResponse(command + b" (" + " ".join(attrs).encode() + b') "/" '
-                                      + render.string(encode_mailbox(box.name)))
+                                      + render.string(encode_mailbox(name)))
         return command + b" completed"
 
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes) -> Any:
@@ -1081,6 +1180,13 @@ class IMAPServer(imap4.IMAP4Server):
         flags = [f for f in flags if f.lower() != "\\recent"]
         if date is not None:
             date = date.astimezone(timezone.utc)  # stored as UTC; the database keeps no zone
+        # The attachment policy of submission (issue 5 item 6): a draft or a
+        # sent copy carrying what SMTP would refuse is refused here too, and
+        # nothing is stored. On a worker thread: it parses the message.
+        verdict = await account.run(_append_policy, self.store, account.email, account.role, message,
+                                    self.service.policy)
+        if not verdict.allowed:
+            raise IMAPNo(verdict.text, verdict.imap_code or "CANNOT")
 
         try:
             result = await account.run(self.store.append, account.session, canonical, io.BytesIO(message),
@@ -1477,6 +1583,36 @@ class IMAPServer(imap4.IMAP4Server):
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------
+
+
+# APPEND reads at most this much of the header for the offices a message
+# names, and at most this many addresses: a real header is far smaller.
+_APPEND_HEAD_MAX = 64 * 1024
+_APPEND_ADDRESSES_MAX = 200
+
+
+def _append_policy(store: Any, account_email: str, role: str, message: bytes, policy: Any) -> Decision:
+    """The attachment decision for an APPENDed message: the function SMTP
+    DATA uses (``policy.attachments.check_attachments``), with the
+    exceptions of the member offices the message names (From, To, Cc, Bcc)
+    and the account's own if it is a member: what submitting the message to
+    them would get. A draft only sits in its author's own mailbox, and
+    sending it later passes SMTP's checks again."""
+    head = message[:_APPEND_HEAD_MAX]
+    end = head.find(b"\r\n\r\n")
+    head = head if end < 0 else head[:end]
+    parsed = HeaderParser(policy=email_policy.compat32).parsestr(head.decode("utf-8", "surrogateescape"))
+    values = [str(v) for name in ("From", "To", "Cc", "Bcc") for v in parsed.get_all(name, [])]
+    named = [a.strip().lower() for _, a in getaddresses(values) if "@" in a][:_APPEND_ADDRESSES_MAX]
+    offices = sorted(set(named + ([account_email.lower()] if role == "member" else [])))
+    allowed = store.conversation_allowances(offices, policy)
+    return check_attachments(message, policy.attachments, allowed)
+
+
+def _ancestors(name: str) -> list[str]:
+    """"a" and "a/b" for "a/b/c"."""
+    parts = name.split(folders.DELIMITER)
+    return [folders.DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _folder_label(name: str) -> str:

@@ -142,6 +142,24 @@ def may_delete(name: str, policy: Policy) -> Decision:
     return ALLOW
 
 
+def may_rename(old: str, new: str, policy: Policy) -> FolderName:
+    """RENAME ``old`` to ``new``: the source as for DELETE, except that
+    INBOX may be renamed (RFC 3501 §6.3.5: its messages move to the new
+    folder, INBOX stays); the target as for CREATE (a name that opens one of
+    the four already exists). Allowed: ``name`` is the source's canonical
+    name (INBOX for any spelling of it)."""
+    source = resolve_folder(old, policy)
+    if not source.allowed:
+        return source
+    if not source.user_folder and source.name != INBOX:
+        return FolderName(refuse(550, "5.7.1", f"The {source.name} folder can't be deleted or renamed.",
+                                 "folders.canonical", "CANNOT"))
+    target = may_create(new, policy)
+    if not target.allowed:
+        return target
+    return FolderName(ALLOW, source.name, "", user_folder=source.user_folder)
+
+
 def may_append(role: Role, canonical: str) -> Decision:
     """APPEND into ``canonical`` (a name from :func:`resolve_folder`).
 

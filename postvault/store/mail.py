@@ -22,11 +22,18 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, TypeVar
 
-from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select
+from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import InvalidInput, MailboxExists, MailboxNotFound, MessageNotFound, storage_full
+from ..errors import (
+    InvalidInput,
+    MailboxExists,
+    MailboxHasChildren,
+    MailboxNotFound,
+    MessageNotFound,
+    storage_full,
+)
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
 from . import delivery
@@ -158,7 +165,7 @@ class MailStore:
     def _publish(self, *changes: Change) -> None:
         """Announce committed changes; a failing bus never fails the call."""
         for change in changes:
-            if not change.uids:
+            if not change.uids and change.kind not in ("deleted", "renamed"):
                 continue
             try:
                 self.bus.publish(change)
@@ -197,12 +204,198 @@ class MailStore:
             if exists is not None:
                 raise MailboxExists(f"mailbox {name!r} already exists")
             box = Mailbox(
-                account_id=session.account_id, name=name, special_use=None, uidvalidity=new_uidvalidity(),
+                account_id=session.account_id, name=name, special_use=None,
+                uidvalidity=self._fresh_uidvalidity(s, session.account_id),
                 uidnext=1, highestmodseq=1, subscribed=True, created_at=now(),
             )
             s.add(box)
             s.flush()
             return self._box_info(box)
+
+    # -- DELETE, RENAME, SUBSCRIBE (RFC 3501 §6.3.4-7, RFC 9051 §6.3.4-8) --
+
+    @staticmethod
+    def _fresh_uidvalidity(s: Session, account_id: int, *retired: int) -> int:
+        """A UIDVALIDITY no folder of this account ever had: above every
+        current one, above ``accounts.last_uidvalidity`` (which remembers
+        those of deleted and renamed folders) and above ``retired``; at
+        least the clock's (RFC 3501 §2.3.1.1's usual choice). The account
+        row is locked, so two CREATEs at once can't pick the same value."""
+        acct = s.scalar(select(Account).where(Account.id == account_id).with_for_update()
+                        .execution_options(populate_existing=True))
+        if acct is None:
+            raise MailboxNotFound("no such account")
+        highest = s.scalar(select(func.max(Mailbox.uidvalidity)).where(Mailbox.account_id == account_id)) or 0
+        value = max(new_uidvalidity(), int(highest) + 1, (acct.last_uidvalidity or 0) + 1, *(r + 1 for r in retired))
+        if value > 0xFFFFFFFF:
+            # Four billion renames later: a 32-bit value has run out.
+            raise InvalidInput("this account has used up its folder validity numbers")
+        acct.last_uidvalidity = value
+        return value
+
+    @staticmethod
+    def _retire_uidvalidity(s: Session, account_id: int, value: int) -> None:
+        """Remember ``value`` (a deleted or renamed folder's) so no later
+        folder gets it (RFC 3501 §6.3.4: a new folder of the same name must
+        not reuse UIDs under the same UIDVALIDITY)."""
+        acct = s.get(Account, account_id)
+        if acct is not None and (acct.last_uidvalidity or 0) < value:
+            acct.last_uidvalidity = value
+
+    @staticmethod
+    def _user_folder(box: Mailbox, verb: str) -> None:
+        # The servers ask policy first (aliases, user folders allowed); this
+        # is the store's own guard, whoever calls.
+        if box.name == "INBOX" and verb == "deleted" or box.special_use:
+            raise InvalidInput(f"The {box.name} folder can't be {verb}.")
+
+    @staticmethod
+    def _children(s: Session, account_id: int, name: str) -> list[Mailbox]:
+        prefix = name + "/"
+        rows = s.scalars(select(Mailbox).where(Mailbox.account_id == account_id,
+                                               func.substr(Mailbox.name, 1, len(prefix)) == prefix)
+                         .order_by(Mailbox.name))
+        # substr compares characters on both engines; the check below is
+        # the exact one.
+        return [b for b in rows if b.name.startswith(prefix)]
+
+    def delete_mailbox(
+        self, session: AccountSession, name: str, *, client_ip: str | None = None, protocol: str | None = None
+    ) -> list[tuple[int, str]]:
+        """DELETE a user folder with its messages; returns (UID, message
+        public id) of each copy removed.
+
+        The copies go as EXPUNGE removes them (``_remove_copies``): a
+        message no other copy uses is dropped with its blob, so blob counts
+        stay right. A folder with folders below it is refused with
+        ``MailboxHasChildren`` (RFC 3501 §6.3.4 lets a server refuse; the
+        \\Noselect alternative would leave a name that holds nothing).
+        INBOX and the special-use folders are refused (``InvalidInput``).
+        Its UIDVALIDITY is remembered so a folder made later under the same
+        name gets another. Its subscription goes with it: subscriptions are
+        a flag on the folder's row, and SUBSCRIBE takes existing folders
+        only (RFC 3501 §6.3.6 allows that). RFC 3501 §6.3.9 says a server
+        must not remove a name from the subscription list on its own; here
+        the client asked for the folder to go, and a name kept would show
+        in Outlook's LSUB-based folder list as a folder that isn't there. Audited as ``mailbox.delete`` with the folder's
+        id and the messages' ids, never its name (a name may be PHI)."""
+        self.check_access(session, write=True)
+        with unit_of_work(self._sessions) as s:
+            box = self._mailbox(s, session.account_id, name, lock=True)
+            self._user_folder(box, "deleted")
+            if self._children(s, session.account_id, box.name):
+                raise MailboxHasChildren("the folder has folders below it")
+            q = (
+                select(MessageCopy, Message.public_id)
+                .join(Message, Message.id == MessageCopy.message_id)
+                .where(MessageCopy.mailbox_id == box.id)
+                .order_by(MessageCopy.uid)
+            )
+            doomed = [(c, pid) for c, pid in s.execute(q)]
+            orphan_blobs = self._remove_copies(s, [c for c, _ in doomed])
+            self._retire_uidvalidity(s, session.account_id, box.uidvalidity)
+            detail = f"folder_id={box.id} count={len(doomed)}"
+            if doomed:
+                detail += " messages=" + ",".join(pid for _, pid in doomed)
+            audit.record(s, "mailbox.delete", actor=session.email, account=session.email, client_ip=client_ip,
+                         protocol=protocol, detail=detail)
+            s.delete(box)
+            removed = [(c.uid, pid) for c, pid in doomed]
+            gone = box.name
+        for blob_id in orphan_blobs:
+            self._discard_blob(blob_id)
+        self._publish(Change(session.account_id, gone, "deleted", ()))
+        return removed
+
+    def rename_mailbox(
+        self, session: AccountSession, old: str, new: str, *, client_ip: str | None = None,
+        protocol: str | None = None,
+    ) -> MailboxInfo:
+        """RENAME a user folder, and the folders below it (RFC 3501
+        §6.3.5), keeping their messages, UIDs and subscriptions.
+
+        Each renamed folder gets a new UIDVALIDITY (``_fresh_uidvalidity``):
+        a client may have cached another folder that had the new name, and
+        must not take this one's UIDs for that one's.
+
+        RENAME INBOX (RFC 3501 §6.3.5) makes a new folder ``new`` and moves
+        every message of INBOX into it, UIDs kept; INBOX stays, empty, its
+        UIDNEXT unchanged so its UIDs are never reused; folders below INBOX
+        stay where they are. ``MailboxExists`` if ``new`` (or a name a
+        child would get) exists; ``MailboxNotFound`` if ``old`` doesn't.
+        Audited as ``mailbox.rename`` with the folder ids, never the names.
+        Returns the folder now named ``new``."""
+        self.check_access(session, write=True)
+        if not new or new.upper() == "INBOX" or not new.isprintable() or len(new) > 200:
+            raise InvalidInput("a mailbox name must be 1-200 printable characters and not INBOX")
+        changes: list[Change] = []
+        with unit_of_work(self._sessions) as s:
+            box = self._mailbox(s, session.account_id, old, lock=True)
+            self._user_folder(box, "renamed")
+            inbox = box.name == "INBOX"
+            moves = [(box, new)]
+            if not inbox:
+                moves += [(c, new + c.name[len(box.name):]) for c in self._children(s, session.account_id, box.name)]
+            for b, target in moves:
+                if len(target) > 200:
+                    raise InvalidInput("a mailbox name must be 1-200 printable characters and not INBOX")
+                taken = s.scalar(select(Mailbox.id).where(Mailbox.account_id == session.account_id,
+                                                          Mailbox.name == target))
+                if taken is not None:
+                    raise MailboxExists("the new name is taken")
+            if inbox:
+                uids = tuple(s.scalars(select(MessageCopy.uid).where(MessageCopy.mailbox_id == box.id)
+                                       .order_by(MessageCopy.uid)))
+                dest = Mailbox(
+                    account_id=session.account_id, name=new, special_use=None,
+                    uidvalidity=self._fresh_uidvalidity(s, session.account_id), uidnext=box.uidnext,
+                    highestmodseq=box.highestmodseq, subscribed=True, created_at=now(),
+                )
+                s.add(dest)
+                s.flush()
+                # One UPDATE: the copies keep their UIDs, modseqs and keys
+                # (a key wrap is bound to the account and message, not the
+                # folder).
+                s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box.id)
+                          .values(mailbox_id=dest.id))
+                box.highestmodseq += 1
+                detail = f"folder_id={box.id} to_folder_id={dest.id} count={len(uids)}"
+                changes.append(Change(session.account_id, "INBOX", "expunge", uids))
+                result = dest
+            else:
+                retired = [b.uidvalidity for b, _ in moves]
+                for b, _ in moves:
+                    self._retire_uidvalidity(s, session.account_id, b.uidvalidity)
+                # Two steps, so a child's new name may be another's old one
+                # without tripping the unique (account, name) index midway.
+                for b, _ in moves:
+                    b.name = f"\x01renaming/{b.id}"  # never a client's name: not printable
+                s.flush()
+                for b, target in moves:
+                    changes.append(Change(session.account_id, old if b is box else old + target[len(new):],
+                                          "renamed", ()))
+                    b.name = target
+                    b.uidvalidity = self._fresh_uidvalidity(s, session.account_id, *retired)
+                s.flush()
+                detail = "folder_id=" + ",".join(str(b.id) for b, _ in moves)
+                result = box
+            audit.record(s, "mailbox.rename", actor=session.email, account=session.email, client_ip=client_ip,
+                         protocol=protocol, detail=detail)
+            info = self._box_info(result)
+        self._publish(*changes)
+        return info
+
+    def set_subscribed(self, session: AccountSession, name: str, subscribed: bool) -> None:
+        """SUBSCRIBE / UNSUBSCRIBE an existing folder (RFC 3501 §6.3.6
+        lets a server refuse names that don't exist). INBOX and the
+        special-use folders stay subscribed: Outlook finds Sent and Trash
+        through LSUB."""
+        self.check_access(session, write=True)
+        with unit_of_work(self._sessions) as s:
+            box = self._mailbox(s, session.account_id, name, lock=True)
+            if not subscribed and (box.name == "INBOX" or box.special_use):
+                raise InvalidInput(f"The {box.name} folder is always subscribed.")
+            box.subscribed = subscribed
 
     # -- reading a mailbox (IMAP SELECT, FETCH, IDLE) ---------------------
     # None of these builds an ORM object per message: a 100,000-message
@@ -843,17 +1036,23 @@ class MailStore:
             if uids is not None:
                 q = q.where(MessageCopy.uid.in_(list(uids)))
             doomed = [(c, pid) for c, pid in s.execute(q) if "\\Deleted" in flags_set(c.flags)]
-            message_ids = {c.message_id for c, _ in doomed}
-            for c, _ in doomed:
-                s.delete(c)
+            orphan_blobs = self._remove_copies(s, [c for c, _ in doomed])
             if doomed:
                 box.highestmodseq += 1
-            s.flush()
-            orphan_blobs = self._drop_orphans(s, message_ids)
         for blob_id in orphan_blobs:
             self._discard_blob(blob_id)
         self._publish(Change(session.account_id, box.name, "expunge", tuple(c.uid for c, _ in doomed)))
         return [(c.uid, pid) for c, pid in doomed]
+
+    def _remove_copies(self, s: Session, copies: Sequence[MessageCopy]) -> list[str]:
+        """Delete these copies, and each message no copy uses any more;
+        returns the blobs the caller discards after the commit (EXPUNGE and
+        DELETE both go through here)."""
+        message_ids = {c.message_id for c in copies}
+        for c in copies:
+            s.delete(c)
+        s.flush()
+        return self._drop_orphans(s, message_ids)
 
     @staticmethod
     def _drop_orphans(s: Session, message_ids: set[int]) -> list[str]:

@@ -68,6 +68,11 @@ class Account(Base):
     kdf_params: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The highest UIDVALIDITY any of this account's folders ever had (NULL:
+    # none given since revision 0009). A new or renamed folder gets a value
+    # above it, so a name that comes back after DELETE or RENAME never shows
+    # an old UIDVALIDITY with other messages (RFC 3501 §2.3.1.1, §6.3.4).
+    last_uidvalidity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class AddressBookEntry(Base):
@@ -116,6 +121,9 @@ class Mailbox(Base):
     # UIDVALIDITY stands; uidnext only ever grows.
     uidnext: Mapped[int] = mapped_column(BigInteger)
     highestmodseq: Mapped[int] = mapped_column(BigInteger)
+    # SUBSCRIBE/UNSUBSCRIBE (RFC 3501 §6.3.6-7): only existing folders can
+    # be subscribed here, so the flag lives on the folder's row; DELETE takes
+    # it along and RENAME keeps it. The four folders are always subscribed.
     subscribed: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -30,7 +30,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["exists", "flags", "expunge", "logout", "resync"]
+ChangeKind = Literal["exists", "flags", "expunge", "logout", "deleted", "renamed", "resync"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Change:
     ``resync`` (no UIDs): something changed in this mailbox, or in every
     mailbox of the account if the name is "", that the bus can't name;
     read it again (only ever comes from another process, see pgnotify).
+    ``deleted`` / ``renamed`` (no UIDs): the folder ``mailbox`` is gone, or
+    now has another name; a session that has it selected must not go on
+    writing to that name (IMAP sessions say BYE).
     """
 
     account_id: int

@@ -47,11 +47,11 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import Engine, text
 
-from .notify import Change, ChangeBus
+from .notify import Change, ChangeBus, ChangeKind
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def decode(payload: str) -> tuple[str, Change | None]:
     node, account, kind, mailbox = body["n"], body["a"], body["k"], body["m"]
     if not isinstance(node, str) or not isinstance(mailbox, str):
         raise TypeError("bad notice")
-    if kind not in ("exists", "flags", "expunge", "logout", "resync"):
+    if kind not in get_args(ChangeKind):
         raise ValueError("unknown change kind")
     if account is None:
         if kind != "resync":

@@ -138,6 +138,19 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[Server]:
+    yield from _server(tmp_path_factory, store_overrides, allow_user_folders=False)
+
+
+@pytest.fixture(scope="session")
+def folders_server(tmp_path_factory: pytest.TempPathFactory,
+                   store_overrides: Callable[[], dict[str, str]]) -> Iterator[Server]:
+    """A server whose policy.toml allows user folders (CREATE, DELETE,
+    RENAME of folders of one's own)."""
+    yield from _server(tmp_path_factory, store_overrides, allow_user_folders=True)
+
+
+def _server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]],
+            allow_user_folders: bool) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("imap") / "home"
     saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
     for k in saved:
@@ -149,6 +162,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[
     finally:
         del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
         os.environ.update(saved)
+    if allow_user_folders:
+        policy = home / "conf" / "policy.toml"
+        text = policy.read_text("utf-8")
+        assert "allow_user_folders = false" in text
+        policy.write_text(text.replace("allow_user_folders = false", "allow_user_folders = true"), "utf-8")
     proc, ports, log = start_server(home)
     try:
         yield Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"], store, proc,

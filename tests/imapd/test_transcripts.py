@@ -26,8 +26,10 @@ def _headers(path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=[p.stem for p in TRANSCRIPTS])
-def test_transcript(server: Server, path: Path) -> None:
+def test_transcript(request: pytest.FixtureRequest, path: Path) -> None:
     headers = _headers(path)
+    # "# server: folders": the server whose policy allows user folders.
+    server: Server = request.getfixturevalue("folders_server" if headers.get("server") == ["folders"] else "server")
     member = server.account("member")
     # Accounts cost a KDF each: a fresh colleague only where one logs in;
     # otherwise one shared colleague is the sender of delivered mail.

@@ -13,6 +13,7 @@ from postvault.policy.folders import (
     may_append,
     may_create,
     may_delete,
+    may_rename,
     resolve_folder,
 )
 from postvault.policy.schema import FolderPolicy, Policy
@@ -117,6 +118,26 @@ def test_delete_and_rename_keep_the_four() -> None:
         assert not d.allowed and d.imap_code == "CANNOT" and "can't be deleted" in d.text
     assert may_delete("Patients", USER_FOLDERS).allowed
     assert may_delete("Patients", DEFAULT).imap_code == "NONEXISTENT"
+
+
+def test_rename() -> None:
+    # The source: a user folder, or INBOX (RFC 3501 §6.3.5), never the three.
+    for name in ("Drafts", "sent items", "Deleted Items"):
+        d = may_rename(name, "Old", USER_FOLDERS).decision
+        assert not d.allowed and d.imap_code == "CANNOT" and "can't be deleted or renamed" in d.text
+    ok = may_rename("inbox", "Old mail", USER_FOLDERS)
+    assert ok.allowed and ok.name == "INBOX" and not ok.user_folder
+    ok = may_rename("Patients", "Archive/Patients", USER_FOLDERS)
+    assert ok.allowed and ok.name == "Patients" and ok.user_folder
+    # The target: as CREATE.
+    for target in ("Sent Items", "INBOX", "trash"):
+        d = may_rename("Patients", target, USER_FOLDERS).decision
+        assert not d.allowed and d.imap_code == "ALREADYEXISTS"
+    assert may_rename("Patients", "Drafts/Old", USER_FOLDERS).decision.rule == "folders.nested"
+    assert may_rename("Patients", "a%", USER_FOLDERS).decision.rule == "folders.bad-name"
+    # Without user folders there is nothing to rename, nor to rename to.
+    assert may_rename("Patients", "Other", DEFAULT).decision.imap_code == "NONEXISTENT"
+    assert may_rename("INBOX", "Other", DEFAULT).decision.rule == "folders.no-user-folders"
 
 
 @pytest.mark.parametrize(
