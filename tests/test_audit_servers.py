@@ -154,6 +154,10 @@ def test_activity_is_audited_without_content(serve: Serve) -> None:
     for expected in ("login.ok", "message.deliver", "message.refused", "message.read", "message.append",
                      "message.flags", "message.copy", "message.expunge", "policy.reload"):
         assert expected in kinds, (expected, kinds)
+    # Every IMAP event names the client's address and protocol, APPEND's too.
+    imap_events = [r for r in rows if r["event"] in ("message.read", "message.append", "message.flags",
+                                                     "message.copy", "message.expunge")]
+    assert all(r["protocol"] == "imap" and r["client_ip"] == "127.0.0.1" for r in imap_events), imap_events
     refused = [r for r in rows if r["event"] == "message.refused"]
     assert {r["account"] for r in refused} == {MEMBER, COLLEAGUE}
     assert all(r["protocol"] == "smtp" and r["client_ip"] == "127.0.0.1" and "rule=" in r["detail"]

@@ -1190,7 +1190,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         try:
             result = await account.run(self.store.append, account.session, canonical, io.BytesIO(message),
-                                       flags, date)
+                                       flags, date, client_ip=self.client_ip, protocol="imap")
         except MailboxNotFound:
             raise IMAPNo(f'There is no folder "{name}".', "TRYCREATE") from None
         box = self.mbox

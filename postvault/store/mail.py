@@ -775,6 +775,9 @@ class MailStore:
         raw: bytes | BinaryIO,
         flags: Iterable[str] = (),
         internal_date: datetime | None = None,
+        *,
+        client_ip: str | None = None,
+        protocol: str | None = None,
     ) -> AppendResult:
         """IMAP APPEND: seal and file into one of the account's mailboxes.
 
@@ -797,6 +800,7 @@ class MailStore:
             with unit_of_work(self._sessions) as s:
                 audit.record(
                     s, "message.append", actor=session.email, account=session.email, message=dup[1],
+                    client_ip=client_ip, protocol=protocol,
                     detail="duplicate of the delivered copy in Sent; nothing stored",
                 )
             return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
@@ -813,7 +817,8 @@ class MailStore:
                 s.flush()
                 wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
                 uid = self._add_copy(s, box, msg, wrapped, flags, when, size)
-                audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id)
+                audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id,
+                             client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity
         except BaseException:
             self._discard_blob(blob_id)
