@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -77,9 +78,30 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
     log.info("stopped")
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one; the new soft limit.
+
+    Every connection is a file descriptor, and the usual soft limit (1,024)
+    would refuse connections long before memory or CPU run out (a node is
+    meant to hold 1,000 idle IMAP connections and more: docs/scaling.md). The
+    hard limit is the administrator's word (systemd's LimitNOFILE), so it is
+    kept; Go's runtime and nginx's worker_rlimit_nofile do the same.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # kept as it was; logged below
+    return soft
+
+
 def serve(home: Path, drain_seconds: float = DRAIN_SECONDS) -> int:
     runtime = Runtime.open(home)
     configure_logging(runtime.config.log)
+    log.info("open file limit %d (each connection takes one)", raise_open_file_limit())
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     # Twisted (IMAP, HTTPS) runs on this same asyncio loop: the reactor must
