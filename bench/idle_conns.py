@@ -35,10 +35,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _server import Serve, free_port  # noqa: E402
-from imap_load import Client, Idler  # noqa: E402
+from _server import Serve, free_port
+from imap_load import Client, Idler
 
-from postvault.certs.context import client_context  # noqa: E402
+from postvault.certs.context import client_context
 
 HOSTNAME = "mail.bench.test"
 USER = "idle@dental.bench.test"
@@ -57,7 +57,7 @@ def open_files(pid: int) -> int:
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def bench(port: int, serve: Serve, n: int, home: Path) -> dict[str, float]:
