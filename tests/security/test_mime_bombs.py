@@ -21,7 +21,7 @@ from postvault.policy.schema import AttachmentPolicy
 from tests.policy.test_attachments import PDF, attachment, multipart, part
 from tests.smtpd.conftest import Server, World
 
-from .conftest import Serve
+from .conftest import PASSWORD, Serve
 from .mail import TEXT, TOP, mail, submit
 
 POLICY = AttachmentPolicy()
@@ -135,9 +135,9 @@ def test_summary_parser_is_capped_by_construction() -> None:
     assert not summarize(mail(attachment(PDF)))["limited"]  # the twin
 
 
-def test_appended_bombs_fetch_bounded_and_the_server_stays_up(serve: Serve) -> None:
-    # IMAP APPEND skips the attachment policy (a user's own Drafts), so the
-    # FETCH side must be bounded on its own.
+def test_appended_bombs_are_refused_and_stored_ones_fetch_bounded(serve: Serve) -> None:
+    # IMAP APPEND runs the attachment policy as SMTP does: every bomb is
+    # refused before anything is stored.
     member = serve.account("member")
     c = serve.login(member)
     rss_before = serve.rss_kib()
@@ -146,7 +146,15 @@ def test_appended_bombs_fetch_bounded_and_the_server_stays_up(serve: Serve) -> N
         c.send(b"a%d APPEND Drafts {%d}\r\n" % (i, len(raw)))
         assert c.response().startswith(b"+")
         c.send(raw + b"\r\n")
-        assert c.response().startswith(b"a%d OK" % i)
+        answer = c.response()
+        assert answer.startswith(b"a%d NO [" % i), answer[:200]
+    assert b"(MESSAGES 0)" in b"".join(c.command("e", "STATUS Drafts (MESSAGES)"))
+    # Mail filed before a policy change (or by an office allowed more) can
+    # still hold such structures, so the FETCH side is bounded on its own:
+    # the same bombs filed through the store, below the policy.
+    session = serve.store.login(member, PASSWORD)
+    for raw in bombs:
+        serve.store.append(session, "Drafts", raw)
     assert c.command("s", "SELECT Drafts")[-1].startswith(b"s OK")
     lines = c.command("f", "FETCH 1:* (BODYSTRUCTURE ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert lines[-1].startswith(b"f OK"), lines[-1]
