@@ -129,7 +129,8 @@ def test_read_audit_one_event_per_fetch(server: Server) -> None:
     c.close()
     with server.store._sessions() as s:
         events = list(s.scalars(select(AuditEvent).where(AuditEvent.account == member,
-                                                         AuditEvent.event == "message.read")))
+                                                         AuditEvent.event == "message.read")
+                                .order_by(AuditEvent.id)))  # PostgreSQL gives no order unless asked
     assert len(events) == 2
     many, one = events
     assert many.message is None and "count=3" in many.detail and "client=AuditClient" in many.detail
