@@ -10,6 +10,12 @@ SIGTERM and SIGINT stop accepting connections, let open sessions finish for
 up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
 after it is stored, so closing a session mid-transaction loses nothing that
 was acknowledged.
+
+Debugging memory: started with Python's own ``PYTHONTRACEMALLOC=N`` (N
+frames per allocation), the server writes a ``tracemalloc`` snapshot to
+``HOME/tracemalloc-<unix time>.snap`` on each SIGUSR1, for comparing
+offline (``bench/tracemalloc_diff.py``). Snapshots hold code locations and
+sizes only, never data.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +63,14 @@ def build_services(runtime: Runtime) -> list[Service]:
             AuditService(runtime), NodeLink(runtime)]
 
 
+def dump_tracemalloc(home: Path) -> Path:
+    """Write a tracemalloc snapshot into the home folder (SIGUSR1, when tracing)."""
+    path = home / f"tracemalloc-{time.time():.0f}.snap"
+    tracemalloc.take_snapshot().dump(str(path))
+    log.info("tracemalloc snapshot written (%d KiB traced)", tracemalloc.get_traced_memory()[0] // 1024)
+    return path
+
+
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
     loop = asyncio.get_running_loop()
     services = build_services(runtime)
@@ -65,6 +81,8 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    if tracemalloc.is_tracing():
+        loop.add_signal_handler(signal.SIGUSR1, dump_tracemalloc, runtime.home)
     print(f"postvault ready: {', '.join(listening) or 'no listeners configured'}", flush=True)
     log.info("ready: %s", ", ".join(listening))
     await stop.wait()
