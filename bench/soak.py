@@ -197,6 +197,7 @@ class Options:
     fast_kdf: bool = False
     seed: int = 1
     tracemalloc: int = 0  # frames per allocation traced in the server; 0: off
+    memory_log: bool = False  # SIGUSR1 each minute: the server logs RSS, SQLite's and Python's heaps
 
 
 @dataclass
@@ -695,8 +696,9 @@ async def _load(opts: Options, server: Serve, imaps: int, subs: int, mailboxes: 
 
 
 def snapshot(opts: Options, server: Serve) -> None:
-    """With --tracemalloc: ask the server for a snapshot (postvault/serve.py)."""
-    if opts.tracemalloc:
+    """With --memory-log: the server logs where its memory is, and with
+    --tracemalloc writes a snapshot too (postvault/serve.py, SIGUSR1)."""
+    if opts.memory_log or opts.tracemalloc:
         os.kill(server.pid, signal.SIGUSR1)
 
 
@@ -821,12 +823,14 @@ def main() -> int:
                     help="trace the server's allocations (FRAMES per traceback) and have it write a snapshot "
                          "into the home folder after the warm-up, each minute and after the logouts "
                          "(compare with bench/tracemalloc_diff.py; use with --keep)")
+    ap.add_argument("--memory-log", action="store_true",
+                    help="have the server log its VmRSS and SQLite's heap at the same moments (use with --keep)")
     args = ap.parse_args()
     if not (0 < args.minutes <= 120 and 1 <= args.imap <= 400 and 0 <= args.smtp <= 100 and args.per_account >= 1):
         ap.error("out of range: 0 < --minutes <= 120, 1 <= --imap <= 400, 0 <= --smtp <= 100")
     opts = Options(minutes=args.minutes, imap=args.imap, smtp=args.smtp, per_account=args.per_account,
                    interval=args.interval, warmup=args.warmup, fast_kdf=args.fast_kdf,
-                   tracemalloc=args.tracemalloc)
+                   tracemalloc=args.tracemalloc, memory_log=args.memory_log)
     if args.keep:
         work = Path(args.keep).absolute()
         work.mkdir(parents=True, exist_ok=False)

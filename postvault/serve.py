@@ -11,16 +11,20 @@ up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
 after it is stored, so closing a session mid-transaction loses nothing that
 was acknowledged.
 
-Debugging memory: started with Python's own ``PYTHONTRACEMALLOC=N`` (N
-frames per allocation), the server writes a ``tracemalloc`` snapshot to
-``HOME/tracemalloc-<unix time>.snap`` on each SIGUSR1, for comparing
-offline (``bench/tracemalloc_diff.py``). Snapshots hold code locations and
-sizes only, never data.
+Debugging memory: SIGUSR1 logs one line with the process's VmRSS, the
+memory SQLite's own allocator holds (page caches, schemas, statements:
+outside Python's heap) and, if tracing, Python's traced heap. Started with
+Python's own ``PYTHONTRACEMALLOC=N`` (N frames per allocation), the server
+also writes a ``tracemalloc`` snapshot to ``HOME/tracemalloc-<unix
+time>.snap``, for comparing offline (``bench/tracemalloc_diff.py``).
+Snapshots hold code locations and sizes only, never data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import signal
 import sys
@@ -63,11 +67,39 @@ def build_services(runtime: Runtime) -> list[Service]:
             AuditService(runtime), NodeLink(runtime)]
 
 
-def dump_tracemalloc(home: Path) -> Path:
-    """Write a tracemalloc snapshot into the home folder (SIGUSR1, when tracing)."""
+def _sqlite_heap() -> tuple[int, int] | None:
+    """SQLite's allocator: bytes held now and at most, process-wide (the
+    library Python's sqlite3 module is linked with)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    except OSError:
+        return None  # linked statically: not reachable this way
+    lib.sqlite3_memory_used.restype = lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+    return int(lib.sqlite3_memory_used()), int(lib.sqlite3_memory_highwater(0))
+
+
+def _vm_rss_kib() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def memory_report(home: Path) -> Path | None:
+    """SIGUSR1: one log line on where the memory is; with tracemalloc on,
+    a snapshot in the home folder too (its path is returned)."""
+    sqlite = _sqlite_heap()
+    sqlite_text = "unknown" if sqlite is None else f"{sqlite[0] // 1024} KiB (peak {sqlite[1] // 1024} KiB)"
+    traced = f"{tracemalloc.get_traced_memory()[0] // 1024} KiB" if tracemalloc.is_tracing() else "not traced"
+    log.info("memory: VmRSS %d KiB, SQLite heap %s, Python heap %s", _vm_rss_kib(), sqlite_text, traced)
+    if not tracemalloc.is_tracing():
+        return None
     path = home / f"tracemalloc-{time.time():.0f}.snap"
     tracemalloc.take_snapshot().dump(str(path))
-    log.info("tracemalloc snapshot written (%d KiB traced)", tracemalloc.get_traced_memory()[0] // 1024)
     return path
 
 
@@ -81,8 +113,7 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload)
-    if tracemalloc.is_tracing():
-        loop.add_signal_handler(signal.SIGUSR1, dump_tracemalloc, runtime.home)
+    loop.add_signal_handler(signal.SIGUSR1, memory_report, runtime.home)
     print(f"postvault ready: {', '.join(listening) or 'no listeners configured'}", flush=True)
     log.info("ready: %s", ", ".join(listening))
     await stop.wait()
