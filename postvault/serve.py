@@ -13,7 +13,9 @@ was acknowledged.
 
 Debugging memory: SIGUSR1 logs one line with the process's VmRSS, the
 memory SQLite's own allocator holds (page caches, schemas, statements:
-outside Python's heap) and, if tracing, Python's traced heap. Started with
+outside Python's heap), glibc malloc's totals (in use, free but kept in
+its arenas, mmapped), Python's allocated blocks and, if tracing, Python's
+traced heap. Started with
 Python's own ``PYTHONTRACEMALLOC=N`` (N frames per allocation), the server
 also writes a ``tracemalloc`` snapshot to ``HOME/tracemalloc-<unix
 time>.snap``, for comparing offline (``bench/tracemalloc_diff.py``).
@@ -28,6 +30,7 @@ import ctypes.util
 import logging
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -78,6 +81,24 @@ def _sqlite_heap() -> tuple[int, int] | None:
     return int(lib.sqlite3_memory_used()), int(lib.sqlite3_memory_highwater(0))
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_text() -> str:
+    """glibc's view of the C heap: bytes in use, free but kept in its
+    arenas (fragmentation), and in mmapped blocks."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return "malloc unknown"  # not glibc 2.33+
+    return (f"malloc in use {info.uordblks // 1024} KiB, free in arenas {info.fordblks // 1024} KiB, "
+            f"mmapped {info.hblkhd // 1024} KiB")
+
+
 def _vm_rss_kib() -> int:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -95,7 +116,8 @@ def memory_report(home: Path) -> Path | None:
     sqlite = _sqlite_heap()
     sqlite_text = "unknown" if sqlite is None else f"{sqlite[0] // 1024} KiB (peak {sqlite[1] // 1024} KiB)"
     traced = f"{tracemalloc.get_traced_memory()[0] // 1024} KiB" if tracemalloc.is_tracing() else "not traced"
-    log.info("memory: VmRSS %d KiB, SQLite heap %s, Python heap %s", _vm_rss_kib(), sqlite_text, traced)
+    log.info("memory: VmRSS %d KiB, SQLite heap %s, Python heap %s, %s, %d Python objects' blocks, %d threads",
+             _vm_rss_kib(), sqlite_text, traced, _malloc_text(), sys.getallocatedblocks(), threading.active_count())
     if not tracemalloc.is_tracing():
         return None
     path = home / f"tracemalloc-{time.time():.0f}.snap"
