@@ -286,9 +286,7 @@ class SubmissionHandler:
         outcome = prepare.result()
         if isinstance(outcome, PreparedDelivery):
             done = asyncio.get_running_loop().run_in_executor(None, self.store.discard_delivery, outcome)
-            done.add_done_callback(lambda f: f.cancelled() or f.exception() is None or log.warning(
-                "an abandoned message's blob was not removed (%s); the next start's sweep removes it",
-                type(f.exception()).__name__))
+            done.add_done_callback(_discarded)
 
     def _check_and_prepare(self, email: str, envelope: SubmissionEnvelope, raw: bytes, head_end: int,
                            final: bytes, client_ip: str | None) -> _Refusal | PreparedDelivery:
@@ -460,3 +458,10 @@ def _address_literal(ip: str) -> str:
     except ValueError:
         return "[unknown]"
     return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+
+
+def _discarded(done: asyncio.Future[None]) -> None:
+    """The end of ``Store.discard_delivery`` for an abandoned message."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("an abandoned message's blob was not removed (%s); the next start's sweep removes it",
+                    type(done.exception()).__name__)

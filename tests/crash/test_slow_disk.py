@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
@@ -76,8 +75,8 @@ def slow(tmp_path: Path) -> Iterator[tuple[Harness, Path]]:
         if h.proc is not None and h.proc.poll() is None:
             h.proc.kill()
             h.proc.wait(30)
-        if subprocess.run(["umount", str(data)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(data)], capture_output=True)
+        if subprocess.run(["umount", str(data)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(data)], capture_output=True, check=False)
         try:
             fs.wait(20)
         except subprocess.TimeoutExpired:
@@ -172,7 +171,7 @@ def test_slow_disk_keeps_answering_and_loses_nothing(slow: tuple[Harness, Path])
         s.sock.settimeout(0.05)
         try:
             code, _ = s.data(make_message(SENDER, RECIPIENT, tag))
-        except (TimeoutError, socket.timeout, smtplib.SMTPServerDisconnected, ssl.SSLError):
+        except (TimeoutError, smtplib.SMTPServerDisconnected, ssl.SSLError):
             with lock:
                 gave_up.append(tag)
             s.close()
@@ -187,7 +186,7 @@ def test_slow_disk_keeps_answering_and_loses_nothing(slow: tuple[Harness, Path])
         m.sock.settimeout(0.05)
         try:
             typ, _ = m.append("INBOX", None, None, make_message(APPENDER, APPENDER, tag))
-        except (TimeoutError, socket.timeout, imaplib.IMAP4.abort, OSError):
+        except (imaplib.IMAP4.abort, OSError):  # TimeoutError is an OSError
             with lock:
                 gave_up.append(tag)
             m.shutdown()

@@ -21,7 +21,7 @@ from postvault.policy.schema import Policy
 from postvault.store.api import Store
 
 from ..conftest import PASSWORD
-from .test_server_unit import SecureTransport, make
+from .test_server_unit import make
 
 
 class HeldService:
@@ -62,7 +62,7 @@ def test_a_delivery_during_the_idle_catch_up_wakes_the_idler(store: Store, peopl
     an hour here); "view-current" passed there too, and guards the fix."""
     member, sender = people["member"], people["colleague"]
     store.deliver(b"Subject: first\r\n\r\none\r\n", sender, [member])
-    proto, transport, clock = make()
+    proto, transport, _ = make()
     service = HeldService(store)
     proto.service = service
     session = store.login(member, PASSWORD)
@@ -106,7 +106,7 @@ def test_a_failed_idle_catch_up_leaves_no_idle_behind(store: Store, people: dict
     """If the catch-up's read fails, IDLE answers with an error and the
     session reads commands again (it is not left waiting for DONE)."""
     member = people["member"]
-    proto, transport, clock = make()
+    proto, transport, _ = make()
     service = HeldService(store)
     proto.service = service
     proto.account = Account(store.login(member, PASSWORD), service)
