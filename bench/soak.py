@@ -63,6 +63,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import smtplib
 import ssl
 import sys
@@ -195,6 +196,8 @@ class Options:
     session: tuple[float, float] = (120.0, 300.0)
     fast_kdf: bool = False
     seed: int = 1
+    tracemalloc: int = 0  # frames per allocation traced in the server; 0: off
+    memory_log: bool = False  # SIGUSR1 each minute: the server logs RSS, SQLite's and Python's heaps
 
 
 @dataclass
@@ -596,6 +599,10 @@ def run(opts: Options, work: Path) -> Result:
     # would look the recipients' domains up in the DNS.
     with sink(Certs(certs / "ca.pem", certs / "server.pem", certs / "server.key")) as (notices, relay):
         extra.update(POSTVAULT_NOTIFY_RELAY=f"127.0.0.1:{relay}", POSTVAULT_NOTIFY_RELAY_CA=str(certs / "ca.pem"))
+        if opts.tracemalloc:
+            # The server only: the snapshots it writes on SIGUSR1 (each
+            # minute and after the logouts) land in the home folder.
+            extra["PYTHONTRACEMALLOC"] = str(opts.tracemalloc)
         server = Serve(home, {"imaps": f"127.0.0.1:{imaps}", "submissions": f"127.0.0.1:{subs}"},
                        work / "serve.log", extra)
         log(f"postvault serve ready (pid {server.pid}), imaps {imaps}, submissions {subs}")
@@ -656,6 +663,7 @@ async def _load(opts: Options, server: Serve, imaps: int, subs: int, mailboxes: 
     log(f"every client logged in after {t_in - t0:.0f} s")
     await asyncio.sleep(warmup)
     rss_start = server.rss_kib()
+    snapshot(opts, server)
     stats.warm, stats.warm_at = True, time.perf_counter()
     log(f"warm-up done: server VmRSS {rss_start / 1024:.1f} MiB")
     next_report = time.perf_counter() + 60
@@ -665,6 +673,7 @@ async def _load(opts: Options, server: Serve, imaps: int, subs: int, mailboxes: 
             next_report += 60
             log(f"{time.perf_counter() - t0:.0f} s: {len(sent)} sent, errors {sum(stats.errors.values())}, "
                 f"VmRSS {server.rss_kib() / 1024:.1f} MiB")
+            snapshot(opts, server)
     rss_end = server.rss_kib()
     rss.append((time.perf_counter() - t0, rss_end))
     # Senders first, then the IMAP clients collect what is left.
@@ -678,11 +687,19 @@ async def _load(opts: Options, server: Serve, imaps: int, subs: int, mailboxes: 
     await asyncio.wait_for(asyncio.gather(*tasks, sampler), COMMAND_TIMEOUT * 2)
     await asyncio.sleep(2.0)
     rss_after = server.rss_kib()
+    snapshot(opts, server)
     cpu = server.cpu_seconds() - cpu0
     elapsed = time.perf_counter() - t0
     result = _judge(opts, stats, sent, watchers, rss, rss_start, rss_end, rss_after, cpu, elapsed)
     result.first_logins = t_in - t0
     return result
+
+
+def snapshot(opts: Options, server: Serve) -> None:
+    """With --memory-log: the server logs where its memory is, and with
+    --tracemalloc writes a snapshot too (postvault/serve.py, SIGUSR1)."""
+    if opts.memory_log or opts.tracemalloc:
+        os.kill(server.pid, signal.SIGUSR1)
 
 
 def _judge(opts: Options, stats: Stats, sent: dict[str, Sent], watchers: list[Watcher],
@@ -802,11 +819,18 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, help="seconds before the start RSS (default 10 %% of the run)")
     ap.add_argument("--fast-kdf", action="store_true", help="one Argon2id pass for the accounts (quicker set-up)")
     ap.add_argument("--keep", help="work in this folder and keep it (the server log is serve.log)")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                    help="trace the server's allocations (FRAMES per traceback) and have it write a snapshot "
+                         "into the home folder after the warm-up, each minute and after the logouts "
+                         "(compare with bench/tracemalloc_diff.py; use with --keep)")
+    ap.add_argument("--memory-log", action="store_true",
+                    help="have the server log its VmRSS and SQLite's heap at the same moments (use with --keep)")
     args = ap.parse_args()
     if not (0 < args.minutes <= 120 and 1 <= args.imap <= 400 and 0 <= args.smtp <= 100 and args.per_account >= 1):
         ap.error("out of range: 0 < --minutes <= 120, 1 <= --imap <= 400, 0 <= --smtp <= 100")
     opts = Options(minutes=args.minutes, imap=args.imap, smtp=args.smtp, per_account=args.per_account,
-                   interval=args.interval, warmup=args.warmup, fast_kdf=args.fast_kdf)
+                   interval=args.interval, warmup=args.warmup, fast_kdf=args.fast_kdf,
+                   tracemalloc=args.tracemalloc, memory_log=args.memory_log)
     if args.keep:
         work = Path(args.keep).absolute()
         work.mkdir(parents=True, exist_ok=False)

@@ -10,15 +10,30 @@ SIGTERM and SIGINT stop accepting connections, let open sessions finish for
 up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
 after it is stored, so closing a session mid-transaction loses nothing that
 was acknowledged.
+
+Debugging memory: SIGUSR1 logs one line with the process's VmRSS, the
+memory SQLite's own allocator holds (page caches, schemas, statements:
+outside Python's heap), glibc malloc's totals (in use, free but kept in
+its arenas, mmapped), Python's allocated blocks and, if tracing, Python's
+traced heap. Started with
+Python's own ``PYTHONTRACEMALLOC=N`` (N frames per allocation), the server
+also writes a ``tracemalloc`` snapshot to ``HOME/tracemalloc-<unix
+time>.snap``, for comparing offline (``bench/tracemalloc_diff.py``).
+Snapshots hold code locations and sizes only, never data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import resource
 import signal
 import sys
+import threading
+import time
+import tracemalloc
 from pathlib import Path
 from typing import Protocol
 
@@ -56,6 +71,61 @@ def build_services(runtime: Runtime) -> list[Service]:
             AuditService(runtime), NodeLink(runtime)]
 
 
+def _sqlite_heap() -> tuple[int, int] | None:
+    """SQLite's allocator: bytes held now and at most, process-wide (the
+    library Python's sqlite3 module is linked with)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    except OSError:
+        return None  # linked statically: not reachable this way
+    lib.sqlite3_memory_used.restype = lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+    return int(lib.sqlite3_memory_used()), int(lib.sqlite3_memory_highwater(0))
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_text() -> str:
+    """glibc's view of the C heap: bytes in use, free but kept in its
+    arenas (fragmentation), and in mmapped blocks."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return "malloc unknown"  # not glibc 2.33+
+    return (f"malloc in use {info.uordblks // 1024} KiB, free in arenas {info.fordblks // 1024} KiB, "
+            f"mmapped {info.hblkhd // 1024} KiB")
+
+
+def _vm_rss_kib() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def memory_report(home: Path) -> Path | None:
+    """SIGUSR1: one log line on where the memory is; with tracemalloc on,
+    a snapshot in the home folder too (its path is returned)."""
+    sqlite = _sqlite_heap()
+    sqlite_text = "unknown" if sqlite is None else f"{sqlite[0] // 1024} KiB (peak {sqlite[1] // 1024} KiB)"
+    traced = f"{tracemalloc.get_traced_memory()[0] // 1024} KiB" if tracemalloc.is_tracing() else "not traced"
+    log.info("memory: VmRSS %d KiB, SQLite heap %s, Python heap %s, %s, %d Python objects' blocks, %d threads",
+             _vm_rss_kib(), sqlite_text, traced, _malloc_text(), sys.getallocatedblocks(), threading.active_count())
+    if not tracemalloc.is_tracing():
+        return None
+    path = home / f"tracemalloc-{time.time():.0f}.snap"
+    tracemalloc.take_snapshot().dump(str(path))
+    return path
+
+
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
     loop = asyncio.get_running_loop()
     services = build_services(runtime)
@@ -66,6 +136,7 @@ async def _run(runtime: Runtime, drain_seconds: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    loop.add_signal_handler(signal.SIGUSR1, memory_report, runtime.home)
     print(f"postvault ready: {', '.join(listening) or 'no listeners configured'}", flush=True)
     log.info("ready: %s", ", ".join(listening))
     await stop.wait()

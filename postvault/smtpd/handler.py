@@ -249,8 +249,18 @@ class SubmissionHandler:
         final = _stamp(server, session, envelope, raw, head_end)
         # Every check, the invitations and sealing in one worker-thread
         # call: one hop off the loop per message instead of five.
-        outcome = await asyncio.to_thread(self._check_and_prepare, account.email, envelope, raw, head_end, final,
-                                          server.peer_ip or None)
+        prepare = asyncio.ensure_future(asyncio.to_thread(self._check_and_prepare, account.email, envelope, raw,
+                                                          head_end, final, server.peer_ip or None))
+        try:
+            outcome = await asyncio.shield(prepare)
+        except asyncio.CancelledError:
+            # The session went away (client gone, server stopping) while
+            # the message was being sealed. The thread cannot be stopped and
+            # writes the sealed blob; nothing will submit it, so it is
+            # dropped when sealing ends, not left for the next start's sweep
+            # (found on a slow disk: fsck's orphan-blob, tests/crash/test_slow_disk.py).
+            prepare.add_done_callback(self._discard_abandoned)
+            raise
         if isinstance(outcome, _Refusal):
             await self.refused(server, "data", outcome.rule, outcome.code)
             return outcome.reply
@@ -266,6 +276,17 @@ class SubmissionHandler:
         log.info("session=%s account=%s accepted queue_id=%s recipients=%d size=%d", server.sid, account.email,
                  result.message_id, len(result.delivered), len(final))
         return replies.QUEUED.format(queue_id=result.message_id)
+
+    def _discard_abandoned(self, prepare: asyncio.Future[_Refusal | PreparedDelivery]) -> None:
+        """Drop the blob of a message sealed for a session that is gone."""
+        if prepare.cancelled():
+            return
+        if prepare.exception() is not None:
+            return  # nothing was kept; the session that would report it is gone
+        outcome = prepare.result()
+        if isinstance(outcome, PreparedDelivery):
+            done = asyncio.get_running_loop().run_in_executor(None, self.store.discard_delivery, outcome)
+            done.add_done_callback(_discarded)
 
     def _check_and_prepare(self, email: str, envelope: SubmissionEnvelope, raw: bytes, head_end: int,
                            final: bytes, client_ip: str | None) -> _Refusal | PreparedDelivery:
@@ -437,3 +458,10 @@ def _address_literal(ip: str) -> str:
     except ValueError:
         return "[unknown]"
     return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+
+
+def _discarded(done: asyncio.Future[None]) -> None:
+    """The end of ``Store.discard_delivery`` for an abandoned message."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("an abandoned message's blob was not removed (%s); the next start's sweep removes it",
+                    type(done.exception()).__name__)
