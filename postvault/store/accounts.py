@@ -33,6 +33,7 @@ from ..errors import AccountExists, AuthenticationFailed, IntegrityError, Invali
 from . import audit, crypto, passwords, serverkeys
 from .contacts import ContactsStore
 from .db import WRITE_OPTION, unit_of_work
+from .fastread import FastSelect
 from .models import Account, AuthFailure, Invitation, InvitationEscrow, Mailbox, MessageCopy, NotificationPrefs
 from .types import (
     DEFAULT_MAILBOXES,
@@ -266,8 +267,9 @@ class AccountStore(ContactsStore):
         if not wanted:
             return {}
         # Core, not the ORM: the SMTP server asks for every recipient.
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
-            return {r.email.lower(): AccountInfo(*r) for r in conn.execute(_ACCOUNT_INFO, {"emails": sorted(wanted)})}
+        # On SQLite on the sqlite3 connection itself (fastread.py).
+        rows = _ACCOUNT_INFO.run(self.engine, {"emails": sorted(wanted)})  # type: ignore[attr-defined]
+        return {r.email.lower(): AccountInfo(*r) for r in rows}
 
     def _check_password(
         self, email: str, password: str, client_ip: str | None, protocol: str | None
@@ -792,10 +794,10 @@ class AccountStore(ContactsStore):
             audit.record(s, "password.change", actor=acct.email, account=acct.email)
 
 
-_ACCOUNT_INFO = select(
+_ACCOUNT_INFO = FastSelect(select(
     Account.id, Account.email, Account.role, Account.state, Account.practice_name, Account.timezone,
     Account.mailbox_name,
-).where(func.lower(Account.email).in_(bindparam("emails", expanding=True)))
+).where(func.lower(Account.email).in_(bindparam("emails", expanding=True))))
 
 # -- notification claims inside a caller's transaction (SQLAlchemy Core) ------
 # The SMTP server claims the notifications of every message in the
