@@ -806,7 +806,7 @@ _ACCOUNT_INFO = FastSelect(select(
 # than filing the message itself.
 
 _PREFS = cast(Table, NotificationPrefs.__table__)  # a Table (mypy sees only FromClause)
-_CLAIM_READ = (
+_CLAIM_READ = FastSelect(
     select(Account.id, Account.email, Account.state, Account.role, Account.notify_enabled, Account.notify_email,
            _PREFS.c.account_id.label("has_prefs"), _PREFS.c.mode, _PREFS.c.interval_minutes, _PREFS.c.last_sent_at,
            _PREFS.c.held_since)
@@ -833,7 +833,9 @@ def claim_notifications_in(
     nothing (nothing was written for it)."""
     out: list[NotifyTarget | None | Exception] = []
     for email in emails:
-        row = conn.execute(_CLAIM_READ, {"email": email.strip().lower()}).first()
+        # In the writer's transaction, on the sqlite3 connection (fastread.py).
+        rows = _CLAIM_READ.rows(conn, {"email": email.strip().lower()})
+        row = rows[0] if rows else None
         if row is None:
             out.append(NoSuchAccount(f"no account for {email.strip()}"))
             continue

@@ -10,10 +10,13 @@ owners and the office allowances at DATA).
 ``FastSelect`` wraps one Core SELECT, built once, and compiles it once for
 SQLite. ``run(engine, params)`` executes it on the pooled connection's
 sqlite3 object inside ``BEGIN ... ROLLBACK`` (one snapshot, exactly as the
-Core read's deferred transaction) and returns named rows; on any other
-database it runs the Core statement unchanged. Only plain column types
-(integers, strings, bytes) may be selected: no SQLAlchemy result
-processing happens on the SQLite path. An expanding ``IN`` parameter
+Core read's deferred transaction) and returns named rows; ``rows(conn,
+params)`` does the same inside the caller's transaction (the writer's).
+On any other database the Core statement runs unchanged. Each column's
+value goes through the SQLAlchemy result processor of its type for this
+dialect (DATETIME text to ``datetime``, 0/1 to ``bool``), so rows hold
+what Core would return; parameters are passed as they are, so they must
+be plain values (strings, integers, bytes). An expanding ``IN`` parameter
 (``bindparam(..., expanding=True)``) becomes one ``?`` per value.
 """
 
@@ -48,6 +51,9 @@ class FastSelect:
         self._names = list(compiled.positiontup or ())
         self._sql = compiled.string
         self._by_count: dict[tuple[int, ...], str] = {}
+        # Per column, the result processor of its type on the engine's
+        # dialect (None: the value as sqlite3 gives it), set at first use.
+        self._procs: list[Any] | None = None
 
     def _text(self, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
         if not self._expanding:
@@ -72,7 +78,16 @@ class FastSelect:
         if conn.dialect.name != "sqlite":
             return conn.execute(self.stmt, dict(params)).all()
         sql, values = self._text(params)
-        return [self._row._make(r) for r in _raw(conn, sql, values)]
+        procs = self._procs
+        if procs is None:
+            dialect = conn.dialect
+            found = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in self.stmt.selected_columns]
+            procs = self._procs = found if any(found) else []
+        make = self._row._make
+        if not procs:
+            return [make(r) for r in _raw(conn, sql, values)]
+        return [make([v if f is None or v is None else f(v) for f, v in zip(procs, r)])
+                for r in _raw(conn, sql, values)]
 
     def run(self, engine: Engine, params: Mapping[str, Any]) -> Sequence[Any]:
         """The rows, read in a transaction of their own."""

@@ -55,8 +55,35 @@ def test_a_snapshot_leaves_no_transaction_open(store: Store, people: dict[str, s
 def test_a_database_error_comes_out_as_sqlalchemy_raises_it(store: Store) -> None:
     import pytest
     from sqlalchemy import column, select, table
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError
 
     broken = FastSelect(select(column("x")).select_from(table("no_such_table")))
-    with pytest.raises(OperationalError):
+    with pytest.raises(DBAPIError) as core:
+        _core(store, broken, {})
+    with pytest.raises(DBAPIError) as fast:
         broken.run(store.engine, {})
+    assert type(fast.value) is type(core.value)
+    assert type(fast.value.orig) is type(core.value.orig)
+
+
+def test_the_notification_claim_read_converts_as_core_does(store: Store, people: dict[str, str]) -> None:
+    """DATETIME and BOOLEAN columns come back as Core returns them."""
+    from datetime import datetime, timezone
+
+    from postvault.store.accounts import _CLAIM_READ
+
+    member, member2, colleague = people["member"], people["member2"], people["colleague"]
+    at = datetime(2024, 1, 2, 9, 30, 15, 123456, tzinfo=timezone.utc)
+    store.claim_notification(member, at, lambda _state, _at: "send")
+    store.claim_notification(member2, at, lambda _state, _at: "hold")
+    store.set_notification_settings(colleague, mode="off")
+    seen = []
+    for email in (member, member2, colleague, "nobody@x.test"):
+        expected = _core(store, _CLAIM_READ, {"email": email})
+        with store.engine.connect() as conn, conn.begin():
+            got = [tuple(r) for r in _CLAIM_READ.rows(conn, {"email": email})]
+        assert got == expected
+        assert [tuple(type(v) for v in r) for r in got] == [tuple(type(v) for v in r) for r in expected]
+        seen.extend(got)
+    values = [v for r in seen for v in r]
+    assert any(isinstance(v, datetime) for v in values) and any(isinstance(v, bool) for v in values)
