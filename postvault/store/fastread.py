@@ -26,7 +26,7 @@ import re
 from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Select
 from sqlalchemy.dialects import sqlite
@@ -40,7 +40,7 @@ _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
 class FastSelect:
     """One SELECT, compiled once for SQLite (see the module docstring)."""
 
-    def __init__(self, stmt: Select[Unpack[tuple[Any, ...]]]) -> None:
+    def __init__(self, stmt: Select[*tuple[Any, ...]]) -> None:
         self.stmt = stmt
         compiled = stmt.compile(dialect=_SQLITE)
         self._row: Any = namedtuple("Row", list(stmt.selected_columns.keys()), rename=True)  # type: ignore[misc]

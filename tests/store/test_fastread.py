@@ -68,12 +68,12 @@ def test_a_database_error_comes_out_as_sqlalchemy_raises_it(store: Store) -> Non
 
 def test_the_notification_claim_read_converts_as_core_does(store: Store, people: dict[str, str]) -> None:
     """DATETIME and BOOLEAN columns come back as Core returns them."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from postvault.store.accounts import _CLAIM_READ
 
     member, member2, colleague = people["member"], people["member2"], people["colleague"]
-    at = datetime(2024, 1, 2, 9, 30, 15, 123456, tzinfo=timezone.utc)
+    at = datetime(2024, 1, 2, 9, 30, 15, 123456, tzinfo=UTC)
     store.claim_notification(member, at, lambda _state, _at: "send")
     store.claim_notification(member2, at, lambda _state, _at: "hold")
     store.set_notification_settings(colleague, mode="off")
