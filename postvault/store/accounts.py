@@ -33,6 +33,7 @@ from ..errors import AccountExists, AuthenticationFailed, IntegrityError, Invali
 from . import audit, crypto, passwords, serverkeys
 from .contacts import ContactsStore
 from .db import WRITE_OPTION, unit_of_work
+from .fastread import FastSelect
 from .models import Account, AuthFailure, Invitation, InvitationEscrow, Mailbox, MessageCopy, NotificationPrefs
 from .types import (
     DEFAULT_MAILBOXES,
@@ -266,8 +267,9 @@ class AccountStore(ContactsStore):
         if not wanted:
             return {}
         # Core, not the ORM: the SMTP server asks for every recipient.
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
-            return {r.email.lower(): AccountInfo(*r) for r in conn.execute(_ACCOUNT_INFO, {"emails": sorted(wanted)})}
+        # On SQLite on the sqlite3 connection itself (fastread.py).
+        rows = _ACCOUNT_INFO.run(self.engine, {"emails": sorted(wanted)})  # type: ignore[attr-defined]
+        return {r.email.lower(): AccountInfo(*r) for r in rows}
 
     def _check_password(
         self, email: str, password: str, client_ip: str | None, protocol: str | None
@@ -792,10 +794,10 @@ class AccountStore(ContactsStore):
             audit.record(s, "password.change", actor=acct.email, account=acct.email)
 
 
-_ACCOUNT_INFO = select(
+_ACCOUNT_INFO = FastSelect(select(
     Account.id, Account.email, Account.role, Account.state, Account.practice_name, Account.timezone,
     Account.mailbox_name,
-).where(func.lower(Account.email).in_(bindparam("emails", expanding=True)))
+).where(func.lower(Account.email).in_(bindparam("emails", expanding=True))))
 
 # -- notification claims inside a caller's transaction (SQLAlchemy Core) ------
 # The SMTP server claims the notifications of every message in the
@@ -804,7 +806,7 @@ _ACCOUNT_INFO = select(
 # than filing the message itself.
 
 _PREFS = cast(Table, NotificationPrefs.__table__)  # a Table (mypy sees only FromClause)
-_CLAIM_READ = (
+_CLAIM_READ = FastSelect(
     select(Account.id, Account.email, Account.state, Account.role, Account.notify_enabled, Account.notify_email,
            _PREFS.c.account_id.label("has_prefs"), _PREFS.c.mode, _PREFS.c.interval_minutes, _PREFS.c.last_sent_at,
            _PREFS.c.held_since)
@@ -831,7 +833,9 @@ def claim_notifications_in(
     nothing (nothing was written for it)."""
     out: list[NotifyTarget | None | Exception] = []
     for email in emails:
-        row = conn.execute(_CLAIM_READ, {"email": email.strip().lower()}).first()
+        # In the writer's transaction, on the sqlite3 connection (fastread.py).
+        rows = _CLAIM_READ.rows(conn, {"email": email.strip().lower()})
+        row = rows[0] if rows else None
         if row is None:
             out.append(NoSuchAccount(f"no account for {email.strip()}"))
             continue

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..errors import InvalidInput, NoSuchAccount
 from . import audit
 from .db import unit_of_work
+from .fastread import FastSelect, snapshot
 from .models import Account, AddressBookEntry
 from .types import normalize_email, now
 
@@ -31,10 +32,10 @@ ContactOutcome = Literal["added", "updated", "unchanged"]
 
 
 # Built once (see ``contacts``).
-_ACCOUNT_ROLE = select(Account.id, Account.role).where(func.lower(Account.email) == bindparam("email"))
-_MEMBER_BOOK = select(AddressBookEntry.email).where(AddressBookEntry.member_id == bindparam("account"))
-_INVITED_BY = (select(Account.email).join(AddressBookEntry, AddressBookEntry.member_id == Account.id)
-               .where(AddressBookEntry.colleague_id == bindparam("account")))
+_ACCOUNT_ROLE = FastSelect(select(Account.id, Account.role).where(func.lower(Account.email) == bindparam("email")))
+_MEMBER_BOOK = FastSelect(select(AddressBookEntry.email).where(AddressBookEntry.member_id == bindparam("account")))
+_INVITED_BY = FastSelect(select(Account.email).join(AddressBookEntry, AddressBookEntry.member_id == Account.id)
+                         .where(AddressBookEntry.colleague_id == bindparam("account")))
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,11 @@ class ContactsStore:
     def contacts(self, email: str) -> list[str]:
         """A member's address book, or the members who invited a colleague."""
         # Core, not the ORM: the SMTP server reads this for every message.
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
-            found = conn.execute(_ACCOUNT_ROLE, {"email": email.strip().lower()}).first()
-            if found is None:
+        # On SQLite on the sqlite3 connection itself (fastread.py).
+        with snapshot(self.engine) as conn:  # type: ignore[attr-defined]
+            rows = _ACCOUNT_ROLE.rows(conn, {"email": email.strip().lower()})
+            if not rows:
                 raise NoSuchAccount(f"no account for {email.strip()}")
+            found = rows[0]
             query = _MEMBER_BOOK if found.role == "member" else _INVITED_BY
-            return sorted(r[0] for r in conn.execute(query, {"account": found.id}))
+            return sorted(r[0] for r in query.rows(conn, {"account": found.id}))

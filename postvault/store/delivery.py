@@ -45,6 +45,7 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ..errors import MailboxNotFound, NoSuchAccount
 from . import audit, threads
+from .fastread import FastSelect
 from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
 from .notify import Change
 from .sqlcompat import insert_ignoring_duplicates
@@ -60,8 +61,9 @@ _PARTICIPANTS = ThreadParticipant.__table__
 
 # Built once: a statement object made per call costs more CPU (SQLAlchemy's
 # coercions and cache keys) than SQLite takes to run it.
-_OWNERS = select(Account.id, Account.email, Account.public_key, Account.key_owner, Account.practice_name).where(
-    func.lower(Account.email).in_(bindparam("emails", expanding=True)))
+_OWNERS = FastSelect(select(
+    Account.id, Account.email, Account.public_key, Account.key_owner, Account.practice_name,
+).where(func.lower(Account.email).in_(bindparam("emails", expanding=True))))
 _HELD = (
     select(Message.thread_id)
     .join(MessageCopy, MessageCopy.message_id == Message.id)
@@ -97,7 +99,7 @@ def load_owners(conn: Connection, emails: Sequence[str]) -> list[Owner]:
     """The accounts of ``emails``, in that order, in one query; the first
     unknown one raises ``NoSuchAccount``."""
     wanted = [e.strip().lower() for e in emails]
-    rows = conn.execute(_OWNERS, {"emails": sorted(set(wanted))})
+    rows = _OWNERS.rows(conn, {"emails": sorted(set(wanted))})
     found = {r.email.lower(): Owner(r.id, r.email, r.public_key, r.key_owner, r.practice_name) for r in rows}
     out = []
     for given, key in zip(emails, wanted):

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from . import delivery
+from . import delivery, fastread
 from .db import WRITE_OPTION, unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
@@ -672,7 +672,7 @@ class MailStore:
         the result to ``submit_delivery`` (or ``discard_delivery``)."""
         if not recipients:
             raise InvalidInput("a message needs at least one recipient")
-        with self.engine.connect() as conn:
+        with fastread.snapshot(self.engine) as conn:
             owners = delivery.load_owners(conn, [sender, *recipients])
         sender_owner, rcpts = owners[0], {o.email.lower(): o for o in owners[1:]}
         data = _bytes_of(raw)
