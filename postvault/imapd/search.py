@@ -39,8 +39,9 @@ class Candidate:
     uid: int
     flags: frozenset[str]
     recent: bool
-    size: int
-    internal_date: datetime
+    # Read only when a key needs them (``uses_metadata``).
+    size: int | None = None
+    internal_date: datetime | None = None
 
 
 class _Lazy:
@@ -115,6 +116,14 @@ def _sent_date(msg: email.message.Message) -> date | None:
         return None
 
 
+_METADATA = {"LARGER", "SMALLER", "BEFORE", "ON", "SINCE"}
+
+
+def uses_metadata(key: Key) -> bool:
+    """Whether matching ``key`` needs the messages' sizes or internal dates."""
+    return key.name in _METADATA or any(uses_metadata(k) for k in key.sub)
+
+
 def _is_cheap(key: Key) -> bool:
     if key.name in _CONTENT:
         return False
@@ -159,10 +168,13 @@ class Matcher:
         if n == "OLD":
             return not c.recent
         if n == "LARGER":
+            assert c.size is not None
             return c.size > key.args[0]  # type: ignore[operator]
         if n == "SMALLER":
+            assert c.size is not None
             return c.size < key.args[0]  # type: ignore[operator]
         if n in ("BEFORE", "ON", "SINCE"):
+            assert c.internal_date is not None
             # RFC 3501: dates compare without time and timezone; we use UTC.
             day = c.internal_date.astimezone(timezone.utc).date() if c.internal_date.tzinfo else c.internal_date.date()
             return _compare(n, day, key.args[0].date())  # type: ignore[attr-defined]
