@@ -204,12 +204,13 @@ def _compare(op: str, value: date, ref: date) -> bool:
 
 
 def run_search(store: Any, session: Any, mailbox: str, key: Key, candidates: list[Candidate],
-               largest_seq: int, largest_uid: int) -> list[Candidate]:
-    """The candidates that match; on a worker thread."""
+               largest_seq: int, largest_uid: int, keys: Any = None) -> list[Candidate]:
+    """The candidates that match; on a worker thread. ``keys``: the
+    connection's ``ContentKeyCache``, passed on to ``open_message``."""
     matcher = Matcher(largest_seq, largest_uid)
     out = []
     for c in candidates:
-        lazy = _Lazy(lambda uid=c.uid: store.open_message(session, mailbox, uid))
+        lazy = _Lazy(lambda uid=c.uid: store.open_message(session, mailbox, uid, keys))
         try:
             if matcher.match(key, c, lazy):
                 out.append(c)

@@ -70,7 +70,7 @@ from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxHasChi
 from ..policy import folders
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
-from ..store.types import MessageMeta
+from ..store.types import ContentKeyCache, MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
 from .cred import FAILED, LoginRefused, StrictPLAIN, decode_sasl
@@ -280,6 +280,8 @@ class IMAPServer(imap4.IMAP4Server):
             waiting, self._waiting = self._waiting, None
             waiting.errback(Failure(ConnectionError("connection closed")))
         self.mbox = None
+        if self.account is not None:
+            self.account.logout()  # drops the content keys it holds
         self.account = None
         super().connectionLost(reason)
 
@@ -1382,7 +1384,7 @@ class IMAPServer(imap4.IMAP4Server):
         base = [(seq, u, box.flags_at(seq), u in box.recent) for seq, u in enumerate(box.uids, 1)
                 if u not in box.ghosts]
         found = await account.run(_search, self.store, account.session, box.name, key, base,
-                                  len(box.uids), box.uids[-1] if box.uids else 0)
+                                  len(box.uids), box.uids[-1] if box.uids else 0, account.keys)
         numbers = [c.uid if uid else c.seq for c in found]
         self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
         return b"SEARCH completed"
@@ -1423,7 +1425,8 @@ class IMAPServer(imap4.IMAP4Server):
                 data = _Batch({}, {}, {})
                 if (need_meta or need_structure) and live:
                     data = await account.run(_batch_data, self.store, account.session, box.name,
-                                             [u for _, u in live], need_meta, need_structure, pre_render)
+                                             [u for _, u in live], need_meta, need_structure, pre_render,
+                                             account.keys)
                 if need_meta:
                     live = [(s, u) for s, u in live if u in data.metas]
                 missing = missing or len(live) < len(batch)
@@ -1484,7 +1487,7 @@ class IMAPServer(imap4.IMAP4Server):
                             read.append(meta.message_id)
                         continue
                     got = await account.run(_read_small, self.store, account.session, box.name,
-                                            [(u, wants) for _, u, _, _, wants in group])
+                                            [(u, wants) for _, u, _, _, wants in group], account.keys)
                     out = []
                     for seq, u, meta, st, wants in group:
                         parts = got.get(u)
@@ -1553,7 +1556,7 @@ class IMAPServer(imap4.IMAP4Server):
         reader = None
         if needs_reader:
             try:
-                reader = await account.run(self.store.open_message, account.session, box.name, u)
+                reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
             except MessageNotFound:
                 return False
         write = self.transport.write
@@ -1718,7 +1721,7 @@ class _Batch:
 
 
 def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_meta: bool, need_structure: bool,
-                pre_render: tuple[str, ...]) -> _Batch:
+                pre_render: tuple[str, ...], keys: ContentKeyCache | None = None) -> _Batch:
     """What FETCH needs of a batch of messages, on a worker thread: their
     metadata, their structures (from the sealed summaries; parsed from the
     content for a message without one) and the ENVELOPE/BODYSTRUCTURE text,
@@ -1730,7 +1733,7 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
         if summaries is not None:
-            for u, doc in (summaries(session, mailbox, uids) or {}).items():
+            for u, doc in (summaries(session, mailbox, uids, keys) or {}).items():
                 if doc:
                     out.structures[u] = structure.from_summary(doc)
         rest = [u for u in uids if u not in out.structures]
@@ -1742,7 +1745,7 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
 
 
 def _search(store: Any, session: Any, mailbox: str, key: Any, base: list[tuple[int, int, frozenset[str], bool]],
-            count: int, largest_uid: int) -> list[Candidate]:
+            count: int, largest_uid: int, keys: ContentKeyCache | None = None) -> list[Candidate]:
     """SEARCH on a worker thread: sizes and dates read for the live
     messages of the view if a key compares them (flags, sequence numbers and
     UIDs are the view's already: reading every message's row for UNSEEN
@@ -1753,7 +1756,7 @@ def _search(store: Any, session: Any, mailbox: str, key: Any, base: list[tuple[i
                       for seq, u, flags, recent in base if u in metas]
     else:
         candidates = [Candidate(seq, u, flags, recent) for seq, u, flags, recent in base]
-    return run_search(store, session, mailbox, key, candidates, count, largest_uid)  # type: ignore[no-any-return]
+    return run_search(store, session, mailbox, key, candidates, count, largest_uid, keys)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -1784,15 +1787,15 @@ def _wants(items: list[FetchItem], st: structure.Structure | None, size: int) ->
     return out
 
 
-def _read_small(store: Any, session: Any, mailbox: str, wants: list[tuple[int, list[_Want]]]) \
-        -> dict[int, list[bytes] | IntegrityError]:
+def _read_small(store: Any, session: Any, mailbox: str, wants: list[tuple[int, list[_Want]]],
+                keys: ContentKeyCache | None = None) -> dict[int, list[bytes] | IntegrityError]:
     """The requested bytes of a group of small messages, on a worker thread:
     the store opens them in one go (``open_messages``), one at a time, each
     closed before the next. A message that fails authentication maps to its
     ``IntegrityError``; one that is gone is left out."""
     by_uid = dict(wants)
     out: dict[int, list[bytes] | IntegrityError] = {}
-    for uid, reader in store.open_messages(session, mailbox, list(by_uid)):
+    for uid, reader in store.open_messages(session, mailbox, list(by_uid), keys):
         if isinstance(reader, IntegrityError):
             out[uid] = reader
             continue
