@@ -49,7 +49,7 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None) -> l
                   timeout: float = 600.0) -> None:
         spy = None
         if py_spy:
-            spy = subprocess.Popen(["py-spy", "record", "--raw", "-r", "200", "-o",
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o",
                                     f"{py_spy}-{label.split()[0].lower()}.txt", "--pid", str(server.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
