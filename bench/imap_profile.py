@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None) -> l
         spy = None
         if py_spy:
             spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o",
-                                    f"{py_spy}-{label.split()[0].lower()}.txt", "--pid", str(server.pid)],
+                                    f"{py_spy}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.txt", "--pid", str(server.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
