@@ -28,12 +28,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import imap_load as il  # noqa: E402
+import imap_load as il
 
 HEADER_FIELDS = b"(From To Cc Subject Date Message-ID References In-Reply-To Content-Type)"
 
