@@ -27,7 +27,7 @@ from twisted.mail import imap4
 from zope.interface import implementer
 
 from ..policy import folders
-from ..store.types import AccountSession, MailboxInfo, MailboxState
+from ..store.types import AccountSession, ContentKeyCache, MailboxInfo, MailboxState
 from .mailbox import SelectedMailbox
 
 T = TypeVar("T")
@@ -77,6 +77,9 @@ class Account:
         self.session = session
         self.service = service  # postvault.imapd.service.ServiceContext
         self.logged_out = False
+        # Content keys this connection unwrapped (see ContentKeyCache for
+        # why holding them beside the private key is no weaker).
+        self.keys = ContentKeyCache()
 
     @property
     def email(self) -> str:
@@ -95,6 +98,7 @@ class Account:
 
     def logout(self) -> None:
         self.logged_out = True
+        self.keys.clear()
 
     # -- names --------------------------------------------------------------
 

@@ -70,7 +70,7 @@ from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxHasChi
 from ..policy import folders
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
-from ..store.types import MessageMeta
+from ..store.types import ContentKeyCache, MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
 from .cred import FAILED, LoginRefused, StrictPLAIN, decode_sasl
@@ -89,7 +89,7 @@ from .parse import (
     format_date_time,
     search_keys,
 )
-from .search import Candidate, run_search
+from .search import Candidate, run_search, uses_metadata
 
 log = logging.getLogger("postvault.imapd")
 # The answer to a write refused because the server's disk is full.
@@ -99,6 +99,13 @@ STORAGE_FULL = (b"[OVERQUOTA] The server's storage is full, so nothing was saved
 # RFC 7888 §4 (LITERAL-): the largest non-synchronizing literal we take.
 NONSYNC_LIMIT = 4096
 STREAM_CHUNK = 64 * 1024
+# FETCH reads a message whose requested bytes total at most INLINE_MAX (what
+# streaming would send in one piece anyway) in one worker-thread call with
+# its neighbours in the batch (at most INLINE_BUDGET of plaintext held per
+# call), instead of opening, verifying, reading and closing it in hops of its
+# own; larger ones are streamed chunk by chunk.
+INLINE_MAX = STREAM_CHUNK
+INLINE_BUDGET = 4 * 1024 * 1024
 FETCH_BATCH = 500
 # Without a change bus IDLE learns everything by polling; with one, the
 # poll ([imap] idle_poll_seconds) only backs the bus up.
@@ -273,6 +280,8 @@ class IMAPServer(imap4.IMAP4Server):
             waiting, self._waiting = self._waiting, None
             waiting.errback(Failure(ConnectionError("connection closed")))
         self.mbox = None
+        if self.account is not None:
+            self.account.logout()  # drops the content keys it holds
         self.account = None
         super().connectionLost(reason)
 
@@ -1386,7 +1395,7 @@ class IMAPServer(imap4.IMAP4Server):
         base = [(seq, u, box.flags_at(seq), u in box.recent) for seq, u in enumerate(box.uids, 1)
                 if u not in box.ghosts]
         found = await account.run(_search, self.store, account.session, box.name, key, base,
-                                  len(box.uids), box.uids[-1] if box.uids else 0)
+                                  len(box.uids), box.uids[-1] if box.uids else 0, account.keys)
         numbers = [c.uid if uid else c.seq for c in found]
         self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
         return b"SEARCH completed"
@@ -1427,7 +1436,8 @@ class IMAPServer(imap4.IMAP4Server):
                 data = _Batch({}, {}, {})
                 if (need_meta or need_structure) and live:
                     data = await account.run(_batch_data, self.store, account.session, box.name,
-                                             [u for _, u in live], need_meta, need_structure, pre_render)
+                                             [u for _, u in live], need_meta, need_structure, pre_render,
+                                             account.keys)
                 if need_meta:
                     live = [(s, u) for s, u in live if u in data.metas]
                 missing = missing or len(live) < len(batch)
@@ -1450,23 +1460,59 @@ class IMAPServer(imap4.IMAP4Server):
                     self.transport.write(b"".join(out))
                     await self.transport.drained()
                     continue
+                plans: list[tuple[int, int, MessageMeta, structure.Structure | None, list[_Want]]] = []
                 for seq, u in live:
                     if need_structure and u not in structures:
                         missing = True
                         continue
-                    meta = data.metas[u]
-                    try:
-                        ok = await self._fetch_one(box, seq, u, items, structures.get(u), meta,
-                                                   data.rendered.get(u), u in seen_now)
-                    except IntegrityError as exc:
-                        # One damaged blob must not stop a client syncing
-                        # the rest of the folder: carry on, refuse at the end.
-                        damaged.append((meta.message_id, str(exc)))
+                    meta, st = data.metas[u], structures.get(u)
+                    plans.append((seq, u, meta, st, _wants(items, st, meta.size)))
+                i = 0
+                while i < len(plans):
+                    # Messages whose requested bytes are small are read a
+                    # group at a time, in one worker-thread call (one query,
+                    # one batch unwrap of their content keys); a large one
+                    # is streamed on its own, chunk by chunk.
+                    group, held = [], 0
+                    while i < len(plans):
+                        n = sum(w.end - w.start for w in plans[i][4])
+                        if n > INLINE_MAX or (group and held + n > INLINE_BUDGET):
+                            break
+                        group.append(plans[i])
+                        held += n
+                        i += 1
+                    if not group:
+                        seq, u, meta, st, _ = plans[i]
+                        i += 1
+                        try:
+                            ok = await self._fetch_one(box, seq, u, items, st, meta, data.rendered.get(u),
+                                                       u in seen_now)
+                        except IntegrityError as exc:
+                            # One damaged blob must not stop a client syncing
+                            # the rest of the folder: carry on, refuse at the end.
+                            damaged.append((meta.message_id, str(exc)))
+                            continue
+                        if not ok:
+                            missing = True
+                        elif content:
+                            read.append(meta.message_id)
                         continue
-                    if not ok:
-                        missing = True
-                    elif content:
-                        read.append(meta.message_id)
+                    got = await account.run(_read_small, self.store, account.session, box.name,
+                                            [(u, wants) for _, u, _, _, wants in group], account.keys)
+                    out = []
+                    for seq, u, meta, st, wants in group:
+                        parts = got.get(u)
+                        if parts is None:
+                            missing = True
+                        elif isinstance(parts, IntegrityError):
+                            damaged.append((meta.message_id, str(parts)))
+                        else:
+                            out.append(_fetch_response(items, box, seq, u, meta, data.rendered.get(u), u in seen_now,
+                                                       wants, parts))
+                            if content:
+                                read.append(meta.message_id)
+                    self.transport.write(b"".join(out))
+                    await self.transport.drained()
         finally:
             self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         if read:
@@ -1521,7 +1567,7 @@ class IMAPServer(imap4.IMAP4Server):
         reader = None
         if needs_reader:
             try:
-                reader = await account.run(self.store.open_message, account.session, box.name, u)
+                reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
             except MessageNotFound:
                 return False
         write = self.transport.write
@@ -1686,7 +1732,7 @@ class _Batch:
 
 
 def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_meta: bool, need_structure: bool,
-                pre_render: tuple[str, ...]) -> _Batch:
+                pre_render: tuple[str, ...], keys: ContentKeyCache | None = None) -> _Batch:
     """What FETCH needs of a batch of messages, on a worker thread: their
     metadata, their structures (from the sealed summaries; parsed from the
     content for a message without one) and the ENVELOPE/BODYSTRUCTURE text,
@@ -1698,7 +1744,7 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
         if summaries is not None:
-            for u, doc in (summaries(session, mailbox, uids) or {}).items():
+            for u, doc in (summaries(session, mailbox, uids, keys) or {}).items():
                 if doc:
                     out.structures[u] = structure.from_summary(doc)
         rest = [u for u in uids if u not in out.structures]
@@ -1710,13 +1756,93 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
 
 
 def _search(store: Any, session: Any, mailbox: str, key: Any, base: list[tuple[int, int, frozenset[str], bool]],
-            count: int, largest_uid: int) -> list[Candidate]:
+            count: int, largest_uid: int, keys: ContentKeyCache | None = None) -> list[Candidate]:
     """SEARCH on a worker thread: sizes and dates read for the live
-    messages of the view, then ``search.run_search``."""
-    metas = {m.uid: m for m in store.snapshot(session, mailbox, [u for _, u, _, _ in base]).messages}
-    candidates = [Candidate(seq, u, flags, recent, metas[u].size, metas[u].internal_date)
-                  for seq, u, flags, recent in base if u in metas]
-    return run_search(store, session, mailbox, key, candidates, count, largest_uid)  # type: ignore[no-any-return]
+    messages of the view if a key compares them (flags, sequence numbers and
+    UIDs are the view's already: reading every message's row for UNSEEN
+    cost more than the match), then ``search.run_search``."""
+    if uses_metadata(key):
+        metas = {m.uid: m for m in store.snapshot(session, mailbox, [u for _, u, _, _ in base]).messages}
+        candidates = [Candidate(seq, u, flags, recent, metas[u].size, metas[u].internal_date)
+                      for seq, u, flags, recent in base if u in metas]
+    else:
+        candidates = [Candidate(seq, u, flags, recent) for seq, u, flags, recent in base]
+    return run_search(store, session, mailbox, key, candidates, count, largest_uid, keys)  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Want:
+    """The bytes one content item of FETCH asks for: a range of the
+    plaintext, then (HEADER.FIELDS) a header filter and a partial."""
+
+    label: bytes
+    start: int
+    end: int
+    fields: tuple[tuple[str, ...], bool] | None
+    partial: tuple[int, int] | None
+
+
+def _wants(items: list[FetchItem], st: structure.Structure | None, size: int) -> list[_Want]:
+    """The content items of a FETCH for one message, in order."""
+    out = []
+    for item in items:
+        if not _needs_bytes(item):
+            continue
+        label, (start, end), fields = _section_range(item, st, size)
+        partial = item.partial
+        if fields is None and partial is not None:
+            start = min(end, start + partial[0])
+            end = min(end, start + partial[1])
+            partial = None
+        out.append(_Want(label.encode("ascii", "surrogateescape"), start, end, fields, partial))
+    return out
+
+
+def _read_small(store: Any, session: Any, mailbox: str, wants: list[tuple[int, list[_Want]]],
+                keys: ContentKeyCache | None = None) -> dict[int, list[bytes] | IntegrityError]:
+    """The requested bytes of a group of small messages, on a worker thread:
+    the store opens them in one go (``open_messages``), one at a time, each
+    closed before the next. A message that fails authentication maps to its
+    ``IntegrityError``; one that is gone is left out."""
+    by_uid = dict(wants)
+    out: dict[int, list[bytes] | IntegrityError] = {}
+    for uid, reader in store.open_messages(session, mailbox, list(by_uid), keys):
+        if isinstance(reader, IntegrityError):
+            out[uid] = reader
+            continue
+        try:
+            parts = []
+            for w in by_uid[uid]:
+                data = _read_at(reader, w.start, w.end - w.start)
+                if len(data) != w.end - w.start:
+                    raise IntegrityError("sealed message is shorter than its recorded size")
+                if w.fields is not None:
+                    data = _partial(_filter_headers(data, w.fields[0], w.fields[1]), w.partial)
+                parts.append(data)
+            out[uid] = parts
+        except IntegrityError as exc:
+            out[uid] = exc
+        finally:
+            reader.close()
+    return out
+
+
+def _fetch_response(items: list[FetchItem], box: SelectedMailbox, seq: int, u: int, meta: MessageMeta,
+                    pre: dict[str, bytes] | None, seen_now: bool, wants: list[_Want], parts: list[bytes]) -> bytes:
+    """One whole ``* n FETCH (...)`` response, content read already."""
+    if seen_now and not any(i.name == "FLAGS" for i in items):
+        items = [*items, FetchItem("FLAGS")]
+    pieces: list[bytes] = []
+    k = 0
+    for item in items:
+        simple = _simple_item(item, box, seq, u, meta, pre)
+        if simple is not None:
+            pieces.append(simple)
+        else:
+            data = parts[k]
+            pieces.append(wants[k].label + b" {%d}\r\n" % len(data) + data)
+            k += 1
+    return b"* %d FETCH (" % seq + b" ".join(pieces) + b")\r\n"
 
 
 def _needs_structure(item: FetchItem) -> bool:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import (
+    IntegrityError,
     InvalidInput,
     MailboxExists,
     MailboxHasChildren,
@@ -55,6 +56,7 @@ from .types import (
     AccountSession,
     AppendResult,
     BlobStore,
+    ContentKeyCache,
     CopyResult,
     DeliveryResult,
     UID_TYPECODE,
@@ -854,8 +856,50 @@ class MailStore:
         ).one_or_none()
         return None if row is None else (row[0], row[1])
 
-    def open_message(self, session: AccountSession, mailbox: str, uid: int) -> crypto.SealedReader:
-        """A seekable plaintext reader; chunks are opened as they are read."""
+    @staticmethod
+    def _unwrap_keys(
+        session: AccountSession, rows: Sequence[tuple[bytes, str]], keys: ContentKeyCache | None
+    ) -> list[bytes | IntegrityError]:
+        """The content keys of ``(wrapped_key, public_id)`` rows, in order:
+        from ``keys`` (the connection's cache) where it has them, the rest
+        unwrapped in one batch (``crypto.unwrap_content_keys``) and added to
+        it. A key that does not open is its ``IntegrityError`` in the list;
+        the others still open."""
+        out: list[bytes | IntegrityError | None] = [None] * len(rows)
+        todo = []
+        for i, (_, public_id) in enumerate(rows):
+            hit = keys.get(public_id) if keys is not None else None
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = hit
+        if todo:
+            fresh: list[bytes | IntegrityError]
+            try:
+                fresh = list(crypto.unwrap_content_keys(
+                    ((rows[i][0], rows[i][1].encode()) for i in todo), session.private_key, session.key_owner
+                ))
+            except IntegrityError:
+                # The batch stops at the first key that does not open; find
+                # which, one by one, so that a damaged row refuses only itself.
+                fresh = []
+                for i in todo:
+                    try:
+                        fresh.append(crypto.unwrap_content_key(
+                            rows[i][0], session.private_key, session.key_owner, rows[i][1].encode()))
+                    except IntegrityError as exc:
+                        fresh.append(exc)
+            for i, key in zip(todo, fresh):
+                out[i] = key
+                if keys is not None and not isinstance(key, IntegrityError):
+                    keys.put(rows[i][1], key)
+        return out  # type: ignore[return-value]
+
+    def open_message(
+        self, session: AccountSession, mailbox: str, uid: int, keys: ContentKeyCache | None = None
+    ) -> crypto.SealedReader:
+        """A seekable plaintext reader; chunks are opened as they are read.
+        ``keys``: the connection's cache of content keys (``ContentKeyCache``)."""
         self.check_access(session, write=False)
         with self._sessions() as s:
             box = self._mailbox(s, session.account_id, mailbox)
@@ -867,7 +911,9 @@ class MailStore:
         if row is None:
             raise MessageNotFound(f"no message with UID {uid} in {mailbox!r}")
         wrapped, public_id, blob_id = row
-        key = crypto.unwrap_content_key(wrapped, session.private_key, session.key_owner, public_id.encode())
+        key = self._unwrap_keys(session, [(wrapped, public_id)], keys)[0]
+        if isinstance(key, IntegrityError):
+            raise key
         src = self.blobs.open(blob_id)
         try:
             return crypto.SealedReader(src, key, public_id.encode())
@@ -877,11 +923,69 @@ class MailStore:
             src.close()
             raise
 
-    def summaries(self, session: AccountSession, mailbox: str, uids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    def open_messages(
+        self, session: AccountSession, mailbox: str, uids: Sequence[int], keys: ContentKeyCache | None = None
+    ) -> Iterator[tuple[int, crypto.SealedReader | IntegrityError]]:
+        """``open_message`` for many messages, for a FETCH batch on one
+        worker thread: one query and one batch unwrap of the content keys
+        (``crypto.unwrap_content_keys``) instead of a query, a mailbox
+        lookup and a full unwrap per message.
+
+        Yields ``(uid, reader)`` in UID order, one reader at a time and only
+        when the caller asks for the next, so at most one blob is open if
+        the caller closes each reader before the next (the caller owns and
+        closes every reader). A message that does not open (its wrapped
+        key, blob or layout fails authentication, or its blob is gone) is
+        yielded as ``(uid, IntegrityError)`` and the rest still open. UIDs
+        not in the mailbox are left out. ``keys``: the connection's cache of
+        content keys (``ContentKeyCache``).
+        """
+        self.check_access(session, write=False)
+        wanted = set(uids)
+        if not wanted:
+            return
+        with self._sessions() as s:
+            box = self._mailbox(s, session.account_id, mailbox)
+            q = (
+                select(MessageCopy.uid, MessageCopy.wrapped_key, Message.public_id, Message.blob_id)
+                .join(Message, Message.id == MessageCopy.message_id)
+                .where(MessageCopy.mailbox_id == box.id)
+                .order_by(MessageCopy.uid)
+            )
+            if len(wanted) <= _IN_LIST_MAX:
+                q = q.where(MessageCopy.uid.in_(sorted(wanted)))
+            else:
+                q = q.where(MessageCopy.uid.between(min(wanted), max(wanted)))
+            rows = [r for r in s.execute(q) if r.uid in wanted]
+        content_keys = self._unwrap_keys(session, [(r.wrapped_key, r.public_id) for r in rows], keys)
+        for r, key in zip(rows, content_keys):
+            if isinstance(key, IntegrityError):
+                yield r.uid, key
+                continue
+            try:
+                src = self.blobs.open(r.blob_id)
+            except IntegrityError as exc:
+                yield r.uid, exc
+                continue
+            try:
+                reader = crypto.SealedReader(src, key, r.public_id.encode())
+            except IntegrityError as exc:
+                src.close()
+                yield r.uid, exc
+                continue
+            except BaseException:
+                src.close()
+                raise
+            yield r.uid, reader
+
+    def summaries(
+        self, session: AccountSession, mailbox: str, uids: Sequence[int], keys: ContentKeyCache | None = None
+    ) -> dict[int, dict[str, Any]]:
         """The summaries (``postvault.mime.summary`` format) of the messages
         with these UIDs; UIDs not in the mailbox are left out.
 
-        One query and one content-key unwrap per message; no blob is read,
+        One query and at most one content-key unwrap per message (none for
+        those already in ``keys``, the connection's cache); no blob is read,
         except once for a message stored before summaries existed, whose
         summary is then made from its content and kept (sealed) for next time.
         """
@@ -907,13 +1011,15 @@ class MailStore:
             if not rows:
                 self._mailbox(s, session.account_id, mailbox)  # MailboxNotFound, or just none of these
                 return {}
-        keys = crypto.unwrap_content_keys(
-            ((r.wrapped_key, r.public_id.encode()) for r in rows), session.private_key, session.key_owner
-        )
+        content_keys: list[bytes] = []
+        for k in self._unwrap_keys(session, [(r.wrapped_key, r.public_id) for r in rows], keys):
+            if isinstance(k, IntegrityError):
+                raise k
+            content_keys.append(k)
         missing = [
-            (r.id, r.public_id, r.blob_id, k, r.uid) for r, k in zip(rows, keys) if r.sealed_summary is None
+            (r.id, r.public_id, r.blob_id, k, r.uid) for r, k in zip(rows, content_keys) if r.sealed_summary is None
         ]
-        sealed = [(r, k) for r, k in zip(rows, keys) if r.sealed_summary is not None]
+        sealed = [(r, k) for r, k in zip(rows, content_keys) if r.sealed_summary is not None]
         docs = crypto.open_small_many(
             SUMMARY_LABEL, ((k, r.public_id.encode(), r.sealed_summary) for r, k in sealed)
         )

@@ -6,8 +6,10 @@ freely.
 
 from __future__ import annotations
 
+import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +28,53 @@ DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
 # RFC 3501 §2.3.2 system flags a client may set; \Recent is session state.
 SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
 MAX_HEADER_SCAN = 256 * 1024
+
+
+class ContentKeyCache:
+    """Content keys that one IMAP connection has unwrapped, by message
+    public id: at most ``limit`` of them, the least recently used dropped
+    first; the server drops them all at logout and when the connection
+    closes.
+
+    Unwrapping a content key costs an X25519 exchange, HKDF and AES-GCM, and
+    a mail client asks for the same messages again and again (the list's
+    headers, then a body; FETCH of summaries, then of content). Why holding
+    them is no weaker: the session already holds the account's private key
+    in memory, which opens every one of these keys; an attacker who can read
+    this memory gets nothing from the cache that the private key beside it
+    would not give. Nothing here is written anywhere. A cached key still
+    has to open the blob and the summary, which are sealed with the message
+    id as associated data, so a blob or summary moved to another message is
+    refused as before.
+    """
+
+    def __init__(self, limit: int = 2000) -> None:
+        self.limit = limit
+        self._keys: OrderedDict[str, bytes] = OrderedDict()
+        # Worker threads of one connection may overlap (a poll during a
+        # command): OrderedDict's reordering is not atomic.
+        self._lock = threading.Lock()
+
+    def get(self, public_id: str) -> bytes | None:
+        with self._lock:
+            key = self._keys.get(public_id)
+            if key is not None:
+                self._keys.move_to_end(public_id)
+            return key
+
+    def put(self, public_id: str, key: bytes) -> None:
+        with self._lock:
+            self._keys[public_id] = key
+            self._keys.move_to_end(public_id)
+            while len(self._keys) > self.limit:
+                self._keys.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class BlobStore(Protocol):

@@ -317,3 +317,57 @@ def test_refused_blob_is_closed(store: Store, people: dict[str, str], monkeypatc
     with pytest.raises(IntegrityError):
         store.open_message(s, "INBOX", 1)
     assert opened and opened[0].closed
+
+
+def test_open_messages_opens_a_batch_and_refuses_only_the_damaged_one(store: Store, people: dict[str, str]) -> None:
+    raws = [mail(f"batch {i}", body=f"letter {i}\n", msgid=f"<b{i}@x>") for i in range(4)]
+    for raw in raws:
+        store.deliver(raw, people["member"], [people["colleague"]], save_sent=False)
+    # UID 2's wrapped key is damaged: the batch unwrap stops there, and
+    # open_messages must still open 1, 3 and 4 and refuse only 2.
+    factory = sessions(store.engine)
+    with factory() as db, db.begin():
+        copy = db.scalar(select(MessageCopy).where(MessageCopy.uid == 2))
+        key = bytearray(copy.wrapped_key)
+        key[-1] ^= 1
+        db.execute(update(MessageCopy).where(MessageCopy.id == copy.id).values(wrapped_key=bytes(key)))
+    colleague = store.login(people["colleague"], PASSWORD)
+    got = {}
+    for uid, reader in store.open_messages(colleague, "INBOX", [4, 2, 1, 3, 99]):
+        if isinstance(reader, IntegrityError):
+            got[uid] = None
+            continue
+        with reader:
+            got[uid] = reader.read()
+    assert list(got) == [1, 2, 3, 4]  # UID order; 99 is not in the folder
+    assert got == {1: raws[0], 2: None, 3: raws[2], 4: raws[3]}
+    assert list(store.open_messages(colleague, "INBOX", [])) == []
+
+
+def test_content_key_cache_is_bounded_and_filled_by_reads(store: Store, people: dict[str, str]) -> None:
+    from postvault.store.types import ContentKeyCache
+
+    cache = ContentKeyCache(limit=2)
+    for i in range(3):
+        cache.put(f"m{i}", bytes([i]) * 32)
+    assert len(cache) == 2 and cache.get("m0") is None and cache.get("m2") == b"\x02" * 32
+    cache.get("m1")  # used last: m2 goes first
+    cache.put("m3", b"\x03" * 32)
+    assert cache.get("m2") is None and cache.get("m1") == b"\x01" * 32
+    cache.clear()
+    assert len(cache) == 0
+
+    raws = [mail(f"cached {i}", msgid=f"<c{i}@x>") for i in range(3)]
+    for raw in raws:
+        store.deliver(raw, people["member"], [people["colleague"]], save_sent=False)
+    colleague = store.login(people["colleague"], PASSWORD)
+    keys = ContentKeyCache(limit=10)
+    assert set(store.summaries(colleague, "INBOX", [1, 2, 3], keys)) == {1, 2, 3}
+    assert len(keys) == 3
+    # The same plaintext whether the keys come from the cache or not.
+    for uid, reader in store.open_messages(colleague, "INBOX", [1, 2, 3], keys):
+        assert not isinstance(reader, IntegrityError)
+        with reader:
+            assert reader.read() == raws[uid - 1]
+    assert store.open_message(colleague, "INBOX", 2, keys).read() == raws[1]
+    assert len(keys) == 3

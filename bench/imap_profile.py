@@ -1,0 +1,118 @@
+"""Server CPU per IMAP command for the hot paths of issue 9 item 4.
+
+Run as ``python bench/imap_profile.py --home DIR --messages 2000``. It
+makes (or reuses) a home with the reader's INBOX filled by
+``bench/imap_populate.py`` (as bench/imap_load.py does), starts the real
+``postvault serve`` over TLS, and with one client runs each command a few
+times, printing the server's CPU time per command (and per message where
+that is the natural unit) as Markdown rows. Server CPU, not wall time, is
+the figure to compare: the machine is shared, and CPU per command moves
+far less with the load than latency does.
+
+The commands are those docs/benchmarks.md names where the peers lead:
+``UID FETCH`` of a 50-message window with ``BODY.PEEK[HEADER.FIELDS
+(...)]`` (a mail client's message list), ``UID SEARCH`` on flags and a
+date, ``UID FETCH n BODY.PEEK[]`` of single messages, and ``UID SEARCH
+SUBJECT`` over the whole folder. ``--py-spy PREFIX`` records the server
+with py-spy (``PREFIX-<phase>.txt``, raw collapsed stacks) during each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import imap_load as il
+
+HEADER_FIELDS = b"(From To Cc Subject Date Message-ID References In-Reply-To Content-Type)"
+
+
+async def measure(server: il.Server, n: int, reps: int, py_spy: str | None) -> list[str]:
+    ctx = il.client_context(server.home)
+    cl = await il.Client.connect(server.port, ctx)
+    await cl.login(il.READER, il.PASSWORD)
+    await cl.command(b"SELECT INBOX", keep=False)
+    rng = random.Random(7)
+    rows: list[str] = []
+
+    async def one(label: str, commands: list[bytes], per: int, unit: str,
+                  timeout: float = 600.0) -> None:
+        spy = None
+        if py_spy:
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o",
+                                    f"{py_spy}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.txt", "--pid", str(server.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        for c in commands:
+            await cl.command(c, timeout=timeout, keep=False)
+        cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
+        if spy is not None:
+            spy.send_signal(2)
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        k = len(commands)
+        rows.append(f"| {label} | {k} | {cpu / k * 1000:.1f} | {cpu / k / per * 1000:.2f} {unit} "
+                    f"| {wall / k * 1000:.0f} |")
+        il.log(rows[-1])
+
+    windows = [rng.randrange(1, max(2, n - 50)) for _ in range(reps)]
+    await one("FETCH headers, 50-message window", [
+        b"UID FETCH %d:%d (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS %s])" % (lo, lo + 49, HEADER_FIELDS)
+        for lo in windows], 50, "ms/message")
+    await one("SEARCH UNSEEN / FLAGGED / SINCE", [b"UID SEARCH UNSEEN", b"UID SEARCH FLAGGED",
+                                                  b"UID SEARCH SINCE 1-Jan-2024"] * max(1, reps // 3), 1, "")
+    await one("FETCH BODY.PEEK[], one message", [b"UID FETCH %d BODY.PEEK[]" % rng.randrange(1, n)
+                                                 for _ in range(reps * 10)], 1, "ms/message")
+    await one("FETCH BODY.PEEK[], 20-message window", [
+        b"UID FETCH %d:%d BODY.PEEK[]" % (lo, lo + 19) for lo in windows], 20, "ms/message")
+    await one("SEARCH SUBJECT (whole folder)", [b'UID SEARCH SUBJECT "referral"'], n, "ms/message")
+    await cl.logout()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--home", required=True, help="home folder; made on first use, reused after")
+    ap.add_argument("--messages", type=int, default=2000, help="messages in the reader's INBOX")
+    ap.add_argument("--reps", type=int, default=6, help="commands per phase (FETCH windows, searches)")
+    ap.add_argument("--workers", type=int, default=2, help="processes sealing the messages")
+    ap.add_argument("--py-spy", metavar="PREFIX", help="record each phase with py-spy")
+    args = ap.parse_args()
+    home = Path(args.home).absolute()
+    marker = home / "bench.json"
+    cfg = il.Config(**{**il.QUICK.__dict__, "messages": args.messages, "big": 1, "cold": 0})
+    if marker.exists():
+        if json.loads(marker.read_text())["messages"] != args.messages:
+            raise SystemExit(f"{home} was made for another size")
+    else:
+        il.make_home(home, cfg, args.workers)
+    load = os.getloadavg()
+    server = il.Server(home)
+    try:
+        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy))
+    finally:
+        server.stop()
+    print(f"Machine: {il.machine_line()}. Server code: {il.source_version()}. "
+          f"Load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}. "
+          f"{args.messages:,} messages.\n")
+    print("| command | n | server CPU ms per command | per message | wall ms per command |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
