@@ -161,8 +161,11 @@ def main() -> None:
         FUSE(fs, args.mountpoint, foreground=True, nothreads=False, allow_other=True, default_permissions=True)
     finally:
         if args.stats:
-            with open(args.stats, "w", encoding="ascii") as f:
+            # Whole or not at all: the test reads it as soon as it appears.
+            tmp = args.stats + ".tmp"
+            with open(tmp, "w", encoding="ascii") as f:
                 json.dump(fs.counts, f)
+            os.replace(tmp, args.stats)
 
 
 if __name__ == "__main__":
