@@ -14,6 +14,13 @@ import socket
 import ssl
 import struct
 import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from postvault.certs.context import client_context
+from postvault.store.api import Store
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -128,3 +135,25 @@ def closed_without_reply(sock: socket.socket, timeout: float = 15) -> bool:
         return True
     finally:
         sock.close()
+
+
+class AuditView:
+    """What both server set-ups (one node; two behind HAProxy) read back:
+    the home's CA for clients, and the audit events the nodes wrote."""
+
+    home: Path
+    store: Store
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(self.home / "certs" / "ca.pem")
+
+    def events(self, event: str, after: int = 0) -> list[dict[str, Any]]:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(text("SELECT * FROM audit_events WHERE id > :after AND event = :event ORDER BY id"),
+                                {"after": after, "event": event}).mappings()
+            return [dict(r) for r in rows]
+
+    def last_id(self) -> int:
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM audit_events")).scalar_one())
+

@@ -24,25 +24,21 @@ import os
 import re
 import shutil
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import text
 
-from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.imapd.conftest import start_server, stop_server
 from tests.pgcluster import Cluster
-from tests.proxy_clients import ProxiedIMAP, ProxiedSMTP, web_login
+from tests.proxy_clients import AuditView, ProxiedIMAP, ProxiedSMTP, web_login
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +59,7 @@ def documented_config() -> str:
 
 
 @dataclass
-class Setup:
+class Setup(AuditView):
     home: Path
     store: Store
     nodes: list[dict[str, int]]
@@ -72,19 +68,6 @@ class Setup:
     stats: Path
     haproxy_log: Path
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def context(self) -> ssl.SSLContext:
-        return client_context(self.home / "certs" / "ca.pem")
-
-    def events(self, event: str, after: int = 0) -> list[dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(text("SELECT * FROM audit_events WHERE id > :after AND event = :event ORDER BY id"),
-                                {"after": after, "event": event}).mappings()
-            return [dict(r) for r in rows]
-
-    def last_id(self) -> int:
-        with self.store.engine.connect() as conn:
-            return int(conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM audit_events")).scalar_one())
 
     def stat(self) -> list[dict[str, str]]:
         """HAProxy's ``show stat``, one dict per row."""

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
-from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.imapd.conftest import start_server, stop_server
 from tests.proxy_clients import (
+    AuditView,
     ProxiedIMAP,
     ProxiedSMTP,
     closed_without_reply,
@@ -54,25 +53,12 @@ IP_THROTTLE_AFTER = 3
 
 
 @dataclass
-class Node:
+class Node(AuditView):
     home: Path
     ports: dict[str, int]
     proc: subprocess.Popen[str]
     store: Store
     log: Path
-
-    def context(self) -> ssl.SSLContext:
-        return client_context(self.home / "certs" / "ca.pem")
-
-    def events(self, event: str, after: int = 0) -> list[dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(text("SELECT * FROM audit_events WHERE id > :after AND event = :event ORDER BY id"),
-                                {"after": after, "event": event}).mappings()
-            return [dict(r) for r in rows]
-
-    def last_id(self) -> int:
-        with self.store.engine.connect() as conn:
-            return int(conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM audit_events")).scalar_one())
 
     def wait_for(self, event: str, after: int, timeout: float = 10) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
