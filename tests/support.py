@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,6 +17,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def cheap_home_env() -> Iterator[None]:
+    """For making a test home in this process: the caller's POSTVAULT_*
+    variables hidden (a developer's shell must not change what a test
+    makes) and a one-pass KDF for the accounts created meanwhile; all put
+    back afterwards."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTVAULT_")}
+    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
+        os.environ.update(saved)
 
 
 def stored_blobs(store: "Store") -> list[str]:

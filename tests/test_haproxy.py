@@ -20,7 +20,6 @@ Received headers must show the clients' addresses, never 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -39,7 +38,7 @@ from postvault.store.api import Store
 from tests.imapd.conftest import start_server, stop_server
 from tests.pgcluster import Cluster
 from tests.proxy_clients import AuditView, ProxiedIMAP, ProxiedSMTP, web_login
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"
@@ -123,16 +122,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Cluster) -> Iter
     assert Path(haproxy).exists(), "HAProxy is missing: apt-get install haproxy (.ci/run does)"
     root = tmp_path_factory.mktemp("haproxy")
     home = root / "home"
-    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, HOST, {"store.url": pg_cluster.new_database(), "store.blobs": "database"})
         store = open_store(load_config(home))
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     procs: list[subprocess.Popen[str]] = []
     try:
         store.create_account(MEMBER, "member", "Smile Dental", PASSWORD)

@@ -15,7 +15,6 @@ header in time are closed without a byte sent.
 from __future__ import annotations
 
 import imaplib
-import os
 import socket
 import ssl
 import subprocess
@@ -44,7 +43,7 @@ from tests.proxy_clients import (
     v2_local,
     web_login,
 )
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 PASSWORD = "correct horse battery staple"
 # Per-address limits, low so the test can reach them.
@@ -81,16 +80,9 @@ class Node(AuditView):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[Node]:
     home = tmp_path_factory.mktemp("proxy") / "home"
-    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, "mail.example.test", store_overrides())
         store = open_store(load_config(home))
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     policy = home / "conf" / "policy.toml"
     shipped = policy.read_text()
     assert "ip_throttle_after = 20" in shipped

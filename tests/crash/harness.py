@@ -40,8 +40,8 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import smtplib
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -61,7 +61,7 @@ from postvault.store import passwords
 from postvault.store.api import Store
 from postvault.store.types import KdfSettings
 from tests.imapd.conftest import start_server
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -149,11 +149,7 @@ class Harness:
         self.timings: Counter[str] = Counter()  # seconds spent per phase, for the report
         # More POSTVAULT_* for the server, over SERVER_ENV.
         self.server_env: dict[str, str] = {"POSTVAULT_NOTIFY_RELAY": f"127.0.0.1:{free_port()}"}
-        saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-        for k in saved:
-            del os.environ[k]
-        os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-        try:
+        with cheap_home_env():
             init_home(self.home, HOST)
             config = load_config(self.home)
             # Each account's Argon2id cost is stored with it and used at
@@ -178,9 +174,6 @@ class Harness:
             cheap = passwords.hash_password(PASSWORD, rounds=4)
             with sqlite3.connect(self.home / "data" / "postvault.db") as db:
                 db.execute("UPDATE accounts SET password_hash = ?", (cheap,))
-        finally:
-            del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-            os.environ.update(saved)
         self.ctx = client_context(self.home / "certs" / "ca.pem")
 
     # -- the server ------------------------------------------------------
