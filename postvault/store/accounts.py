@@ -21,6 +21,7 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal, cast
@@ -47,6 +48,11 @@ from .types import (
 )
 
 DEFAULT_INVITATION_TTL = timedelta(days=14)
+# Argon2id for logins runs here, beside the caller's bcrypt (see login).
+# Bounded: each derivation holds its memory cost (64 MiB by default) while
+# it runs, so at most this many run at once and the rest queue.
+KDF_THREADS = 4
+_KDF_POOL = ThreadPoolExecutor(max_workers=KDF_THREADS, thread_name_prefix="postvault-kdf")
 # Purpose label of the escrow wrap's "message id" slot (see invitations).
 _ESCROW_PURPOSE = b"postvault/v1/invitation-escrow/"
 
@@ -271,15 +277,18 @@ class AccountStore(ContactsStore):
         rows = _ACCOUNT_INFO.run(self.engine, {"emails": sorted(wanted)})  # type: ignore[attr-defined]
         return {r.email.lower(): AccountInfo(*r) for r in rows}
 
+    def _find_account(self, email: str) -> Account | None:
+        with self._sessions() as s:
+            return s.scalar(select(Account).where(func.lower(Account.email) == email.strip().lower()))
+
     def _check_password(
-        self, email: str, password: str, client_ip: str | None, protocol: str | None
+        self, email: str, password: str, client_ip: str | None, protocol: str | None, acct: Account | None
     ) -> Account:
-        """The account if ``password`` is right; records and audits a failure.
+        """``acct`` (the account found for ``email``) if ``password`` is
+        right; records and audits a failure.
 
         Unknown address and wrong password fail alike, in about the same time.
         """
-        with self._sessions() as s:
-            acct = s.scalar(select(Account).where(func.lower(Account.email) == email.strip().lower()))
         stored = acct.password_hash if acct is not None and acct.state == "active" else None
         # verify_password runs first, always: with "acct is None or ..." an
         # unknown address would skip bcrypt and answer ~250 ms sooner.
@@ -309,17 +318,35 @@ class AccountStore(ContactsStore):
     ) -> AccountInfo:
         """Password check only (bcrypt): what SMTP AUTH needs, since delivery
         needs no private key. Raises ``AuthenticationFailed``."""
-        acct = self._check_password(email, password, client_ip, protocol)
+        acct = self._check_password(email, password, client_ip, protocol, self._find_account(email))
         self._login_succeeded(acct, client_ip, protocol)
         return self._info(acct)
 
     def login(
         self, email: str, password: str, *, client_ip: str | None = None, protocol: str | None = None
     ) -> AccountSession:
-        """Check the password and unwrap the private key into a session."""
-        acct = self._check_password(email, password, client_ip, protocol)
-        kdf = crypto.KdfParams.from_json(acct.kdf_params)
-        wrapping = crypto.derive_wrapping_key(passwords.password_bytes(password), kdf)
+        """Check the password and unwrap the private key into a session.
+
+        bcrypt and Argon2id run at the same time, Argon2id on a thread of
+        ``_KDF_POOL``: both release the GIL (cryptography >= 50 for
+        Argon2id), so a cold login costs the slower of the two, not their
+        sum. The derived key is used only after bcrypt said yes. A failure
+        waits for the derivation too, and an address with no active account
+        derives from a dummy salt with the current cost, so a failure takes
+        as long whether or not the account exists.
+        """
+        found = self._find_account(email)
+        if found is not None and found.state == "active":
+            kdf = crypto.KdfParams.from_json(found.kdf_params)
+        else:
+            kdf = crypto.KdfParams.for_password(self.kdf.memory_kib, self.kdf.iterations, self.kdf.lanes)
+        derivation = _KDF_POOL.submit(crypto.derive_wrapping_key, passwords.password_bytes(password), kdf)
+        try:
+            acct = self._check_password(email, password, client_ip, protocol, found)
+        except BaseException:
+            wait([derivation])
+            raise
+        wrapping = derivation.result()
         private = crypto.unwrap_private_key(acct.wrapped_private_key, wrapping, acct.key_owner.encode())
         public = crypto.public_key_of(private)
         if public != acct.public_key:

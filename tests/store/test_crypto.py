@@ -561,3 +561,39 @@ def test_bad_arguments() -> None:
         seal_stream(io.BytesIO(b"x"), io.BytesIO(), key[:16], MID)
     with pytest.raises(TypeError):
         seal_stream(io.BytesIO(b"x"), io.BytesIO(), key, "not bytes")  # type: ignore[arg-type]
+
+
+def test_argon2id_lets_other_threads_run() -> None:
+    """A login's Argon2id must release the GIL (cryptography >= 50): the
+    server's event loop keeps running while a login derives its key, and
+    ``AccountStore.login`` overlaps it with bcrypt.
+
+    With a switch interval far longer than the derivation, a thread holding
+    the GIL is never preempted: if Argon2id kept it, the main thread could
+    not run between the worker's start and its end, and would count 0.
+    """
+    import sys
+    import threading
+
+    kdf = KdfParams.for_password(memory_kib=8192, iterations=2, lanes=1)
+    started = threading.Event()
+    done = threading.Event()
+
+    def derive() -> None:
+        started.set()
+        derive_wrapping_key(b"a password", kdf)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        worker = threading.Thread(target=derive)
+        worker.start()
+        started.wait()
+        turns = 0
+        while not done.is_set():
+            turns += 1
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert turns > 100, f"the main thread ran {turns} times during Argon2id"
