@@ -30,6 +30,7 @@ from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.imapd.conftest import start_server, stop_server
 from tests.test_canary import encodings
+from tests.support import cheap_home_env
 
 # Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
 pytestmark = pytest.mark.databases
@@ -78,14 +79,9 @@ class Serve:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]]) -> Iterator[Serve]:
     home = tmp_path_factory.mktemp("audit") / "home"
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTVAULT_")}
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, "mail.example.test", store_overrides())
         store = open_store(load_config(home))
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     store.create_account(MEMBER, "member", "Smile Dental", PASSWORD)
     store.create_account(COLLEAGUE, "colleague", "Ortho", PASSWORD, invited_by=MEMBER)
     proc, ports, _log = start_server(home, {"POSTVAULT_AUDIT_CHECKPOINT_SECONDS": "1"})
@@ -207,11 +203,8 @@ def test_activity_is_audited_without_content(serve: Serve) -> None:
 
 def test_shutdown_signs_the_last_events(tmp_path: Path, store_overrides: Callable[[], dict[str, str]]) -> None:
     home = tmp_path / "home"
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("POSTVAULT_")}
-    try:
+    with cheap_home_env():
         init_home(home, "mail.example.test", store_overrides())
-    finally:
-        os.environ.update(saved)
     proc, _ports, _log = start_server(home)
     stop_server(proc)
     assert proc.returncode == 0

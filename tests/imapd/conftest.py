@@ -28,7 +28,7 @@ from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -152,16 +152,9 @@ def folders_server(tmp_path_factory: pytest.TempPathFactory,
 def _server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]],
             allow_user_folders: bool) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("imap") / "home"
-    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, HOST, store_overrides())
         store = open_store(load_config(home))
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     if allow_user_folders:
         policy = home / "conf" / "policy.toml"
         text = policy.read_text("utf-8")

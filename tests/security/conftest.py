@@ -21,7 +21,6 @@ is 1 for the subprocess's home, as in the IMAP tests).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import ssl
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from tests.smtpd.conftest import (  # noqa: F401
     tight,
     world,
 )
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -129,17 +128,10 @@ def _small_auth_limits(home: Path) -> None:
 @pytest.fixture(scope="session")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     home = tmp_path_factory.mktemp("security") / "home"
-    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, HOST)
         _small_auth_limits(home)
         store = open_store(load_config(home))
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     https = free_port()
     proc, ports, _log = start_server(home, {"POSTVAULT_LISTEN_HTTPS": f"127.0.0.1:{https}"})
     ports["https"] = https

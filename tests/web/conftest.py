@@ -36,7 +36,7 @@ from postvault.conf.schema import Config
 from postvault.home import init_home, open_store
 from postvault.store.api import Store
 from tests.outbound.sink import Certs, SinkHandler, sink, write_certs
-from tests.support import free_port
+from tests.support import cheap_home_env, free_port
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -202,17 +202,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("web")
     home = base / "home"
     certs = write_certs(base / "sink-certs")
-    saved = {k: v for k, v in os.environ.items() if k.startswith("POSTVAULT_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ["POSTVAULT_STORE_KDF_ITERATIONS"] = "1"
-    try:
+    with cheap_home_env():
         init_home(home, HOST)
         config = load_config(home)
         store = open_store(config)
-    finally:
-        del os.environ["POSTVAULT_STORE_KDF_ITERATIONS"]
-        os.environ.update(saved)
     clock_file = base / "clock"
     clock_file.write_text("0")
     with sink(certs) as (handler, relay_port):
