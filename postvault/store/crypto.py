@@ -58,6 +58,7 @@ import io
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -132,6 +133,13 @@ _HEADER = struct.Struct(">4sBI16s")  # magic, version, chunk_size, salt
 HEADER_LEN = _HEADER.size
 
 _ARGON2ID = "argon2id"
+# One Argon2id derivation at a time in this process. cryptography >= 50
+# releases the GIL during it and lets OpenSSL spread the lanes over its own
+# thread pool (sized to the CPU count); two derivations at once then hang or
+# fail with a spurious MemoryError (seen with 50.0.2: two threads, lanes 4).
+# A lone derivation still uses several cores, and the GIL stays free for the
+# event loop and for bcrypt, which a login runs beside it (accounts.login).
+_ARGON2_LOCK = threading.Lock()
 _HKDF = "hkdf-sha256"
 # Bounds accepted for stored Argon2id parameters: generous enough to raise
 # the cost for years, tight enough that a corrupted row cannot ask for
@@ -308,13 +316,14 @@ def derive_wrapping_key(secret: bytes, kdf: KdfParams) -> bytes:
     """
     secret = _require_bytes("secret", secret)
     if kdf.algorithm == _ARGON2ID:
-        return Argon2id(
-            salt=kdf.salt,
-            length=KEY_LEN,
-            iterations=kdf.iterations,
-            lanes=kdf.lanes,
-            memory_cost=kdf.memory_kib,
-        ).derive(secret)
+        with _ARGON2_LOCK:
+            return Argon2id(
+                salt=kdf.salt,
+                length=KEY_LEN,
+                iterations=kdf.iterations,
+                lanes=kdf.lanes,
+                memory_cost=kdf.memory_kib,
+            ).derive(secret)
     if len(secret) < MIN_TOKEN_LEN:
         raise CryptoError("an invitation token must carry at least 256 bits")
     return HKDF(

@@ -597,3 +597,31 @@ def test_argon2id_lets_other_threads_run() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert turns > 100, f"the main thread ran {turns} times during Argon2id"
+
+
+def test_argon2id_from_several_threads_at_once() -> None:
+    """Logins and account creation derive keys on several threads at once;
+    with cryptography >= 50 unserialised derivations hang or fail with a
+    spurious MemoryError (OpenSSL's thread pool), so derive_wrapping_key
+    runs one at a time. Each thread's result must be its own key."""
+    import threading
+
+    params = [KdfParams.for_password(memory_kib=1024, iterations=1, lanes=4) for _ in range(4)]
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def derive(i: int) -> None:
+        try:
+            for _ in range(5):
+                results[i] = derive_wrapping_key(b"password %d" % i, params[i])
+        except BaseException as e:  # reported below, with the thread's error
+            errors.append(e)
+
+    threads = [threading.Thread(target=derive, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not [t for t in threads if t.is_alive()], "a derivation hung"
+    assert not errors, errors
+    assert results == {i: derive_wrapping_key(b"password %d" % i, params[i]) for i in range(4)}
