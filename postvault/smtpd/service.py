@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,11 @@ class SubmissionService:
 
     name = "smtp"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         self.runtime = runtime
+        # A worker process (workers.py): the listening sockets its parent
+        # bound, by listener name; None: bind them here.
+        self.inherited = inherited
         self.handler = SubmissionHandler(runtime)
         self.registry = SessionRegistry(runtime.config.smtp.max_connections_per_ip)
         self.servers: list[Listener] = []
@@ -116,7 +120,7 @@ class SubmissionService:
         out: list[str] = []
         for kind, endpoint, implicit in (("submissions", listen.submissions, True),
                                          ("submission", listen.submission, False)):
-            if endpoint is None:
+            if endpoint is None or (self.inherited is not None and kind not in self.inherited):
                 continue
             # On a PROXY-protocol listener the header is read before TLS
             # and before the greeting (proxyproto.py).
@@ -124,6 +128,7 @@ class SubmissionService:
                 kind, endpoint, lambda implicit=implicit: self._protocol(implicit), self.runtime.config.proxy,
                 tls=self.runtime.tls.context if implicit else None,
                 handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
+                sockets=None if self.inherited is None else self.inherited[kind],
             )
             self.servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
@@ -132,6 +137,12 @@ class SubmissionService:
             out.append(f"{kind} {shown}")
             log.info("listening: %s %s", kind, shown)
         return out
+
+    def listening_sockets(self) -> dict[str, list[int]]:
+        """The file descriptors of each listener's listening sockets (for
+        the worker processes to inherit)."""
+        return {kind: [sock.fileno() for sock in server.sockets]
+                for kind, server in zip(self.bound, self.servers)}
 
     async def stop(self, drain_seconds: float) -> None:
         for server in self.servers:
