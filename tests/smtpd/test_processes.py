@@ -12,6 +12,7 @@ these waits heard the worker's relayed change notice.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
@@ -266,7 +267,7 @@ def test_config_refuses_a_bad_process_count(tmp_path: Path) -> None:
     conf.write_text(conf.read_text("utf-8").replace("processes = 1", "processes = 0"), "utf-8")
     run = subprocess.run([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)],
                          capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in __import__("os").environ.items() if not k.startswith("POSTVAULT_")})
+                         env={k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")})
     assert run.returncode != 0
     assert "smtp.processes" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "Traceback" not in run.stderr
@@ -348,9 +349,6 @@ def test_a_killed_worker_loses_nothing_acknowledged_and_is_started_again(tmp_pat
         for t in threads:
             t.start()
         time.sleep(2.0)
-        Path(f"/proc/{old}").exists()
-        import os
-
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not [p for p in workers(server) if p != old]:
@@ -386,6 +384,29 @@ def test_a_killed_worker_loses_nothing_acknowledged_and_is_started_again(tmp_pat
             if new[0] in served:
                 break
         assert new[0] in served
+    finally:
+        stop_server(server.proc)
+        server.store.close()
+
+
+def test_workers_stop_when_the_main_process_dies(tmp_path: Path) -> None:
+    import socket
+
+    server = _serve(_home(tmp_path))
+    try:
+        (worker,) = workers(server)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(30)
+        # The worker hears its control socket close, stops listening and exits.
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+            time.sleep(0.1)
+        assert not Path(f"/proc/{worker}").exists()
+        # Nothing holds the port any more: a new server could bind it.
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", server.submissions))
+            s.listen()
     finally:
         stop_server(server.proc)
         server.store.close()
