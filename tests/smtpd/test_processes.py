@@ -254,6 +254,54 @@ def test_lockout_holds_in_every_process(two: Server) -> None:
     assert {"main", "smtp 1"} <= refused, refused
 
 
+def test_sighup_reloads_every_process(two: Server) -> None:
+    start = len(lines(two))
+    two.proc.send_signal(signal.SIGHUP)
+    done: set[str | None] = set()
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not {"main", "smtp 1"} <= done:
+        time.sleep(0.1)
+        done = {who(ln) for ln in lines(two)[start:] if "reload done: ok" in ln}
+    assert {"main", "smtp 1"} <= done, done
+    # Still serving on both ports afterwards.
+    for implicit in (True, False):
+        c = connect(two, implicit)
+        assert c.greeting[0] == 220
+        c.close()
+
+
+def test_proxy_protocol_listener_in_every_process(tmp_path: Path) -> None:
+    from tests.proxy_clients import ProxiedSMTP, v1, v2
+
+    home = _home(tmp_path)
+    with cheap_home_env():
+        store = open_store(load_config(home))
+    proc, ports, log = start_server(home, {"POSTVAULT_SMTP_PROCESSES": "2",
+                                           "POSTVAULT_PROXY_LISTENERS": "submissions, submission",
+                                           "POSTVAULT_PROXY_TRUSTED": "127.0.0.1"})
+    server = Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"], store, proc, log)
+    try:
+        seen: set[tuple[str | None, str]] = set()
+        for n in range(60):
+            client = f"192.0.2.{n % 2 + 7}"
+            header = (v1 if n % 2 else v2)(client, dport=server.submissions)
+            smtp = ProxiedSMTP(server.submissions, header, server.context())
+            assert smtp.ehlo()[0] == 250
+            smtp.quit()
+            time.sleep(0.05)
+            seen = {(who(ln), m.group(1)) for ln in lines(server) if (m := re.search(r" connect ip=(\S+) ", ln))}
+            if {("main", "192.0.2.7"), ("smtp 1", "192.0.2.7")} <= seen or \
+                    {("main", "192.0.2.8"), ("smtp 1", "192.0.2.8")} <= seen:
+                break
+        # Both processes read the header: each logged a client's address, never the proxy's.
+        assert {p for p, _ in seen} == {"main", "smtp 1"}, seen
+        assert all(ip.startswith("192.0.2.") for _, ip in seen), seen
+    finally:
+        stop_server(proc)
+        store.close()
+    assert proc.returncode == 0, log.read_text()
+
+
 def test_config_refuses_a_bad_process_count(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with cheap_home_env():
