@@ -1,13 +1,16 @@
-"""``postvault serve``: every service in one process on one asyncio loop.
+"""``postvault serve``: every service in one process on one asyncio loop
+(with ``[smtp] processes = N > 1``, plus N - 1 processes that serve only
+SMTP submission on the same listening sockets: ``smtpd/workers.py``).
 
 Start-up: config, policy, TLS and the store (schema upgraded) are loaded
 first, so a mistake stops the server before it listens. Then each service
 starts its listeners and a line "postvault ready: ..." goes to standard
 output (tests and init scripts wait for it).
 
-Signals: SIGHUP reloads policy and certificates (``Runtime.reload``);
-SIGTERM and SIGINT stop accepting connections, let open sessions finish for
-up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
+Signals: SIGHUP reloads policy and certificates (``Runtime.reload``; the
+submission workers reload too); SIGTERM and SIGINT stop accepting
+connections, let open sessions finish for up to ``DRAIN_SECONDS`` (the
+workers' too) and then close them. A message is acknowledged only
 after it is stored, so closing a session mid-transaction loses nothing that
 was acknowledged.
 

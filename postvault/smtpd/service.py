@@ -18,7 +18,12 @@ SIGHUP: the context handed to ``create_server`` at start switches each new
 handshake to the holder's current one (``certs/context.py``), and each
 new STARTTLS session reads the holder again.
 
-:class:`SessionRegistry` tracks open sessions, for the per-address limit
+With ``[smtp] processes = N > 1`` this service runs in the main process
+and in each of the N - 1 submission workers (``workers.py``), which get
+the main process's listening sockets (``inherited``) instead of binding.
+
+:class:`SessionRegistry` tracks open sessions (of this process: the
+per-address limit counts per process), for the per-address limit
 and for :meth:`SubmissionService.stop`, which stops accepting, closes idle
 sessions, lets transactions in flight finish for up to ``drain_seconds``,
 then cuts what is left. A message is acknowledged only once stored, so a cut
