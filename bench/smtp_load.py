@@ -248,7 +248,8 @@ def cpu_seconds(pid: int) -> float:
         print(f"    pid {pid} user {fields[11]} sys {fields[12]}", file=sys.stderr)
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     try:
-        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children", encoding="ascii").read().split()]
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(c) for c in f.read().split()]
     except OSError:
         children = []
     return own + sum(cpu_seconds(c) for c in children)

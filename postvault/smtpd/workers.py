@@ -107,7 +107,7 @@ def frame(message: dict[str, Any]) -> bytes:
 
 async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     """The next control message; None at the end of the stream. Raises
-    ``ValueError`` for a frame that is not ours."""
+    ``ValueError`` or ``TypeError`` for a frame that is not ours."""
     try:
         size = _HEADER.unpack(await reader.readexactly(_HEADER.size))[0]
         if size > MAX_FRAME:
@@ -117,7 +117,7 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         return None
     message = json.loads(body)
     if not isinstance(message, dict):
-        raise ValueError("control frame is not an object")
+        raise TypeError("control frame is not an object")
     return message
 
 
@@ -320,7 +320,7 @@ class SubmissionWorkers:
             self._spawn(worker)
         try:
             await asyncio.wait_for(asyncio.gather(*(w.ready for w in self.workers if w.ready)), READY_SECONDS)
-        except (asyncio.TimeoutError, PostvaultError) as exc:
+        except (TimeoutError, PostvaultError) as exc:
             self._stopping = True
             for worker in self.workers:
                 if worker.proc is not None and worker.proc.poll() is None:
@@ -410,7 +410,7 @@ class SubmissionWorkers:
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), READY_SECONDS)
             log.info("submission worker %d listens again (pid %d)", worker.index, worker.proc.pid)
-        except (asyncio.TimeoutError, PostvaultError):
+        except (TimeoutError, PostvaultError):
             log.error("submission worker %d did not listen again in time", worker.index)
 
     def _heard(self, worker: _Worker, message: dict[str, Any]) -> None:
