@@ -31,6 +31,7 @@ from postvault.errors import ConfigError
 from postvault.home import init_home, open_store
 from tests.imapd.conftest import Server, start_server, stop_server
 from tests.imapd.test_imaplib import raw_session, read_until
+from tests.pgcluster import Cluster
 from tests.support import cheap_home_env
 
 from .client import PASSWORD, Raw, message, stuff, transaction
@@ -149,6 +150,12 @@ def test_both_ports_are_served_by_both_processes(two: Server) -> None:
 
 
 def test_idle_in_the_main_process_hears_a_message_filed_by_the_worker(two: Server) -> None:
+    idle_hears_both(two)
+
+
+def idle_hears_both(two: Server) -> None:
+    """An IDLE session (in the main process) hears messages filed by
+    either process within a second of their 250."""
     idler = raw_session(two, RECIPIENT)
     lines_ = idler.command("s", "SELECT INBOX")
     exists = next(int(m.group(1)) for ln in lines_ if (m := re.match(rb"\* (\d+) EXISTS", ln)))
@@ -173,6 +180,24 @@ def test_idle_in_the_main_process_hears_a_message_filed_by_the_worker(two: Serve
     assert set(by) == {"main", "smtp 1"}, by
     assert by["smtp 1"] < 1.0, by
     idler.send(b"DONE\r\n")
+
+
+def test_on_postgresql_the_worker_is_heard_by_notify(tmp_path: Path, pg_cluster: Cluster) -> None:
+    """On PostgreSQL nothing is relayed: the worker's LISTEN/NOTIFY bus
+    (pgnotify.py) tells the main process."""
+    home = tmp_path / "home"
+    with cheap_home_env():
+        init_home(home, HOST, {"store.url": pg_cluster.new_database(), "store.blobs": "database"})
+    server = _serve(home)
+    try:
+        for email in (SENDER, RECIPIENT):
+            server.store.create_account(email, "member", email.split("@")[0].title(), PASSWORD)
+        idle_hears_both(server)
+        assert "hearing other nodes' changes" in server.log.read_text()
+    finally:
+        stop_server(server.proc)
+        server.store.close()
+    assert server.proc.returncode == 0, server.log.read_text()
 
 
 def test_ten_clients_fifty_messages_across_processes(two: Server) -> None:
