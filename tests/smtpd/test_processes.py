@@ -128,6 +128,10 @@ def send_one(server: Server, c: Raw, n: int, sender: str = SENDER, rcpt: str = R
 
 def test_both_ports_are_served_by_both_processes(two: Server) -> None:
     assert len(workers(two)) == 1
+    # "postvault ready" came only after the worker listened: its line is
+    # in the log before the main process's.
+    readies = [who(ln) for ln in lines(two) if re.search(r"\] postvault\.\S+: ready: ", ln)]
+    assert readies[:2] == ["smtp 1", "main"], readies
     seen: set[tuple[str, str]] = set()
     wanted = {(p, k) for p in ("main", "smtp 1") for k in ("submissions", "submission")}
     start = len(lines(two))
@@ -480,6 +484,39 @@ def test_workers_stop_when_the_main_process_dies(tmp_path: Path) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", server.submissions))
             s.listen()
+    finally:
+        stop_server(server.proc)
+        server.store.close()
+
+
+def test_a_worker_that_keeps_dying_is_left_down_and_the_rest_serves(tmp_path: Path) -> None:
+    from postvault.smtpd.workers import RESTARTS
+
+    server = _serve(_home(tmp_path))
+    try:
+        server.store.create_account(SENDER, "member", "Office", PASSWORD)
+        server.store.create_account(RECIPIENT, "member", "Front", PASSWORD)
+        killed: set[int] = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "not starting it again" not in server.log.read_text():
+            for pid in workers(server):
+                if pid not in killed:  # each start of the worker is killed once
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.3)
+        log = server.log.read_text()
+        assert "not starting it again" in log, log[-3000:]
+        assert log.count("ended unexpectedly") == RESTARTS - 1
+        time.sleep(1.5)
+        assert workers(server) == []
+        # The main process still serves.
+        c = connect(server, implicit=True)
+        c.ehlo()
+        assert c.login(SENDER)[0] == 235
+        send_one(server, c, 1)
+        c.close()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
     finally:
         stop_server(server.proc)
         server.store.close()
