@@ -520,3 +520,35 @@ def test_a_worker_that_keeps_dying_is_left_down_and_the_rest_serves(tmp_path: Pa
     finally:
         stop_server(server.proc)
         server.store.close()
+
+
+def test_control_frames_round_trip_and_refuse_what_is_not_ours() -> None:
+    import asyncio
+    import struct
+
+    from postvault.smtpd.workers import MAX_FRAME, frame, read_frame
+    from postvault.store.notify import Change
+    from postvault.store.pgnotify import decode, encode
+
+    change = Change(7, "Ünbox", "exists", (1, 2, 3, 9))
+
+    async def read(data: bytes) -> list[object]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        out: list[object] = []
+        while (message := await read_frame(reader)) is not None:
+            out.append(message)
+        return out
+
+    got = asyncio.run(read(frame({"t": "ready"}) + frame({"t": "change", "p": encode("w1", change)})))
+    assert got[0] == {"t": "ready"}
+    assert decode(got[1]["p"]) == ("w1", change)  # type: ignore[index]
+    # A frame cut short by the worker's death is the end, not an error.
+    assert asyncio.run(read(frame({"t": "ready"})[:-2])) == []
+    with pytest.raises(ValueError):
+        asyncio.run(read(struct.pack(">I", MAX_FRAME + 1)))
+    with pytest.raises(TypeError):
+        asyncio.run(read(struct.pack(">I", 2) + b"[]"))
+    with pytest.raises(ValueError):
+        asyncio.run(read(struct.pack(">I", 3) + b"{x}"))
