@@ -205,13 +205,14 @@ class Lab:
 
     # Postvault ---------------------------------------------------------------------------------------
 
-    def postvault(self, concurrency: int) -> Target:
+    def postvault(self, concurrency: int, smtp_processes: int = 1) -> Target:
         t = Target("Postvault", self.home, free_port(), free_port())
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTVAULT_")}
         env.update(POSTVAULT_LISTEN_IMAPS=f"127.0.0.1:{t.imap_port}", POSTVAULT_LISTEN_IMAP="",
                    POSTVAULT_LISTEN_HTTPS="", POSTVAULT_LISTEN_SUBMISSION="",
                    POSTVAULT_LISTEN_SUBMISSIONS=f"127.0.0.1:{t.smtp_port}",
                    POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP=str(max(50, concurrency + 5)), PYTHONUNBUFFERED="1",
+                   POSTVAULT_SMTP_PROCESSES=str(smtp_processes),
                    PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
         proc = subprocess.Popen([sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(self.home)],
                                 env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
@@ -913,6 +914,8 @@ def main() -> int:
     ap.add_argument("--save", metavar="FILE", help="also pickle the raw results to FILE")
     ap.add_argument("--report-from", metavar="FILE", help="print the report of results saved with --save")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="processes sealing the mailbox")
+    ap.add_argument("--smtp-processes", type=int, default=1, metavar="N",
+                    help="Postvault's [smtp] processes (submission in N processes; default 1)")
     args = ap.parse_args()
     if args.report_from:
         import pickle
@@ -960,7 +963,7 @@ def main() -> int:
     try:
         cold = [[f"cold{r}-{k}@dental.bench.test" for k in range(icfg.cold)] for r in range(runs)]
         t0, step = make_postvault_home(lab, messages, [a for run_ in cold for a in run_], args.workers)
-        targets = [lab.postvault(10)]
+        targets = [lab.postvault(10, args.smtp_processes)]
         if args.no_peers:
             lab.skipped["Dovecot and Postfix"] = "--no-peers"
         else:

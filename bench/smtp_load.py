@@ -21,6 +21,11 @@ messages (all rounds), and Postvault's share of the bare server's figures.
 Goals (issue 4): >= 60 % of bare messages/s at 10 KB and C=10, and >= 80 %
 of bare MB/s at 10 MB.
 
+``--processes 1,2,3`` starts one Postvault server per value of ``[smtp]
+processes`` (each on a home folder of its own) and measures each against
+the same bare server in the same run; the server CPU column then counts
+the submission worker processes too.
+
 Everything stays on 127.0.0.1; every loop is bounded by N and timeouts.
 ``--profile-out FILE`` also records a py-spy profile of the Postvault
 server (all threads) during its first 10 KB round (from the end of the
@@ -137,33 +142,47 @@ def wait_ready(proc: subprocess.Popen[bytes], word: bytes, seconds: float = 120)
         raise SystemExit(f"server did not start: {seen!r}")
 
 
+def postvault_name(processes: int) -> str:
+    """The report's name of Postvault with ``[smtp] processes`` = N."""
+    return "Postvault" if processes == 1 else f"Postvault, {processes} processes"
+
+
 @dataclass
 class Servers:
     work: Path
-    postvault_port: int = 0
     bare_port: int = 0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    postvault_pid: int = 0
     bare_pid: int = 0
+    # name -> (port, pid), one per process count asked for
+    postvault: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def start(self, concurrency: int) -> None:
+    @property
+    def postvault_pid(self) -> int:
+        return next(iter(self.postvault.values()))[1]
+
+    def start(self, concurrency: int, processes: list[int] | None = None) -> None:
         from postvault.conf.load import load_config
         from postvault.home import init_home, open_store
 
-        home = self.work / "home"
-        init_home(home, "mail.example.test")
-        store = open_store(load_config(home, environ={}))
-        store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
-        store.create_account(RECIPIENT, "member", "Bench Clinic", PASSWORD)
-        store.close()
-        self.postvault_port, self.bare_port = free_port(), free_port()
-        try:
-            pv = Serve(home, {"submissions": f"127.0.0.1:{self.postvault_port}"}, self.work / "postvault.log",
-                       {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5))})
-        except RuntimeError as e:
-            raise SystemExit(str(e)) from None
-        self.procs.append(pv.proc)
-        self.postvault_pid = pv.pid
+        home = self.work
+        for n in processes or [1]:
+            # A home folder each, so every server starts with empty mailboxes.
+            home = self.work / f"home-{n}"
+            init_home(home, "mail.example.test")
+            store = open_store(load_config(home, environ={}))
+            store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
+            store.create_account(RECIPIENT, "member", "Bench Clinic", PASSWORD)
+            store.close()
+            port = free_port()
+            try:
+                pv = Serve(home, {"submissions": f"127.0.0.1:{port}"}, self.work / f"postvault-{n}.log",
+                           {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5)),
+                            "POSTVAULT_SMTP_PROCESSES": str(n)})
+            except RuntimeError as e:
+                raise SystemExit(str(e)) from None
+            self.procs.append(pv.proc)
+            self.postvault[postvault_name(n)] = (port, pv.pid)
+        self.bare_port = free_port()
         out = self.work / "bare-out"
         out.mkdir()
         bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(self.bare_port),
@@ -217,8 +236,9 @@ class Round:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far,
-    from /proc/PID/stat (fields 14 and 15, in clock ticks); 0 elsewhere."""
+    """User + system CPU time of process ``pid`` (all its threads) and of
+    its live child processes (Postvault's submission workers) so far, from
+    /proc/PID/stat (fields 14 and 15, in clock ticks); 0 elsewhere."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -226,7 +246,13 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     if os.environ.get("BENCH_CPU_SPLIT"):
         print(f"    pid {pid} user {fields[11]} sys {fields[12]}", file=sys.stderr)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    return own + sum(cpu_seconds(c) for c in children)
 
 
 def run_round(port: int, ctx: ssl.SSLContext, concurrency: int, messages: list[bytes],
@@ -316,6 +342,9 @@ def main() -> None:
                         help="after the load, measure both servers' CPU while idle for SECONDS (background "
                              "work such as the outbound worker's polling) and, with --profile-out, record a "
                              "py-spy profile of Postvault meanwhile (FILE.idle)")
+    parser.add_argument("--processes", default="1",
+                        help="comma-separated [smtp] processes values: one Postvault server each, all measured "
+                             "in the same run against the one bare server (default: 1)")
     parser.add_argument("--bare-server", nargs=4, metavar=("PORT", "CERT", "KEY", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -329,26 +358,30 @@ def main() -> None:
     sizes = [s.strip() for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="pv-smtp-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         servers = Servers(Path(tmp))
-        servers.start(args.concurrency)
-        ctx = client_context(Path(tmp) / "home/certs/ca.pem")
+        processes = [int(n) for n in args.processes.split(",")]
+        servers.start(args.concurrency, processes)
+        # One development CA per home folder: a context per server.
+        ctxs = {postvault_name(n): client_context(Path(tmp) / f"home-{n}/certs/ca.pem") for n in processes}
+        ctxs["bare aiosmtpd"] = ctxs[postvault_name(processes[-1])]
+        targets = [(name, port, pid) for name, (port, pid) in servers.postvault.items()]
+        targets.append(("bare aiosmtpd", servers.bare_port, servers.bare_pid))
         results: dict[str, dict[str, dict[str, float]]] = {}
         try:
             for size_name in sizes:
                 n = counts[size_name]
                 messages = [make_message(SIZES[size_name], i) for i in range(n)]
                 # Warm up both (imports, first bcrypt-free paths, page cache).
-                for port in (servers.postvault_port, servers.bare_port):
-                    run_round(port, ctx, min(2, args.concurrency), messages[:2])
-                done: dict[str, list[Round]] = {"Postvault": [], "bare aiosmtpd": []}
+                for name, port, _ in targets:
+                    run_round(port, ctxs[name], min(2, args.concurrency), messages[:2])
+                done: dict[str, list[Round]] = {name: [] for name, _, _ in targets}
                 for r in range(rounds):
-                    for name, port, pid in (("Postvault", servers.postvault_port, servers.postvault_pid),
-                                            ("bare aiosmtpd", servers.bare_port, servers.bare_pid)):
+                    for name, port, pid in targets:
                         spies: list[subprocess.Popen[bytes] | None] = []
                         start_spy = None
                         if args.profile_out and name == "Postvault" and size_name == "10 KB" and r == 0:
                             out = args.profile_out
                             start_spy = lambda: spies.append(py_spy(servers.postvault_pid, out, 600))  # noqa: E731
-                        done[name].append(run_round(port, ctx, args.concurrency, messages, start_spy, pid))
+                        done[name].append(run_round(port, ctxs[name], args.concurrency, messages, start_spy, pid))
                         spy = spies[0] if spies else None
                         if spy is not None:
                             spy.send_signal(signal.SIGINT)
@@ -366,9 +399,11 @@ def main() -> None:
 def measure_idle(servers: Servers, seconds: float, profile_out: str | None) -> dict[str, float]:
     """CPU ms per second of each server while no client is connected."""
     spy = py_spy(servers.postvault_pid, profile_out + ".idle", int(seconds) + 5) if profile_out else None
-    before = {"Postvault": cpu_seconds(servers.postvault_pid), "bare aiosmtpd": cpu_seconds(servers.bare_pid)}
+    pids = {name: pid for name, (_, pid) in servers.postvault.items()}
+    pids["bare aiosmtpd"] = servers.bare_pid
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     time.sleep(seconds)
-    after = {"Postvault": cpu_seconds(servers.postvault_pid), "bare aiosmtpd": cpu_seconds(servers.bare_pid)}
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
@@ -389,11 +424,13 @@ def print_report(results: dict[str, dict[str, dict[str, float]]], concurrency: i
             print(f"| {size} | {name} | {int(r['n'])} | {r['msgs']:.1f} | {r['mbs']:.1f} | {r['p50']:.0f} | "
                   f"{r['p99']:.0f} | {r['cpu']:.1f} |")
     print()
-    print("| size | Postvault / bare, msg/s | Postvault / bare, MB/s |")
-    print("| --- | --- | --- |")
-    ratio: Callable[[str, str], float] = lambda s, k: results[s]["Postvault"][k] / results[s]["bare aiosmtpd"][k]
-    for size in results:
-        print(f"| {size} | {ratio(size, 'msgs'):.0%} | {ratio(size, 'mbs'):.0%} |")
+    print("| size | server | Postvault / bare, msg/s | Postvault / bare, MB/s |")
+    print("| --- | --- | --- | --- |")
+    ratio: Callable[[str, str, str], float] = lambda s, n, k: results[s][n][k] / results[s]["bare aiosmtpd"][k]
+    for size, by_server in results.items():
+        for name in by_server:
+            if name != "bare aiosmtpd":
+                print(f"| {size} | {name} | {ratio(size, name, 'msgs'):.0%} | {ratio(size, name, 'mbs'):.0%} |")
     if idle is not None:
         print()
         print("Idle, after the load: " + ", ".join(f"{name} {ms:.1f} ms of CPU per second" for name, ms in idle.items())

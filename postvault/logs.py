@@ -42,14 +42,18 @@ class ContentFreeFormatter(logging.Formatter):
         return "\nDuring or because of:\n".join(reversed(parts))
 
 
-def configure_logging(config: LogConfig) -> None:
+def configure_logging(config: LogConfig, tag: str | None = None) -> None:
+    """Send log records where ``[log]`` says. ``tag``: put in every line
+    after the level (with several submission processes, which process
+    wrote it, e.g. "[smtp 1 pid 4242]"); None: the plain format."""
     handler: logging.Handler
     if config.file is not None:
         config.file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(config.file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(ContentFreeFormatter(FORMAT))
+    handler.setFormatter(ContentFreeFormatter(FORMAT if tag is None else FORMAT.replace(
+        "%(levelname)s ", "%(levelname)s " + tag.replace("%", "%%") + " ")))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -6,8 +6,9 @@ this service starts its sender and listener threads when the server starts
 the others) and stops them when it stops. It stops last (``stops_last``),
 after the sessions drained: changes made while draining still reach the
 other nodes, and this node's sessions still hear theirs. On SQLite there is
-nothing to do: one process serves, and IDLE's poll catches what postvault
-commands change.
+nothing to do: one node serves (its submission workers, if any, relay
+their changes to the main process themselves: ``smtpd/workers.py``), and
+IDLE's poll catches what postvault commands change.
 """
 
 from __future__ import annotations

@@ -512,18 +512,46 @@ async def _bind(endpoint: Endpoint) -> list[socket.socket]:
     return out
 
 
+class ServerGroup:
+    """Several ``asyncio.Server``s as one listener (an inherited listener
+    with one socket per address of its host name)."""
+
+    def __init__(self, servers: list[asyncio.Server]) -> None:
+        self._servers = servers
+
+    @property
+    def sockets(self) -> list[Any]:
+        return [sock for server in self._servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()
+
+
 async def start_listener(kind: str, endpoint: Endpoint, factory: Callable[[], Any], proxy: ProxyConfig, *,
-                         tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None) -> Listener:
+                         tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None,
+                         sockets: list[socket.socket] | None = None) -> Listener:
     """Listen on ``endpoint`` for the listener named ``kind`` ("imaps",
     "submission", ...): a PROXY-protocol listener if ``[proxy] listeners``
     names it, else ``loop.create_server``. ``tls``: implicit TLS by asyncio
-    (after the header, if any)."""
+    (after the header, if any). ``sockets``: listening sockets bound
+    already (a submission worker process inherits its parent's, see
+    ``smtpd/workers.py``); accept on those instead of binding."""
     if kind not in proxy.listeners:
         loop = asyncio.get_running_loop()
+        if sockets is not None:
+            return ServerGroup([await loop.create_server(factory, sock=sock, ssl=tls,
+                                                         ssl_handshake_timeout=handshake_timeout if tls else None)
+                                for sock in sockets])
         return await loop.create_server(factory, endpoint.host, endpoint.port, ssl=tls,
                                         ssl_handshake_timeout=handshake_timeout if tls else None,
                                         reuse_address=True)
-    listener = ProxyListener(kind, await _bind(endpoint), factory, proxy, tls, handshake_timeout)
+    listener = ProxyListener(kind, sockets if sockets is not None else await _bind(endpoint), factory, proxy, tls,
+                             handshake_timeout)
     listener.start()
     log.info("%s %s takes the PROXY protocol from %s", kind, endpoint,
              ", ".join(str(n) for n in proxy.trusted))

@@ -35,16 +35,19 @@ class Runtime:
         tls = TLSContextHolder(config.tls.cert, config.tls.key)
         return cls(home, config, open_store(config), policy, tls)
 
-    def reload(self) -> list[str]:
+    def reload(self, *, record: bool = True) -> list[str]:
         """SIGHUP: re-read policy.toml and the certificate files. What fails to
-        load is reported and the old version kept; the rest takes effect."""
+        load is reported and the old version kept; the rest takes effect.
+        ``record``: write the audit event (a submission worker process,
+        which reloads when its parent does, leaves that to the parent)."""
         problems = self.policy.reload(policy_path(self.home))
         try:
             self.tls.reload()
         except PostvaultError as exc:
             problems.append(str(exc))
         outcome = "kept-old" if problems else "ok"
-        self.store.record_event("policy.reload", actor="admin", detail=f"result={outcome}")
+        if record:
+            self.store.record_event("policy.reload", actor="admin", detail=f"result={outcome}")
         for problem in problems:
             log.error("reload: %s", problem)
         log.info("reload done: %s", outcome)

@@ -1,13 +1,16 @@
-"""``postvault serve``: every service in one process on one asyncio loop.
+"""``postvault serve``: every service in one process on one asyncio loop
+(with ``[smtp] processes = N > 1``, plus N - 1 processes that serve only
+SMTP submission on the same listening sockets: ``smtpd/workers.py``).
 
 Start-up: config, policy, TLS and the store (schema upgraded) are loaded
 first, so a mistake stops the server before it listens. Then each service
 starts its listeners and a line "postvault ready: ..." goes to standard
 output (tests and init scripts wait for it).
 
-Signals: SIGHUP reloads policy and certificates (``Runtime.reload``);
-SIGTERM and SIGINT stop accepting connections, let open sessions finish for
-up to ``DRAIN_SECONDS`` and then close them. A message is acknowledged only
+Signals: SIGHUP reloads policy and certificates (``Runtime.reload``; the
+submission workers reload too); SIGTERM and SIGINT stop accepting
+connections, let open sessions finish for up to ``DRAIN_SECONDS`` (the
+workers' too) and then close them. A message is acknowledged only
 after it is stored, so closing a session mid-transaction loses nothing that
 was acknowledged.
 
@@ -28,6 +31,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 import resource
 import signal
 import sys
@@ -56,19 +60,22 @@ class Service(Protocol):
         ...
 
 
-def build_services(runtime: Runtime) -> list[Service]:
+def build_services(runtime: Runtime, drain_seconds: float = DRAIN_SECONDS) -> list[Service]:
     from .audit_service import AuditService
     from .imapd.service import IMAPService
     from .node_service import NodeLink
     from .outbound.service import outbound_service
     from .smtpd.service import SubmissionService
+    from .smtpd.workers import SubmissionWorkers
     from .sweep_service import LeftoverSweep
     from .web.service import WebService
 
+    submission = SubmissionService(runtime)
     # The sweep first: crash leftovers kept in the database go before any
-    # listener opens (see sweep_service).
-    return [LeftoverSweep(runtime), SubmissionService(runtime), IMAPService(runtime), outbound_service(runtime), WebService(runtime),
-            AuditService(runtime), NodeLink(runtime)]
+    # listener opens (see sweep_service). The submission workers
+    # ([smtp] processes > 1) right after the listeners they inherit.
+    return [LeftoverSweep(runtime), submission, SubmissionWorkers(runtime, submission, drain_seconds), IMAPService(runtime),
+            outbound_service(runtime), WebService(runtime), AuditService(runtime), NodeLink(runtime)]
 
 
 def _sqlite_heap() -> tuple[int, int] | None:
@@ -126,16 +133,26 @@ def memory_report(home: Path) -> Path | None:
     return path
 
 
+def _reload(runtime: Runtime, services: list[Service]) -> None:
+    """SIGHUP: reload here, then in the services' own processes (the
+    submission workers)."""
+    runtime.reload()
+    for service in services:
+        forward = getattr(service, "reloaded", None)
+        if forward is not None:
+            forward()
+
+
 async def _run(runtime: Runtime, drain_seconds: float) -> None:
     loop = asyncio.get_running_loop()
-    services = build_services(runtime)
+    services = build_services(runtime, drain_seconds)
     listening: list[str] = []
     for service in services:
         listening += await service.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    loop.add_signal_handler(signal.SIGHUP, _reload, runtime, services)
     loop.add_signal_handler(signal.SIGUSR1, memory_report, runtime.home)
     print(f"postvault ready: {', '.join(listening) or 'no listeners configured'}", flush=True)
     log.info("ready: %s", ", ".join(listening))
@@ -171,7 +188,10 @@ def raise_open_file_limit() -> int:
 
 def serve(home: Path, drain_seconds: float = DRAIN_SECONDS) -> int:
     runtime = Runtime.open(home)
-    configure_logging(runtime.config.log)
+    # With submission workers, every line says which process wrote it
+    # (theirs: "[smtp N pid P]", see smtpd/workers.py).
+    configure_logging(runtime.config.log,
+                      tag=f"[main pid {os.getpid()}]" if runtime.config.smtp.processes > 1 else None)
     log.info("open file limit %d (each connection takes one)", raise_open_file_limit())
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -460,6 +460,11 @@ class SmtpConfig:
     max_connections_per_ip: int = _smtp_key(
         "Open connections from one client address at once; more get 421 4.7.0. A whole "
         "practice often shares one address.", 50, 1, 100_000)
+    processes: int = _smtp_key(
+        "Processes that serve the submission listeners: 1 serves them in the main process with "
+        "everything else; N > 1 adds N - 1 worker processes that accept on the same listening "
+        "sockets, so SMTP can use more than one CPU core (docs/scaling.md). max_connections_per_ip "
+        "then counts per process.", 1, 1, 64)
 
 
 def _default_smtp() -> SmtpConfig:

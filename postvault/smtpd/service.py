@@ -18,7 +18,12 @@ SIGHUP: the context handed to ``create_server`` at start switches each new
 handshake to the holder's current one (``certs/context.py``), and each
 new STARTTLS session reads the holder again.
 
-:class:`SessionRegistry` tracks open sessions, for the per-address limit
+With ``[smtp] processes = N > 1`` this service runs in the main process
+and in each of the N - 1 submission workers (``workers.py``), which get
+the main process's listening sockets (``inherited``) instead of binding.
+
+:class:`SessionRegistry` tracks open sessions (of this process: the
+per-address limit counts per process), for the per-address limit
 and for :meth:`SubmissionService.stop`, which stops accepting, closes idle
 sessions, lets transactions in flight finish for up to ``drain_seconds``,
 then cuts what is left. A message is acknowledged only once stored, so a cut
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -87,8 +93,11 @@ class SubmissionService:
 
     name = "smtp"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         self.runtime = runtime
+        # A worker process (workers.py): the listening sockets its parent
+        # bound, by listener name; None: bind them here.
+        self.inherited = inherited
         self.handler = SubmissionHandler(runtime)
         self.registry = SessionRegistry(runtime.config.smtp.max_connections_per_ip)
         self.servers: list[Listener] = []
@@ -116,7 +125,7 @@ class SubmissionService:
         out: list[str] = []
         for kind, endpoint, implicit in (("submissions", listen.submissions, True),
                                          ("submission", listen.submission, False)):
-            if endpoint is None:
+            if endpoint is None or (self.inherited is not None and kind not in self.inherited):
                 continue
             # On a PROXY-protocol listener the header is read before TLS
             # and before the greeting (proxyproto.py).
@@ -124,6 +133,7 @@ class SubmissionService:
                 kind, endpoint, lambda implicit=implicit: self._protocol(implicit), self.runtime.config.proxy,
                 tls=self.runtime.tls.context if implicit else None,
                 handshake_timeout=HANDSHAKE_SECONDS if implicit else None,
+                sockets=None if self.inherited is None else self.inherited[kind],
             )
             self.servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
@@ -132,6 +142,12 @@ class SubmissionService:
             out.append(f"{kind} {shown}")
             log.info("listening: %s %s", kind, shown)
         return out
+
+    def listening_sockets(self) -> dict[str, list[int]]:
+        """The file descriptors of each listener's listening sockets (for
+        the worker processes to inherit)."""
+        return {kind: [sock.fileno() for sock in server.sockets]
+                for kind, server in zip(self.bound, self.servers)}
 
     async def stop(self, drain_seconds: float) -> None:
         for server in self.servers:
