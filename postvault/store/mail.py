@@ -619,7 +619,8 @@ class MailStore:
             return frozenset(p for p in people if p != acct.email.lower())
 
     def _add_copy(
-        self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int
+        self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int,
+        sealed_search: bytes | None = None,
     ) -> int:
         uid = box.uidnext
         box.uidnext = uid + 1
@@ -627,7 +628,7 @@ class MailStore:
         s.add(
             MessageCopy(
                 mailbox_id=box.id, uid=uid, message_id=message.id, flags=flags_text(flags), internal_date=when,
-                size=size, modseq=box.highestmodseq, wrapped_key=wrapped,
+                size=size, modseq=box.highestmodseq, wrapped_key=wrapped, sealed_search=sealed_search,
             )
         )
         return uid
@@ -1107,11 +1108,22 @@ class MailStore:
                     .order_by(MessageCopy.uid)
                 )
             )
+            # The search index entries go along (searchindex.py): bound to
+            # the account and message, like the wrapped key. One query, as
+            # the column is deferred.
+            entries: dict[int, bytes] = {}
+            ids = [c.id for c in copies]
+            for i in range(0, len(ids), _IN_LIST_MAX):
+                entries.update(s.execute(
+                    select(MessageCopy.id, MessageCopy.sealed_search)
+                    .where(MessageCopy.id.in_(ids[i:i + _IN_LIST_MAX]), MessageCopy.sealed_search.is_not(None))
+                ).all())
             for c in copies:
                 msg = s.get(Message, c.message_id)
                 assert msg is not None
                 flags = flags_set(c.flags)
-                pairs.append((c.uid, self._add_copy(s, dst, msg, c.wrapped_key, flags, c.internal_date, c.size)))
+                pairs.append((c.uid, self._add_copy(s, dst, msg, c.wrapped_key, flags, c.internal_date, c.size,
+                                                    entries.get(c.id))))
                 if move:
                     s.delete(c)
             if move and copies:
