@@ -1109,15 +1109,16 @@ class MailStore:
                 )
             )
             # The search index entries go along (searchindex.py): bound to
-            # the account and message, like the wrapped key. One query, as
-            # the column is deferred.
+            # the account and message, like the wrapped key. Read apart, as
+            # the column is deferred (one query per _IN_LIST_MAX copies).
             entries: dict[int, bytes] = {}
             ids = [c.id for c in copies]
             for i in range(0, len(ids), _IN_LIST_MAX):
-                entries.update(s.execute(
+                for copy_id, entry in s.execute(
                     select(MessageCopy.id, MessageCopy.sealed_search)
                     .where(MessageCopy.id.in_(ids[i:i + _IN_LIST_MAX]), MessageCopy.sealed_search.is_not(None))
-                ).all())
+                ):
+                    entries[copy_id] = entry
             for c in copies:
                 msg = s.get(Message, c.message_id)
                 assert msg is not None
