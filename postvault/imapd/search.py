@@ -249,16 +249,19 @@ class _Lazy:
     """One message's search fields, header and decoded text, each read
     only if a key asks."""
 
-    __slots__ = ("uid", "_search", "_header", "_text")
+    __slots__ = ("uid", "_search", "_fields", "_header", "_text")
 
     def __init__(self, uid: int, search: _Content) -> None:
         self.uid = uid
         self._search = search
+        self._fields: Fields | None = None
         self._header: email.message.Message | None = None
         self._text: str | None = None
 
     def fields(self) -> Fields:
-        return self._search.fields.get(self.uid)
+        if self._fields is None:
+            self._fields = self._search.fields.get(self.uid)
+        return self._fields
 
     def header(self) -> email.message.Message:
         if self._header is None:
