@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from . import delivery, fastread
+from . import delivery, fastread, searchindex
 from .db import WRITE_OPTION, unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
@@ -808,6 +808,7 @@ class MailStore:
                 )
             return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
         public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        sealed_search = searchindex.entry_for(session, public_id, data)
         del data
         when = internal_date or now()
         try:
@@ -819,7 +820,7 @@ class MailStore:
                 s.add(msg)
                 s.flush()
                 wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
-                uid = self._add_copy(s, box, msg, wrapped, flags, when, size)
+                uid = self._add_copy(s, box, msg, wrapped, flags, when, size, sealed_search)
                 audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id,
                              client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity

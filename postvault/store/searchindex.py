@@ -28,10 +28,13 @@ Invariants:
   header answers instead, the entry is re-sealed, and a warning without
   content is logged.
 - Read-only sessions (emergency access) read and use entries but write none.
+- APPEND writes its message's entry with the message (``entry_for``);
+  delivery, which has no private key, leaves it to the first search.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +60,14 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 METADATA_KEYS = frozenset({"LARGER", "SMALLER", "BEFORE", "ON", "SINCE"})
 _COPIES = MessageCopy.__table__
+
+
+def entry_for(session: AccountSession, public_id: str, data: bytes) -> bytes:
+    """The sealed index entry of a message the session is storing itself
+    (APPEND: the plaintext is at hand, so no later search decrypts it)."""
+    entry = entry_of(parse_header(read_header(io.BytesIO(data))))
+    return crypto.seal_search_entry(crypto.search_index_key(session.private_key), session.key_owner,
+                                    public_id.encode(), entry)
 
 
 def _day_start(day: date) -> datetime:

@@ -204,3 +204,13 @@ def test_metadata_tests_match_the_rows(store: Store, people: dict[str, str]) -> 
                 "LARGER", "SMALLER") else (m.size > value if name == "LARGER" else m.size < value)
             assert got == int(want), (name, value, m.uid)
     assert sum(columns[2]) == 2 and sum(columns[3]) == 1  # the comparison is not vacuous
+
+
+def test_append_writes_its_entry(store: Store, people: dict[str, str]) -> None:
+    s = store.login(people["member"], PASSWORD)
+    uid = store.append(s, "Drafts", CORPUS[1]).uid  # encoded-word From and Subject
+    assert _entries(store, people["member"], "Drafts")[uid]
+    counter = _CountingOpens(store)
+    got = _fields(store, s, "Drafts", [uid])[uid]
+    assert counter.opened == 0
+    assert isinstance(got, Fields) and got.has("from", "jürgen") and got.has("subject", "RÖNTGEN BEFUND FÜR")
