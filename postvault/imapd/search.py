@@ -118,7 +118,7 @@ class _Bitmaps:
         self._flag_octets: bytes | None = None
         self._meta: dict[int, int] = {}
         self.present = self.ones  # messages the store still has (when asked)
-        tests = []
+        tests: list[Key] = []
         self._collect(key, tests)
         if tests:
             self._load_metadata(store, session, mailbox, tests)

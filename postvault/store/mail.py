@@ -1112,7 +1112,7 @@ class MailStore:
             # The search index entries go along (searchindex.py): bound to
             # the account and message, like the wrapped key. Read apart, as
             # the column is deferred (one query per _IN_LIST_MAX copies).
-            entries: dict[int, bytes] = {}
+            entries: dict[int, bytes | None] = {}
             ids = [c.id for c in copies]
             for i in range(0, len(ids), _IN_LIST_MAX):
                 for copy_id, entry in s.execute(

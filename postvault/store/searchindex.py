@@ -39,9 +39,9 @@ import logging
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, bindparam, case, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IntegrityError
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 # and a bounded number of decoded entries in memory.
 BATCH = 1000
 METADATA_KEYS = frozenset({"LARGER", "SMALLER", "BEFORE", "ON", "SINCE"})
-_COPIES = MessageCopy.__table__
+_COPIES = cast(Table, MessageCopy.__table__)
 
 
 def entry_for(session: AccountSession, public_id: str, data: bytes) -> bytes:
@@ -147,8 +147,8 @@ class SearchIndexStore:
             batch = wanted[start:start + BATCH]
             members = set(batch)
             with self._sessions() as s:
-                rows = [r for r in s.connection().execute(q, {"low": batch[0], "high": batch[-1]}).cursor
-                        if r[0] in members]
+                cursor = s.connection().execute(q, {"low": batch[0], "high": batch[-1]}).cursor
+                rows = [r for r in cursor.fetchall() if r[0] in members]
             sealed = [(r[0], r[2], r[1]) for r in rows if r[1] is not None]
             opened = crypto.open_search_entries(index_key, owner, ((pid.encode(), e) for _, pid, e in sealed))
             found: dict[int, Fields | IntegrityError] = {}
