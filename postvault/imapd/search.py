@@ -48,7 +48,7 @@ from itertools import compress
 from typing import Any
 
 from ..errors import MessageNotFound
-from ..mime.searchfields import Fields, decoded, header_has, indexed, parse_header, read_header
+from ..mime.searchfields import Fields, decoded, header_has, indexed, needle_of, parse_header, position, read_header
 from .parse import Key
 
 _CHEAP, _FIELDS, _HEADER, _BODY = 0, 1, 2, 3
@@ -82,9 +82,11 @@ def _cost(key: Key) -> int:
     if key.sub:
         return max(_cost(k) for k in key.sub)
     if n in _FIELD_KEYS:
-        return _FIELDS
+        # IMAP strings carry no NUL; one that did goes the header way (an
+        # index entry joins a field's values with NUL).
+        return _FIELDS if "\0" not in str(key.args[0]) else _HEADER
     if n == "HEADER":
-        return _FIELDS if indexed(str(key.args[0])) else _HEADER
+        return _FIELDS if indexed(str(key.args[0])) and "\0" not in str(key.args[1]) else _HEADER
     if n in ("BODY", "TEXT"):
         return _BODY
     return _CHEAP
@@ -389,9 +391,13 @@ def _compile(key: Key, bits: _Bitmaps) -> Pred:
     if n == "NOT":
         inner = _compile(key.sub[0], bits)
         return lambda p, m: not inner(p, m)
-    if n in ("FROM", "TO", "CC", "BCC", "SUBJECT") or (n == "HEADER" and cost == _FIELDS):
+    if n in ("FROM", "TO", "CC", "BCC", "SUBJECT", "HEADER") and cost == _FIELDS:
         name, needle = (n, str(key.args[0])) if n != "HEADER" else (str(key.args[0]), str(key.args[1]))
-        return lambda p, m: m.fields().has(name, needle)
+        i, octets = position(name), needle_of(needle)
+        return lambda p, m: m.fields().contains(i, octets)
+    if n in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+        name, needle = n.capitalize() if n != "BCC" else "Bcc", str(key.args[0])
+        return lambda p, m: header_has(m.header(), name, needle)
     if n in ("SENTBEFORE", "SENTON", "SENTSINCE"):
         op, ref = n[4:], key.args[0].date()  # type: ignore[attr-defined]
 

@@ -15,7 +15,8 @@ that a header search need not decrypt every message:
 
 ``entry_of`` turns a parsed header into the compact, versioned plaintext
 of an index entry; ``Fields`` reads it back and answers the same questions
-with the same results. Nothing here does I/O or cryptography.
+with the same results, on the entry's octets (no decoding per search).
+Nothing here does I/O or cryptography.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
-import json
+import struct
 from datetime import date
 from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 HEADER_LIMIT = 256 * 1024
 # The fields an index entry holds, in entry order (lower case). SEARCH
@@ -91,45 +92,74 @@ def indexed(name: str) -> bool:
     return name.lower() in _POS
 
 
+def position(name: str) -> int:
+    """The entry position of an indexed field (``indexed(name)`` is true)."""
+    return _POS[name.lower()]
+
+
+def needle_of(needle: str) -> bytes:
+    """A search string as ``Fields.contains`` takes it: case-folded, UTF-8."""
+    return needle.casefold().encode("utf-8", "surrogatepass")
+
+
+# Entry layout: version, the number of values of each INDEXED field, the
+# octet length of each field's segment, the sent day's ordinal (0: none);
+# then the segments. A segment is the field's values, decoded and
+# case-folded, joined by NUL, in UTF-8 (lone surrogates kept): a search is
+# a substring test on octets, no decoding. UTF-8 is self-synchronizing, so
+# octet and character substrings agree, and a needle without NUL never
+# matches across two values (IMAP strings carry no NUL; search.py sends a
+# needle with one to the header path).
+_HEAD = struct.Struct(f">B{len(INDEXED)}I{len(INDEXED)}II")
+_N = len(INDEXED)
+
+
 def entry_of(msg: email.message.Message) -> bytes:
-    """The plaintext of a search index entry: JSON ``[version, [values of
-    each INDEXED field, decoded and case-folded], sent day ordinal | null]``."""
-    values = [[decoded(str(v)).casefold() for v in msg.get_all(name) or []] for name in INDEXED]
+    """The plaintext of a search index entry (see the layout above)."""
+    segments = []
+    counts = []
+    for name in INDEXED:
+        values = [decoded(str(v)).casefold() for v in msg.get_all(name) or []]
+        counts.append(len(values))
+        segments.append("\0".join(values).encode("utf-8", "surrogatepass"))
     sent = sent_date(msg)
-    doc: list[Any] = [ENTRY_VERSION, values, sent.toordinal() if sent is not None else None]
-    # Lone surrogates (undecodable octets in a header) survive the round trip.
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    head = _HEAD.pack(ENTRY_VERSION, *counts, *(len(s) for s in segments), sent.toordinal() if sent else 0)
+    return head + b"".join(segments)
 
 
 class Fields:
     """One message's search fields, read back from ``entry_of`` output."""
 
-    __slots__ = ("_values", "_sent")
+    __slots__ = ("_data", "_head")
 
-    def __init__(self, values: list[list[str]], sent: int | None) -> None:
-        self._values = values
-        self._sent = sent
+    def __init__(self, data: bytes, head: tuple[int, ...]) -> None:
+        self._data = data
+        self._head = head
 
     @classmethod
     def parse(cls, entry: bytes) -> Fields | None:
         """None if ``entry`` is not an entry of this version (rebuild it)."""
-        try:
-            doc = json.loads(entry.decode("utf-8", "surrogatepass"))
-        except (ValueError, UnicodeError):
+        if len(entry) < _HEAD.size or entry[0] != ENTRY_VERSION:
             return None
-        if (not isinstance(doc, list) or len(doc) != 3 or doc[0] != ENTRY_VERSION
-                or not isinstance(doc[1], list) or len(doc[1]) != len(INDEXED)):
+        head = _HEAD.unpack_from(entry)
+        if _HEAD.size + sum(head[1 + _N:1 + 2 * _N]) != len(entry):
             return None
-        return cls(doc[1], doc[2])
+        return cls(entry, head)
+
+    def contains(self, i: int, needle: bytes) -> bool:
+        """Whether field ``i`` (``position``) has a value containing
+        ``needle`` (``needle_of``; empty: whether the field is there)."""
+        head = self._head
+        if not needle:
+            return head[1 + i] > 0
+        start = _HEAD.size + sum(head[1 + _N:1 + _N + i])
+        return needle in self._data[start:start + head[1 + _N + i]]
 
     def has(self, name: str, needle: str) -> bool:
         """``header_has`` for an indexed field; ``needle`` as the client sent it."""
-        values = self._values[_POS[name.lower()]]
-        if not needle:
-            return bool(values)
-        folded = needle.casefold()
-        return any(folded in v for v in values)
+        return self.contains(position(name), needle_of(needle))
 
     @property
     def sent(self) -> date | None:
-        return None if self._sent is None else date.fromordinal(self._sent)
+        day = self._head[-1]
+        return date.fromordinal(day) if day else None
