@@ -45,6 +45,9 @@ CORPUS: list[bytes] = [
     _msg(["From: Office <office@dental.test>", "To: dr@ortho.test", "Subject: Quarterly PANORAMIC review",
           "Subject: second subject line", "Date: Sat, 07 Mar 2026 00:30:00 +1300",
           "Message-ID: <a8@dental.test>"]),
+    # A NUL inside a decoded value (the entry joins values with NUL).
+    _msg(["From: nul@dental.test", "To: first@dental.test", "To: second@dental.test",
+          "Subject: =?utf-8?q?nul=00inside?="]),
     # Undecodable octets (Latin-1 bytes, not UTF-8) in the Subject.
     ("From: raw@dental.test\r\nTo: dr@ortho.test\r\nSubject: caf\xe9 cr\xe8me\r\n\r\nBody\r\n").encode("latin-1"),
 ]
@@ -81,6 +84,10 @@ SEARCHES: list[tuple[str, tuple[str, ...]]] = [
     ("SENTON 3-Mar-2026", ("SENTON", "2026-03-03")),
     ("SENTON 7-Mar-2026", ("SENTON", "2026-03-07")),
     ('NOT SUBJECT "x-ray"', ("NOT", "SUBJECT", "x-ray")),
+    ('SUBJECT "nul"', ("SUBJECT", "nul")),
+    ('SUBJECT "inside"', ("SUBJECT", "inside")),
+    ('TO "first@dental.test"', ("TO", "first@dental.test")),
+    ('TO "test second"', ("TO", "test second")),
 ]
 
 
