@@ -64,6 +64,11 @@ def parse_header(head: bytes) -> email.message.Message:
 
 def decoded(value: str) -> str:
     """An RFC 2047 value decoded; the value as it is if it does not decode."""
+    if value.isascii() and "=?" not in value:
+        # No encoded word: decode_header gives the value back as one chunk,
+        # which make_header returns unchanged (the common case, made cheap
+        # for filling the search index).
+        return value
     try:
         return str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError):
