@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, cast
 
@@ -60,6 +62,21 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 METADATA_KEYS = frozenset({"LARGER", "SMALLER", "BEFORE", "ON", "SINCE"})
 _COPIES = cast(Table, MessageCopy.__table__)
+
+
+_builders: dict[tuple[int, int], threading.Lock] = {}
+_builders_lock = threading.Lock()
+
+
+@contextmanager
+def _builder(account_id: int, box_id: int) -> Iterator[None]:
+    """One filler per folder in this process: sessions of one account that
+    search one folder at once (a client's several connections) would each
+    decrypt every message; the second waits, then finds the entries."""
+    with _builders_lock:
+        lock = _builders.setdefault((account_id, box_id), threading.Lock())
+    with lock:
+        yield
 
 
 def entry_for(session: AccountSession, public_id: str, data: bytes) -> bytes:
@@ -165,11 +182,37 @@ class SearchIndexStore:
                 log.warning("%d search index entries of account %d did not open; read from their messages instead",
                             bad, session.account_id)
             if missing:
-                found.update(self._index_messages(session, mailbox, box_id, missing, public_ids, index_key, keys))
+                with _builder(session.account_id, box_id):
+                    missing = self._still_missing(box_id, missing, public_ids, index_key, owner, found)
+                    if missing:
+                        found.update(self._index_messages(session, mailbox, box_id, missing, public_ids, index_key,
+                                                          keys))
             for uid in batch:
                 got = found.get(uid)
                 if got is not None:
                     yield uid, got
+
+    def _still_missing(
+        self, box_id: int, uids: list[int], public_ids: dict[int, str], index_key: bytes, owner: bytes,
+        found: dict[int, Fields | IntegrityError],
+    ) -> list[int]:
+        """Of ``uids`` (no usable entry when read), those still without one:
+        another session of this process may have filled them while this one
+        waited for ``_builder``. Adds the entries found to ``found``."""
+        with self._sessions() as s:
+            rows = s.execute(
+                select(MessageCopy.uid, MessageCopy.sealed_search)
+                .where(MessageCopy.mailbox_id == box_id, MessageCopy.uid.between(uids[0], uids[-1]),
+                       MessageCopy.sealed_search.is_not(None))
+            ).all()
+        wanted = set(uids)
+        rows = [r for r in rows if r[0] in wanted]
+        opened = crypto.open_search_entries(index_key, owner, ((public_ids[u].encode(), e) for u, e in rows))
+        for (uid, _), plain in zip(rows, opened):
+            fields = Fields.parse(plain) if plain is not None else None
+            if fields is not None:
+                found[uid] = fields
+        return [u for u in uids if u not in found]
 
     def _index_messages(
         self, session: AccountSession, mailbox: str, box_id: int, uids: list[int], public_ids: dict[int, str],

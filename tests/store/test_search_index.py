@@ -214,3 +214,28 @@ def test_append_writes_its_entry(store: Store, people: dict[str, str]) -> None:
     got = _fields(store, s, "Drafts", [uid])[uid]
     assert counter.opened == 0
     assert isinstance(got, Fields) and got.has("from", "jürgen") and got.has("subject", "RÖNTGEN BEFUND FÜR")
+
+
+def test_two_sessions_filling_one_folder_decrypt_each_message_once(store: Store, people: dict[str, str]) -> None:
+    import threading
+
+    member, colleague = people["member"], people["colleague"]
+    for raw in CORPUS * 3:
+        store.deliver(raw, colleague, [member], save_sent=False)
+    sessions_ = [store.login(member, PASSWORD) for _ in range(2)]
+    uids = list(range(1, 3 * len(CORPUS) + 1))
+    counter = _CountingOpens(store)
+    start = threading.Barrier(2)
+    results: list[dict[int, Any]] = []
+
+    def search(s: Any) -> None:
+        start.wait()
+        results.append(_fields(store, s, "INBOX", uids))
+
+    threads = [threading.Thread(target=search, args=(s,)) for s in sessions_]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2 and all(sorted(r) == uids for r in results)
+    assert counter.opened == len(uids)  # the second waited and used the first's entries
