@@ -239,3 +239,12 @@ def test_two_sessions_filling_one_folder_decrypt_each_message_once(store: Store,
         t.join(60)
     assert len(results) == 2 and all(sorted(r) == uids for r in results)
     assert counter.opened == len(uids)  # the second waited and used the first's entries
+
+
+def test_aggregated_metadata_is_put_in_uid_order() -> None:
+    from postvault.store.searchindex import _aligned
+
+    uids, columns = _aligned("3,1,2", ["010", "110"])  # any order the database aggregated in
+    assert list(uids) == [1, 2, 3] and columns == [b"\x01\x00\x00", b"\x01\x00\x01"]
+    uids, columns = _aligned(None, [None])  # an empty folder
+    assert list(uids) == [] and columns == [b""]
