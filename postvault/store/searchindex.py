@@ -235,9 +235,9 @@ class SearchIndexStore:
                        MessageCopy.sealed_search.is_not(None))
             ).all()
         wanted = set(uids)
-        rows = [r for r in rows if r[0] in wanted]
-        opened = crypto.open_search_entries(index_key, owner, ((public_ids[u].encode(), e) for u, e in rows))
-        for (uid, _), plain in zip(rows, opened):
+        entries = [(uid, entry) for uid, entry in rows if uid in wanted and entry is not None]
+        opened = crypto.open_search_entries(index_key, owner, ((public_ids[u].encode(), e) for u, e in entries))
+        for (uid, _), plain in zip(entries, opened):
             fields = Fields.parse(plain) if plain is not None else None
             if fields is not None:
                 found[uid] = fields
