@@ -41,3 +41,15 @@ def test_entries_answer_like_the_header() -> None:
             checked += 1
     assert checked > 200
     assert Fields.parse(b"") is None and Fields.parse(b"\x02" + bytes(60)) is None
+
+
+def test_header_parse_matches_the_full_parser() -> None:
+    import email
+    import email.policy
+
+    multipart = (b"From: a@dental.test\r\nSubject: scan\r\nMIME-Version: 1.0\r\n"
+                 b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n')
+    for raw in [*CORPUS, multipart]:
+        head = raw[: raw.find(b"\r\n\r\n") + 4]
+        full = email.message_from_bytes(head, policy=email.policy.compat32)
+        assert parse_header(head).items() == full.items()

@@ -27,6 +27,7 @@ import email.policy
 import struct
 from datetime import date
 from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
@@ -58,8 +59,16 @@ def read_header(reader: _Reader) -> bytes:
     return head
 
 
+_HEADERS_ONLY = BytesHeaderParser(policy=email.policy.compat32)
+
+
 def parse_header(head: bytes) -> email.message.Message:
-    return email.message_from_bytes(head, policy=email.policy.compat32)
+    """The header block parsed (compat32). Headers only: the fields are
+    parsed exactly as ``email.message_from_bytes`` parses them, but the
+    (empty) body is not taken for a MIME body, which for a multipart
+    message compiled a regular expression per message (three times the
+    cost of the whole parse)."""
+    return _HEADERS_ONLY.parsebytes(head)
 
 
 def decoded(value: str) -> str:
