@@ -37,7 +37,7 @@ import imap_load as il
 HEADER_FIELDS = b"(From To Cc Subject Date Message-ID References In-Reply-To Content-Type)"
 
 
-async def measure(server: il.Server, n: int, reps: int, py_spy: str | None) -> list[str]:
+async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only_search: bool = False) -> list[str]:
     ctx = il.client_context(server.home)
     cl = await il.Client.connect(server.port, ctx)
     await cl.login(il.READER, il.PASSWORD)
@@ -68,6 +68,21 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None) -> l
                     f"| {wall / k * 1000:.0f} |")
         il.log(rows[-1])
 
+    if only_search:
+        # SEARCH alone (issue 9 item 3): metadata keys, then header keys;
+        # the first header search of a folder fills its search index, so
+        # it runs twice, then other header keys that use the same index.
+        await one("SEARCH UNSEEN / FLAGGED / SINCE", [b"UID SEARCH UNSEEN", b"UID SEARCH FLAGGED",
+                                                      b"UID SEARCH SINCE 1-Jan-2024"] * max(1, reps // 3), 1, "",
+                  timeout=1800)
+        await one("SEARCH SUBJECT, first (fills the index)", [b'UID SEARCH SUBJECT "referral"'], n, "ms/message",
+                  timeout=3600)
+        await one("SEARCH SUBJECT, second", [b'UID SEARCH SUBJECT "referral"'], n, "ms/message", timeout=3600)
+        await one("SEARCH FROM", [b'UID SEARCH FROM "ortho2"'], n, "ms/message", timeout=3600)
+        await one("SEARCH UNSEEN SUBJECT", [b'UID SEARCH UNSEEN SUBJECT "report"'], n, "ms/message",
+                  timeout=3600)
+        await cl.logout()
+        return rows
     windows = [rng.randrange(1, max(2, n - 50)) for _ in range(reps)]
     await one("FETCH headers, 50-message window", [
         b"UID FETCH %d:%d (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS %s])" % (lo, lo + 49, HEADER_FIELDS)
@@ -90,6 +105,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=6, help="commands per phase (FETCH windows, searches)")
     ap.add_argument("--workers", type=int, default=2, help="processes sealing the messages")
     ap.add_argument("--py-spy", metavar="PREFIX", help="record each phase with py-spy")
+    ap.add_argument("--search", action="store_true",
+                    help="SEARCH only: flags/date, SUBJECT twice (the first fills the search index), FROM")
     args = ap.parse_args()
     home = Path(args.home).absolute()
     marker = home / "bench.json"
@@ -102,7 +119,7 @@ def main() -> int:
     load = os.getloadavg()
     server = il.Server(home)
     try:
-        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy))
+        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy, args.search))
     finally:
         server.stop()
     print(f"Machine: {il.machine_line()}. Server code: {il.source_version()}. "

@@ -27,6 +27,8 @@ def encodings(marker: str) -> dict[str, bytes]:
     forms = {
         "raw": raw,
         "raw-latin1": marker.encode("latin-1", "replace"),
+        # The search index keeps header values case-folded (sealed).
+        "casefold": marker.casefold().encode("utf-8"),
         # The random tail alone: catches a Message-ID or a header cut short.
         "token": marker.rsplit("-", 1)[-1].encode(),
     }
@@ -80,13 +82,17 @@ def test_marker_nowhere_on_disk(home: Path, monkeypatch: pytest.MonkeyPatch) -> 
         msg.add_attachment(marker.encode() * 100, maintype="application", subtype="octet-stream",
                            filename=f"xray-{marker}.png")
         raw = msg.as_bytes()
-        assert all(n in raw or name.startswith(("raw", "base64", "rfc2047")) for name, n in needles.items()), (
+        assert all(n in raw or name.startswith(("raw", "base64", "rfc2047", "casefold")) for name, n in needles.items()), (
             "the message itself should carry the marker"
         )
 
         store.deliver(raw, "office@dental.test", ["dr@ortho.test"])
         colleague = store.login("dr@ortho.test", PASSWORD)
         assert store.open_message(colleague, "INBOX", 1).read() == raw
+        # A header search fills the search index (store/searchindex.py);
+        # the copy to Trash below carries the entry, APPEND writes one.
+        [(uid, fields)] = list(store.search_fields(colleague, "INBOX", [1]))
+        assert uid == 1 and fields.has("subject", marker.upper())  # type: ignore[union-attr]
         store.append(colleague, "Drafts", raw, ["\\Draft"])
         store.copy(colleague, "INBOX", [1], "Trash")
         store.set_flags(colleague, "INBOX", [1], ["\\Seen", "\\Deleted"], "add")

@@ -222,6 +222,14 @@ class SelectedMailbox:
             if seq is not None:
                 self._flag_index[seq - 1] = self._intern(flags)
 
+    def search_view(self) -> tuple[array[int], array[int], list[frozenset[str]], frozenset[int], frozenset[int]]:
+        """Copies of the UIDs, the flag index, the flag sets, the \\Recent
+        UIDs and the ghosts, for a SEARCH on a worker thread (the view
+        itself may change meanwhile). Flags must be loaded."""
+        assert self._flag_index is not None, "flags not loaded"
+        return (array(UID_TYPECODE, self.uids), array("I", self._flag_index), list(self._flag_sets),
+                frozenset(self.recent), frozenset(self.ghosts))
+
     def live(self, uid: int) -> bool:
         return uid not in self.ghosts
 

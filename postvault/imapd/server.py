@@ -89,7 +89,7 @@ from .parse import (
     format_date_time,
     search_keys,
 )
-from .search import Candidate, run_search, uses_metadata
+from .search import View, run_search
 
 log = logging.getLogger("postvault.imapd")
 # The answer to a write refused because the server's disk is full.
@@ -1392,12 +1392,11 @@ class IMAPServer(imap4.IMAP4Server):
         box = self._box()
         account = self._acct()
         await self._need_flags(box)
-        base = [(seq, u, box.flags_at(seq), u in box.recent) for seq, u in enumerate(box.uids, 1)
-                if u not in box.ghosts]
-        found = await account.run(_search, self.store, account.session, box.name, key, base,
-                                  len(box.uids), box.uids[-1] if box.uids else 0, account.keys)
-        numbers = [c.uid if uid else c.seq for c in found]
-        self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in numbers))
+        view = View(*box.search_view())
+        found = await account.run(run_search, self.store, account.session, box.name, key, view, account.keys)
+        uids = view.uids
+        numbers = [uids[p] for p in found] if uid else [p + 1 for p in found]
+        self.sendUntaggedResponse(b"SEARCH" + (b" " + " ".join(map(str, numbers)).encode() if numbers else b""))
         return b"SEARCH completed"
 
     select_SEARCH = (do_SEARCH, A_SEARCH)
@@ -1753,21 +1752,6 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
         if pre_render:
             out.rendered = {u: {k: _render(k, st) for k in pre_render} for u, st in out.structures.items()}
     return out
-
-
-def _search(store: Any, session: Any, mailbox: str, key: Any, base: list[tuple[int, int, frozenset[str], bool]],
-            count: int, largest_uid: int, keys: ContentKeyCache | None = None) -> list[Candidate]:
-    """SEARCH on a worker thread: sizes and dates read for the live
-    messages of the view if a key compares them (flags, sequence numbers and
-    UIDs are the view's already: reading every message's row for UNSEEN
-    cost more than the match), then ``search.run_search``."""
-    if uses_metadata(key):
-        metas = {m.uid: m for m in store.snapshot(session, mailbox, [u for _, u, _, _ in base]).messages}
-        candidates = [Candidate(seq, u, flags, recent, metas[u].size, metas[u].internal_date)
-                      for seq, u, flags, recent in base if u in metas]
-    else:
-        candidates = [Candidate(seq, u, flags, recent) for seq, u, flags, recent in base]
-    return run_search(store, session, mailbox, key, candidates, count, largest_uid, keys)  # type: ignore[no-any-return]
 
 
 @dataclass

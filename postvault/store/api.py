@@ -19,6 +19,9 @@ Invariants:
 - Each message's summary (ENVELOPE, BODYSTRUCTURE, part offsets:
   ``postvault.mime.summary``) is made when it is sealed and kept sealed under
   its content key; ``summaries`` lists a folder without reading a blob.
+- IMAP SEARCH's header fields are kept per message copy in a sealed
+  search index under a key derived from the account's private key
+  (``searchindex.py``); only the account's own sessions fill and read it.
 - Every committed change to a mailbox is announced on ``Store.bus``
   (``notify.ChangeBus``), after the commit, for IMAP IDLE; on PostgreSQL
   to every process on the database (``pgnotify.PgChangeBus``).
@@ -45,6 +48,7 @@ from .models import Account
 from .notify import ChangeBus
 from .offices import OfficesStore
 from .recovery import RecoveryStore
+from .searchindex import SearchIndexStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
 
@@ -57,7 +61,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
+class Store(AccountStore, MailStore, SearchIndexStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:

@@ -21,6 +21,13 @@ primitives, and it only composes well-known constructions from the
   associated data binding the header and the message id.  This gives bounded
   memory, random access, and detection of truncation, reordering, splicing
   and blobs moved to another message.
+* **Search index entries.**  The header fields IMAP SEARCH matches on, one
+  small value per message and account, sealed with AES-256-GCM under the
+  account's search-index key: HKDF-SHA256 of the account's X25519 private
+  key bytes with its own label (so only a logged-in session, which holds
+  the private key, can make or read entries), bound to the account (key
+  owner) and the message id (``search_index_key``, ``seal_search_entry``,
+  ``open_search_entries``).
 * **Small sealed values.**  A message's summary (its ENVELOPE and
   BODYSTRUCTURE, which hold the subject) is sealed whole with AES-256-GCM
   under a key derived from the content key, bound to a label and the message
@@ -92,6 +99,9 @@ __all__ = [
     "seal_small",
     "open_small",
     "open_small_many",
+    "search_index_key",
+    "seal_search_entry",
+    "open_search_entries",
     "seal_stream",
     "SealedReader",
     "open_stream",
@@ -124,9 +134,12 @@ _BLOB_KEY_LABEL = b"postvault/v1/blob/chunk-key"
 _BLOB_AAD_LABEL = b"postvault/v1/blob/chunk"
 _SMALL_KEY_LABEL = b"postvault/v1/small/key"
 _SMALL_AAD_LABEL = b"postvault/v1/small/aad"
+_SEARCH_KEY_LABEL = b"postvault/v1/search-index/key"
+_SEARCH_AAD_LABEL = b"postvault/v1/search-index/entry"
 
 _PRIVATE_KEY_VERSION = 1
 _SMALL_VERSION = 1
+_SEARCH_VERSION = 1
 _BLOB_MAGIC = b"PVB1"
 _BLOB_VERSION = 1
 _HEADER = struct.Struct(">4sBI16s")  # magic, version, chunk_size, salt
@@ -581,6 +594,69 @@ def open_small(content_key: bytes, label: bytes, message_id: bytes, sealed: byte
         )
     except InvalidTag:
         raise IntegrityError("sealed value failed authentication") from None
+
+
+# --------------------------------------------------------------------------
+# Search index entries (one account's header fields for SEARCH)
+# --------------------------------------------------------------------------
+#
+# Format: version (1 byte) || nonce (12 bytes) || AES-256-GCM ciphertext+tag
+#
+#   key = HKDF-SHA256(private_key, salt=None, info=enc(SEARCH_KEY_LABEL))
+#   aad = enc(SEARCH_AAD_LABEL, owner, message_id)
+#
+# The private key is 32 uniformly random bytes, so HKDF (no work factor) is
+# the right derivation; the label keeps the derived key apart from every
+# other use of that secret (the X25519 exchanges never see it as HKDF input).
+# Delivery has only the public key and so can make no entry: the account's
+# own sessions fill them. One key seals all of an account's entries with
+# random nonces: the usual 2^32-encryptions bound for random 96-bit GCM
+# nonces is far above any mailbox (each entry is sealed once, re-sealed only
+# if it was damaged). The message id in the associated data stops an entry
+# from being moved to another message's row; the owner and the key, to
+# another account's.
+
+
+def search_index_key(private_key: bytes) -> bytes:
+    """The account's search-index key, derived from its private key."""
+    private_key = _require_bytes("private_key", private_key, KEY_LEN)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=_enc(_SEARCH_KEY_LABEL)).derive(
+        private_key
+    )
+
+
+def seal_search_entry(index_key: bytes, owner: bytes, message_id: bytes, data: bytes) -> bytes:
+    """Seal one message's search fields for one account."""
+    index_key = _require_bytes("index_key", index_key, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    message_id = _require_bytes("message_id", message_id)
+    data = _require_bytes("data", data)
+    nonce = os.urandom(NONCE_LEN)
+    ct = AESGCM(index_key).encrypt(nonce, data, _enc(_SEARCH_AAD_LABEL, owner, message_id))
+    return bytes([_SEARCH_VERSION]) + nonce + ct
+
+
+def open_search_entries(
+    index_key: bytes, owner: bytes, items: Iterable[tuple[bytes, bytes]]
+) -> list[bytes | None]:
+    """Open ``(message_id, sealed)`` entries of one account, in order; an
+    entry that does not open (damaged, moved from another message or
+    account, or sealed under another key) is None, and the rest still open."""
+    index_key = _require_bytes("index_key", index_key, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    aead = AESGCM(index_key)
+    aad_head = _enc(_SEARCH_AAD_LABEL, owner)
+    out: list[bytes | None] = []
+    for message_id, sealed in items:
+        if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _SEARCH_VERSION:
+            out.append(None)
+            continue
+        try:
+            out.append(aead.decrypt(sealed[1 : 1 + NONCE_LEN], sealed[1 + NONCE_LEN :],
+                                    aad_head + _U32(len(message_id)) + message_id))
+        except InvalidTag:
+            out.append(None)
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from . import delivery, fastread
+from . import delivery, fastread, searchindex
 from .db import WRITE_OPTION, unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
@@ -619,7 +619,8 @@ class MailStore:
             return frozenset(p for p in people if p != acct.email.lower())
 
     def _add_copy(
-        self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int
+        self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int,
+        sealed_search: bytes | None = None,
     ) -> int:
         uid = box.uidnext
         box.uidnext = uid + 1
@@ -627,7 +628,7 @@ class MailStore:
         s.add(
             MessageCopy(
                 mailbox_id=box.id, uid=uid, message_id=message.id, flags=flags_text(flags), internal_date=when,
-                size=size, modseq=box.highestmodseq, wrapped_key=wrapped,
+                size=size, modseq=box.highestmodseq, wrapped_key=wrapped, sealed_search=sealed_search,
             )
         )
         return uid
@@ -807,6 +808,7 @@ class MailStore:
                 )
             return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
         public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        sealed_search = searchindex.entry_for(session, public_id, data)
         del data
         when = internal_date or now()
         try:
@@ -818,7 +820,7 @@ class MailStore:
                 s.add(msg)
                 s.flush()
                 wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
-                uid = self._add_copy(s, box, msg, wrapped, flags, when, size)
+                uid = self._add_copy(s, box, msg, wrapped, flags, when, size, sealed_search)
                 audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id,
                              client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity
@@ -1107,11 +1109,23 @@ class MailStore:
                     .order_by(MessageCopy.uid)
                 )
             )
+            # The search index entries go along (searchindex.py): bound to
+            # the account and message, like the wrapped key. Read apart, as
+            # the column is deferred (one query per _IN_LIST_MAX copies).
+            entries: dict[int, bytes | None] = {}
+            ids = [c.id for c in copies]
+            for i in range(0, len(ids), _IN_LIST_MAX):
+                for copy_id, entry in s.execute(
+                    select(MessageCopy.id, MessageCopy.sealed_search)
+                    .where(MessageCopy.id.in_(ids[i:i + _IN_LIST_MAX]), MessageCopy.sealed_search.is_not(None))
+                ):
+                    entries[copy_id] = entry
             for c in copies:
                 msg = s.get(Message, c.message_id)
                 assert msg is not None
                 flags = flags_set(c.flags)
-                pairs.append((c.uid, self._add_copy(s, dst, msg, c.wrapped_key, flags, c.internal_date, c.size)))
+                pairs.append((c.uid, self._add_copy(s, dst, msg, c.wrapped_key, flags, c.internal_date, c.size,
+                                                    entries.get(c.id))))
                 if move:
                     s.delete(c)
             if move and copies:

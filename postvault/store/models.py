@@ -181,6 +181,11 @@ class MessageCopy(Base):
     # Content key wrapped to the owning account's public key, bound to that
     # account and this message: copying within the account reuses it.
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary(128))
+    # The SEARCH index entry of this copy (postvault/mime/searchfields.py),
+    # sealed under the account's search-index key (crypto.seal_search_entry,
+    # bound to the account and the message); NULL until the account's own
+    # session first searches its headers. Deferred: only SEARCH reads it.
+    sealed_search: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class ThreadParticipant(Base):
