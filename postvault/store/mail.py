@@ -20,9 +20,9 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar
 
-from sqlalchemy import Engine, Text, case, cast, delete, func, literal, select, update
+from sqlalchemy import Engine, Text, bindparam, case, cast, delete, func, literal, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +38,7 @@ from ..errors import (
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
 from . import delivery, fastread
+from .fastread import FastSelect
 from .db import WRITE_OPTION, unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
@@ -89,6 +90,38 @@ SUMMARY_LABEL = b"message-summary/v1"
 # Above this many UIDs one range query (filtered here) beats a huge IN list,
 # which SQLite also caps at 32766 parameters.
 _IN_LIST_MAX = 500
+
+
+class StoredCopy(NamedTuple):
+    """A message copy as FETCH reads it (``read_copies``): its metadata
+    and what opening it needs (``open_messages(rows=...)``)."""
+
+    meta: MessageMeta
+    wrapped_key: bytes
+    blob_id: str
+
+
+# Hot IMAP reads, built once and run on the sqlite3 connection (fastread):
+# through the ORM a FETCH of one message cost two mailbox lookups and two
+# row queries, most of its CPU (docs/benchmarks.md, "IMAP per command").
+_COPIES = FastSelect(
+    select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
+           Message.public_id, MessageCopy.wrapped_key, Message.blob_id)
+    .join(Message, Message.id == MessageCopy.message_id)
+    .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
+           MessageCopy.uid.in_(bindparam("uids", expanding=True)))
+    .order_by(MessageCopy.uid)
+)
+_MARKS = FastSelect(
+    select(Mailbox.uidnext, Mailbox.highestmodseq)
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
+)
+
+
+def _box_key(name: str) -> str:
+    # RFC 3501 §5.1: INBOX is case-insensitive, other names are not.
+    return "INBOX" if name.upper() == "INBOX" else name
 
 
 def _bytes_of(raw: bytes | BinaryIO) -> bytes:
@@ -443,6 +476,35 @@ class MailStore:
                     q = q.where(MessageCopy.uid.between(min(wanted), max(wanted)))
             return MailboxSnapshot(self._box_info(box), self._metas(s.execute(q), wanted))
 
+    def read_copies(self, session: AccountSession, mailbox: str, uids: Sequence[int]) -> list[StoredCopy]:
+        """What FETCH needs of these messages, in one read on the sqlite3
+        connection (``fastread``): each one's metadata (as ``snapshot``
+        gives it) with its wrapped content key and blob, ascending UID; UIDs
+        not in the mailbox are left out. ``MailboxNotFound`` if the mailbox
+        is gone."""
+        wanted = sorted(set(uids))
+        params: dict[str, Any] = {"account": session.account_id, "name": _box_key(mailbox)}
+        sets: dict[str, frozenset[str]] = {}
+        out: list[StoredCopy] = []
+        with fastread.snapshot(self.engine) as conn:
+            for i in range(0, len(wanted), _IN_LIST_MAX):
+                params["uids"] = wanted[i:i + _IN_LIST_MAX]
+                for uid, flags, size, date, modseq, pid, wrapped, blob_id in _COPIES.rows(conn, params):
+                    fs = sets.get(flags)
+                    if fs is None:
+                        fs = sets[flags] = flags_set(flags)
+                    out.append(StoredCopy(MessageMeta(uid, fs, size, date, modseq, pid), wrapped, blob_id))
+            if not out and not _MARKS.rows(conn, params):
+                raise MailboxNotFound(f"no mailbox named {mailbox!r}")
+        return out
+
+    def mailbox_marks(self, session: AccountSession, mailbox: str) -> tuple[int, int] | None:
+        """The mailbox's (uidnext, highestmodseq), or None if it is gone:
+        what an IMAP session compares to see whether anything changed."""
+        with fastread.snapshot(self.engine) as conn:
+            rows = _MARKS.rows(conn, {"account": session.account_id, "name": _box_key(mailbox)})
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
+
     def mailbox_state(self, session: AccountSession, mailbox: str, since: datetime | None = None) -> MailboxState:
         """What SELECT, EXAMINE and STATUS report, from one aggregate
         grouped by flag string: counts, first unseen, keywords, the first
@@ -724,6 +786,42 @@ class MailStore:
                 self._writer = GroupRunner(name="postvault-writer")
         return self._writer.submit(run_batch, item)
 
+    def submit_event(self, event: audit.Event) -> Future[None]:
+        """Queue one audit event for the store's writer thread
+        (``group_write``): events submitted meanwhile, by any session, are
+        appended in one transaction and one commit. The future is resolved
+        once that transaction committed (or holds the error that kept the
+        event out), so a caller that waits for it before answering has the
+        same guarantee as ``record_event`` for a fraction of the commits:
+        IMAP FETCH answers OK only after its ``message.read`` is on disk."""
+        return self.group_write(self._commit_events, event)
+
+    def _commit_events(self, batch: Sequence[audit.Event]) -> list[None | BaseException]:
+        """One transaction for the whole batch; if it fails, each event in a
+        transaction of its own, so that one failure costs the others nothing."""
+        try:
+            self._write_events(batch)
+            return [None] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
+            if len(batch) == 1:
+                return [exc]
+            log.info("a group commit of %d audit events failed (%s); retrying one by one", len(batch),
+                     type(exc).__name__)
+        results: list[None | BaseException] = []
+        for event in batch:
+            try:
+                self._write_events([event])
+                results.append(None)
+            except Exception as one:  # noqa: BLE001 - this event's own outcome
+                results.append(one)
+        return results
+
+    def _write_events(self, batch: Sequence[audit.Event]) -> None:
+        with _full_disk(), self.engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
+            with conn.begin():
+                audit.record_many(conn, batch)
+
     def discard_delivery(self, prepared: PreparedDelivery) -> None:
         """Drop a prepared message that will not be submitted (its blob)."""
         self._discard_blob(prepared.blob_id)
@@ -924,7 +1022,8 @@ class MailStore:
             raise
 
     def open_messages(
-        self, session: AccountSession, mailbox: str, uids: Sequence[int], keys: ContentKeyCache | None = None
+        self, session: AccountSession, mailbox: str, uids: Sequence[int], keys: ContentKeyCache | None = None,
+        *, rows: Sequence[StoredCopy] | None = None,
     ) -> Iterator[tuple[int, crypto.SealedReader | IntegrityError]]:
         """``open_message`` for many messages, for a FETCH batch on one
         worker thread: one query and one batch unwrap of the content keys
@@ -938,11 +1037,18 @@ class MailStore:
         key, blob or layout fails authentication, or its blob is gone) is
         yielded as ``(uid, IntegrityError)`` and the rest still open. UIDs
         not in the mailbox are left out. ``keys``: the connection's cache of
-        content keys (``ContentKeyCache``).
+        content keys (``ContentKeyCache``). ``rows``: these messages as
+        ``read_copies`` gave them in the same worker call, so they are not
+        read again (those of other UIDs are ignored).
         """
         self.check_access(session, write=False)
         wanted = set(uids)
         if not wanted:
+            return
+        if rows is not None:
+            yield from self._open_rows(session, [
+                (c.meta.uid, c.wrapped_key, c.meta.message_id, c.blob_id) for c in rows if c.meta.uid in wanted
+            ], keys)
             return
         with self._sessions() as s:
             box = self._mailbox(s, session.account_id, mailbox)
@@ -956,27 +1062,33 @@ class MailStore:
                 q = q.where(MessageCopy.uid.in_(sorted(wanted)))
             else:
                 q = q.where(MessageCopy.uid.between(min(wanted), max(wanted)))
-            rows = [r for r in s.execute(q) if r.uid in wanted]
-        content_keys = self._unwrap_keys(session, [(r.wrapped_key, r.public_id) for r in rows], keys)
-        for r, key in zip(rows, content_keys):
+            found = [(r.uid, r.wrapped_key, r.public_id, r.blob_id) for r in s.execute(q) if r.uid in wanted]
+        yield from self._open_rows(session, found, keys)
+
+    def _open_rows(
+        self, session: AccountSession, rows: Sequence[tuple[int, bytes, str, str]], keys: ContentKeyCache | None
+    ) -> Iterator[tuple[int, crypto.SealedReader | IntegrityError]]:
+        """``open_messages`` of (uid, wrapped key, public id, blob id) rows."""
+        content_keys = self._unwrap_keys(session, [(wrapped, pid) for _, wrapped, pid, _ in rows], keys)
+        for (uid, _, public_id, blob_id), key in zip(rows, content_keys):
             if isinstance(key, IntegrityError):
-                yield r.uid, key
+                yield uid, key
                 continue
             try:
-                src = self.blobs.open(r.blob_id)
+                src = self.blobs.open(blob_id)
             except IntegrityError as exc:
-                yield r.uid, exc
+                yield uid, exc
                 continue
             try:
-                reader = crypto.SealedReader(src, key, r.public_id.encode())
+                reader = crypto.SealedReader(src, key, public_id.encode())
             except IntegrityError as exc:
                 src.close()
-                yield r.uid, exc
+                yield uid, exc
                 continue
             except BaseException:
                 src.close()
                 raise
-            yield r.uid, reader
+            yield uid, reader
 
     def summaries(
         self, session: AccountSession, mailbox: str, uids: Sequence[int], keys: ContentKeyCache | None = None
@@ -1060,18 +1172,28 @@ class MailStore:
         uids: Sequence[int],
         flags: Iterable[str],
         mode: Literal["set", "add", "remove"] = "set",
+        *,
+        audit_event: Callable[[list[str]], audit.Event | None] | None = None,
     ) -> dict[int, frozenset[str]]:
-        """STORE FLAGS / +FLAGS / -FLAGS; returns the new flags per UID."""
+        """STORE FLAGS / +FLAGS / -FLAGS; returns the new flags per UID.
+
+        ``audit_event(public ids)``: the event to append in the same
+        transaction, given the public ids of the messages found (ascending
+        UID), or None for none; the change and its audit entry commit
+        together or not at all (IMAP STORE: one commit, not two)."""
         self.check_access(session, write=True)
         wanted = check_flags(flags)
         out: dict[int, frozenset[str]] = {}
         changed: list[int] = []
         with unit_of_work(self._sessions) as s:
             box = self._mailbox(s, session.account_id, mailbox, lock=True)
-            copies = s.scalars(
-                select(MessageCopy).where(MessageCopy.mailbox_id == box.id, MessageCopy.uid.in_(list(uids)))
-            )
-            for c in copies:
+            found = s.execute(
+                select(MessageCopy, Message.public_id)
+                .join(Message, Message.id == MessageCopy.message_id)
+                .where(MessageCopy.mailbox_id == box.id, MessageCopy.uid.in_(list(uids)))
+                .order_by(MessageCopy.uid)
+            ).all()
+            for c, _ in found:
                 old = flags_set(c.flags)
                 new = wanted if mode == "set" else (old | wanted if mode == "add" else old - wanted)
                 if new != old:
@@ -1079,6 +1201,10 @@ class MailStore:
                     c.flags, c.modseq = flags_text(new), box.highestmodseq
                     changed.append(c.uid)
                 out[c.uid] = new
+            event = audit_event([pid for _, pid in found]) if audit_event is not None and found else None
+            if event is not None:
+                audit.record(s, event.event, actor=event.actor, account=event.account, message=event.message,
+                             client_ip=event.client_ip, protocol=event.protocol, detail=event.detail)
         self._publish(Change(session.account_id, box.name, "flags", tuple(sorted(changed))))
         return out
 
