@@ -142,6 +142,24 @@ _SET_HIGHEST = update(Mailbox.__table__).where(Mailbox.__table__.c.id == bindpar
     highestmodseq=bindparam("hm"))
 
 
+_BOX_INFO = FastSelect(
+    select(Mailbox.id, Mailbox.name, Mailbox.special_use, Mailbox.uidvalidity, Mailbox.uidnext,
+           Mailbox.highestmodseq, Mailbox.subscribed)
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
+)
+
+
+def _box_info_in(s: Session, account_id: int, name: str) -> MailboxInfo:
+    """The mailbox as ``_box_info(_mailbox(...))`` gives it, read in the
+    session's transaction without an ORM object (reads only: SELECT,
+    FETCH and the catch-up after a change run this on every command)."""
+    rows = _BOX_INFO.rows(s.connection(), {"account": account_id, "name": _box_key(name)})
+    if not rows:
+        raise MailboxNotFound(f"no mailbox named {name!r}")
+    r = rows[0]
+    return MailboxInfo(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+
+
 def _box_key(name: str) -> str:
     # RFC 3501 §5.1: INBOX is case-insensitive, other names are not.
     return "INBOX" if name.upper() == "INBOX" else name
@@ -486,18 +504,18 @@ class MailStore:
         """The mailbox and its messages' metadata (only those with these
         UIDs if given; UIDs not in the mailbox are left out)."""
         with self._sessions() as s:
-            box = self._mailbox(s, session.account_id, mailbox)
+            box = _box_info_in(s, session.account_id, mailbox)
             q = self._meta_query(box.id).order_by(MessageCopy.uid)
             wanted = None
             if uids is not None:
                 wanted = set(uids)
                 if not wanted:
-                    return MailboxSnapshot(self._box_info(box), ())
+                    return MailboxSnapshot(box, ())
                 if len(wanted) <= _IN_LIST_MAX:
                     q = q.where(MessageCopy.uid.in_(sorted(wanted)))
                 else:
                     q = q.where(MessageCopy.uid.between(min(wanted), max(wanted)))
-            return MailboxSnapshot(self._box_info(box), self._metas(s.execute(q), wanted))
+            return MailboxSnapshot(box, self._metas(s.execute(q), wanted))
 
     def read_copies(self, session: AccountSession, mailbox: str, uids: Sequence[int]) -> list[StoredCopy]:
         """What FETCH needs of these messages, in one read on the sqlite3
@@ -536,7 +554,7 @@ class MailStore:
         list in SQL, every UID. On SQLite this reads 100,000 messages in
         about 100 ms where one Python object per row costs twice that."""
         with self._sessions() as s:
-            box = self._mailbox(s, session.account_id, mailbox)
+            box = _box_info_in(s, session.account_id, mailbox)
             recent = func.min(case((MessageCopy.internal_date >= since, MessageCopy.uid))) if since is not None \
                 else literal(None)
             listing = _uid_list(s.get_bind().dialect.name)
@@ -558,7 +576,7 @@ class MailStore:
                 # The DB-API cursor directly: integers need no conversion,
                 # and a Row per message is most of the cost.
                 uids = array(UID_TYPECODE, (u for (u,) in result.cursor))
-            info = self._box_info(box)
+            info = box
         unseen = 0
         first_unseen: int | None = None
         first_since: int | None = None
@@ -576,7 +594,7 @@ class MailStore:
     def message_flags(self, session: AccountSession, mailbox: str) -> MailboxFlags:
         """The flags of every message, compactly (see ``MailboxFlags``)."""
         with self._sessions() as s:
-            box = self._mailbox(s, session.account_id, mailbox)
+            box = _box_info_in(s, session.account_id, mailbox)
             rows = s.connection().execute(
                 select(MessageCopy.uid, MessageCopy.flags)
                 .where(MessageCopy.mailbox_id == box.id)
@@ -601,8 +619,7 @@ class MailStore:
         (mailbox, modseq) index) and the message count, for an IMAP session
         to catch up incrementally instead of re-reading the mailbox."""
         with self._sessions() as s:
-            box = self._mailbox(s, session.account_id, mailbox)
-            info = self._box_info(box)
+            box = info = _box_info_in(s, session.account_id, mailbox)
             rows = s.execute(
                 self._meta_query(box.id).where(MessageCopy.modseq > since_modseq).order_by(MessageCopy.uid))
             metas = self._metas(rows)
