@@ -1508,7 +1508,7 @@ class IMAPServer(imap4.IMAP4Server):
                         i += 1
                         try:
                             ok = await self._fetch_one(box, seq, u, items, st, meta, data.rendered.get(u),
-                                                       u in seen_now)
+                                                       u in seen_now, (data.copies or {}).get(u))
                         except IntegrityError as exc:
                             # One damaged blob must not stop a client syncing
                             # the rest of the folder: carry on, refuse at the end.
@@ -1588,13 +1588,16 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def _fetch_one(self, box: SelectedMailbox, seq: int, u: int, items: list[FetchItem],
                          st: structure.Structure | None, meta: MessageMeta, pre: dict[str, bytes] | None,
-                         seen_now: bool) -> bool:
+                         seen_now: bool, row: Any = None) -> bool:
         account = self._acct()
         needs_reader = any(_needs_bytes(i) for i in items)
         reader = None
         if needs_reader:
             try:
-                reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
+                if row is not None:
+                    reader = await account.run(_open_row, self.store, account.session, box.name, row, account.keys)
+                else:
+                    reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
             except MessageNotFound:
                 return False
         write = self.transport.write
@@ -1776,6 +1779,9 @@ class _Batch:
     # (``_first_group``): the UIDs tried, and what ``_read_small`` gave.
     tried: frozenset[int] = frozenset()
     parts: dict[int, list[bytes] | IntegrityError] | None = None
+    # The rows read (``store.read_copies``), by UID: a large message is
+    # opened from its row (``_open_row``) without reading it again.
+    copies: dict[int, Any] | None = None
 
 
 def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_meta: bool, need_structure: bool,
@@ -1797,6 +1803,7 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
         if read_copies is not None:
             copies = read_copies(session, mailbox, uids)
             out.metas = {c.meta.uid: c.meta for c in copies}
+            out.copies = {c.meta.uid: c for c in copies}
         else:
             out.metas = {m.uid: m for m in store.snapshot(session, mailbox, uids).messages}
         uids = [u for u in uids if u in out.metas]
@@ -1819,6 +1826,16 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
             out.tried = frozenset(u for u, _ in group)
             out.parts = _read_small(store, session, mailbox, group, keys, rows=copies)
     return out
+
+
+def _open_row(store: Any, session: Any, mailbox: str, row: Any, keys: ContentKeyCache | None) -> Any:
+    """``store.open_message`` of a message whose row ``store.read_copies``
+    read already (no second query): its reader, or its IntegrityError."""
+    for _, reader in store.open_messages(session, mailbox, [row.meta.uid], keys, rows=[row]):
+        if isinstance(reader, IntegrityError):
+            raise reader
+        return reader
+    raise MessageNotFound(f"no message with UID {row.meta.uid}")
 
 
 def _first_group(plans: list[tuple[int, list[_Want]]]) -> list[tuple[int, list[_Want]]]:
