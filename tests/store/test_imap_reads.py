@@ -161,3 +161,24 @@ def test_set_flags_audits_in_its_own_transaction(store: Store, people: dict[str,
     with store._sessions() as s:
         assert s.scalar(select(func.count()).select_from(AuditEvent)
                         .where(AuditEvent.event == "message.flags")) == 1
+
+
+def test_audit_rows_inserted_raw_are_those_core_inserts(store: Store) -> None:
+    from sqlalchemy import text
+
+    from postvault.store.audit import _INSERT, _rows
+
+    events = [audit.Event("message.read", "a@x.test", "a@x.test", None, "::1", "imap", "count=2 messages=p,q"),
+              audit.Event("server.start", "postvault")]
+    fast = _rows(1000, audit.GENESIS, events)
+    core = [{**r, "id": r["id"] + 1000} for r in fast]
+    with store.engine.begin() as conn:
+        _INSERT.insert(conn, fast)
+        conn.execute(_INSERT.stmt, core)
+    with store.engine.connect() as conn:
+        got = {r[0]: tuple(r[1:]) for r in conn.execute(text(
+            "SELECT id, at, event, actor, account, message, client_ip, protocol, detail, prev_hash, hash "
+            "FROM audit_events WHERE id >= 1000 ORDER BY id"))}
+    assert sorted(got) == [1001, 1002, 2001, 2002]  # _rows numbers on from the head's id
+    assert got[1001] == got[2001] and got[1002] == got[2002]
+    assert got[1001][1:4] == ("message.read", "a@x.test", "a@x.test") and got[1002][3] is None
