@@ -113,6 +113,14 @@ _COPIES = FastSelect(
            MessageCopy.uid.in_(bindparam("uids", expanding=True)))
     .order_by(MessageCopy.uid)
 )
+_SUMMARY_ROWS = FastSelect(
+    select(MessageCopy.uid, MessageCopy.wrapped_key, Message.id, Message.public_id, Message.blob_id,
+           Message.sealed_summary)
+    .join(Message, Message.id == MessageCopy.message_id)
+    .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
+           MessageCopy.uid.in_(bindparam("uids", expanding=True)))
+)
 _MARKS = FastSelect(
     select(Mailbox.uidnext, Mailbox.highestmodseq)
     .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
@@ -1145,23 +1153,16 @@ class MailStore:
         wanted = set(uids)
         if not wanted:
             return {}
-        low, high = min(wanted), max(wanted)
-        key = "INBOX" if mailbox.upper() == "INBOX" else mailbox
-        q = (
-            select(MessageCopy.uid, MessageCopy.wrapped_key, Message.id, Message.public_id, Message.blob_id,
-                   Message.sealed_summary)
-            .join(Message, Message.id == MessageCopy.message_id)
-            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-            .where(Mailbox.account_id == session.account_id, Mailbox.name == key)
-        )
-        if len(wanted) <= _IN_LIST_MAX:
-            q = q.where(MessageCopy.uid.in_(sorted(wanted)))
-        else:
-            q = q.where(MessageCopy.uid.between(low, high))
-        with self._sessions() as s:
-            rows = [r for r in s.execute(q) if r.uid in wanted]
+        asked = sorted(wanted)
+        params: dict[str, Any] = {"account": session.account_id, "name": _box_key(mailbox)}
+        rows: list[Any] = []
+        with fastread.snapshot(self.engine) as conn:
+            for i in range(0, len(asked), _IN_LIST_MAX):
+                params["uids"] = asked[i:i + _IN_LIST_MAX]
+                rows.extend(_SUMMARY_ROWS.rows(conn, params))
             if not rows:
-                self._mailbox(s, session.account_id, mailbox)  # MailboxNotFound, or just none of these
+                if not _MARKS.rows(conn, params):
+                    raise MailboxNotFound(f"no mailbox named {mailbox!r}")
                 return {}
         content_keys: list[bytes] = []
         for k in self._unwrap_keys(session, [(r.wrapped_key, r.public_id) for r in rows], keys):

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from postvault.errors import MailboxNotFound
 from postvault.store import audit
 from postvault.store.api import Store
-from postvault.store.mail import _COPIES, _MARKS
+from postvault.store.mail import _COPIES, _MARKS, _SUMMARY_ROWS
 from postvault.store.models import AuditEvent
 
 from ..conftest import PASSWORD
@@ -56,6 +56,10 @@ def test_read_copies_gives_what_snapshot_and_the_core_statement_give(store: Stor
         core = [tuple(r) for r in conn.execute(_COPIES.stmt, params)]
     fast = [tuple(r) for r in _COPIES.run(store.engine, params)]
     assert fast == core and len(fast) == 40
+    with store.engine.connect() as conn:
+        core = sorted(tuple(r) for r in conn.execute(_SUMMARY_ROWS.stmt, params))
+    fast = sorted(tuple(r) for r in _SUMMARY_ROWS.run(store.engine, params))
+    assert fast == core and len(fast) == 40 and all(r[-1] for r in fast)  # each has its sealed summary
     assert [tuple(r) for r in _MARKS.run(store.engine, params)] == [(box.uidnext, box.highestmodseq)]
     # INBOX in any case; an existing mailbox without these UIDs; a missing one.
     store.deliver(raw(99), people["member2"], [people["member"]])
