@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from postvault.errors import MailboxNotFound
 from postvault.store import audit
 from postvault.store.api import Store
-from postvault.store.mail import _COPIES, _MARKS, _SUMMARY_ROWS
+from postvault.store.mail import _CHANGED, _COPIES, _COUNT, _MARKS, _SUMMARY_ROWS
 from postvault.store.models import AuditEvent
 
 from ..conftest import PASSWORD
@@ -60,6 +60,14 @@ def test_read_copies_gives_what_snapshot_and_the_core_statement_give(store: Stor
         core = sorted(tuple(r) for r in conn.execute(_SUMMARY_ROWS.stmt, params))
     fast = sorted(tuple(r) for r in _SUMMARY_ROWS.run(store.engine, params))
     assert fast == core and len(fast) == 40 and all(r[-1] for r in fast)  # each has its sealed summary
+    since = box.highestmodseq - 30
+    for q, p, n in ((_CHANGED, {"box": box.id, "since": since}, 30), (_COUNT, {"box": box.id}, 1)):
+        with store.engine.connect() as conn:
+            core = [tuple(r) for r in conn.execute(q.stmt, p)]
+        assert [tuple(r) for r in q.run(store.engine, p)] == core and len(core) == n
+    changes = store.mailbox_changes(session, "Drafts", since)
+    assert changes.mailbox == box and changes.count == len(uids)
+    assert list(changes.messages) == [m for m in store.snapshot(session, "Drafts").messages if m.modseq > since]
     assert [tuple(r) for r in _MARKS.run(store.engine, params)] == [(box.uidnext, box.highestmodseq)]
     # INBOX in any case; an existing mailbox without these UIDs; a missing one.
     store.deliver(raw(99), people["member2"], [people["member"]])
