@@ -43,6 +43,10 @@ Invariants:
   arguments never reach a log), only events, tags-free reasons and types.
 - One audit event ``message.read`` per FETCH command that returned content
   (ENVELOPE, BODYSTRUCTURE, BODY, any section, RFC822*): never per chunk.
+  It is appended by the store's group-commit writer (``submit_event``),
+  one commit for whatever all sessions queued meanwhile, and the tagged OK
+  waits for that commit. STORE's ``message.flags`` commits in the
+  transaction that changes the flags.
 """
 
 from __future__ import annotations
