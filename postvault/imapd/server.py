@@ -52,6 +52,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import io
 import logging
@@ -61,7 +62,7 @@ from email.parser import HeaderParser
 from email.utils import getaddresses
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -1813,10 +1814,17 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
         uids = [u for u in uids if u in out.metas]
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
+        # A mail client's message list asks for top-level header fields
+        # only: the header's length is all that is needed of the structure,
+        # and building the whole of it from the summary cost more than the
+        # header's decryption.
+        head_only = not pre_render and items is not None and all(
+            not _needs_structure(i) or _top_level_section(i) for i in items)
         if summaries is not None:
             for u, doc in (summaries(session, mailbox, uids, keys) or {}).items():
                 if doc:
-                    out.structures[u] = structure.from_summary(doc)
+                    out.structures[u] = replace(_NO_STRUCTURE, header_size=int(doc.get("header_size") or 0)) \
+                        if head_only else structure.from_summary(doc)
         rest = [u for u in uids if u not in out.structures]
         if rest:
             out.structures.update(_parse_structures(store, session, mailbox, rest))
@@ -1840,6 +1848,19 @@ def _open_row(store: Any, session: Any, mailbox: str, row: Any, keys: ContentKey
             raise reader
         return reader
     raise MessageNotFound(f"no message with UID {row.meta.uid}")
+
+
+# The structure of an empty summary: what ``from_summary`` gives for the
+# envelope and body of a message of which only the header length is used.
+_NO_STRUCTURE = structure.from_summary({})
+
+
+def _top_level_section(item: FetchItem) -> bool:
+    """A content item whose range needs only the header's length (HEADER,
+    HEADER.FIELDS[.NOT], TEXT of the message itself)."""
+    if item.name in ("RFC822.HEADER", "RFC822.TEXT"):
+        return True
+    return item.name == "BODY" and item.section is not None and not item.section.part and item.section.text != ""
 
 
 def _first_group(plans: list[tuple[int, list[_Want]]]) -> list[tuple[int, list[_Want]]]:
@@ -1974,7 +1995,7 @@ def _section_range(item: FetchItem, st: structure.Structure | None, size: int) \
         assert st is not None
         return "RFC822.TEXT", (st.header_size, size), None
     section = item.section or Section()
-    label = item.response_name()
+    label = _response_name(item)
     if not section.part:
         if section.text == "":
             return label, (0, size), None
@@ -2000,6 +2021,13 @@ def _section_range(item: FetchItem, st: structure.Structure | None, size: int) \
     if section.text == "TEXT":
         return label, text, None
     return label, head, (section.fields, section.text == "HEADER.FIELDS.NOT")
+
+
+@functools.lru_cache(maxsize=256)
+def _response_name(item: FetchItem) -> str:
+    # Asked per message and item (twice: planning on the worker, answering
+    # on the reactor); a 50-message window names the same few items.
+    return item.response_name()
 
 
 def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
