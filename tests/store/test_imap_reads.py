@@ -194,3 +194,31 @@ def test_audit_rows_inserted_raw_are_those_core_inserts(store: Store) -> None:
     assert sorted(got) == [1001, 1002, 2001, 2002]  # _rows numbers on from the head's id
     assert got[1001] == got[2001] and got[1002] == got[2002]
     assert got[1001][1:4] == ("message.read", "a@x.test", "a@x.test") and got[1002][3] is None
+
+
+def test_select_reads_every_flag_with_the_uids(store: Store, people: dict[str, str]) -> None:
+    from postvault.imapd.mailbox import SelectedMailbox
+
+    session = store.login(people["member"], PASSWORD)
+    uids = _fill(store, session, 64)
+    store.set_flags(session, "Drafts", uids[::3], ["\\Flagged", "$Work"], "add")
+    store.set_flags(session, "Drafts", uids[:10], ["\\Seen"], "add")
+    state = store.mailbox_state(session, "Drafts", with_flags=True)
+    assert state.flags is not None and store.mailbox_state(session, "Drafts").flags is None
+    apart = store.message_flags(session, "Drafts")
+
+    def per_uid(f: object) -> dict[int, frozenset[str]]:
+        return {u: f.sets[k] for u, k in zip(f.uids, f.index)}  # type: ignore[attr-defined]
+
+    assert list(state.flags.uids) == list(state.uids) == list(apart.uids)
+    assert per_uid(state.flags) == per_uid(apart)
+    # A view loaded from SELECT's read answers as one loaded later.
+    early, late = SelectedMailbox(state, True, 10**9), SelectedMailbox(state, True, 10**9)
+    early.load_flags(state.flags)
+    late.load_flags(apart)
+    unseen = [n for n, u in enumerate(uids, 1) if "\\Seen" not in per_uid(apart)[u]]
+    assert unseen[0] > 10 and len(unseen) < len(uids) - 10
+    for box in (early, late):
+        assert box.first_unseen() == unseen[0] and box.unseen_count() == len(unseen) and not box.ghosts
+        assert box.keywords() == ["$Work"]
+        assert [box.flags_at(n) for n in range(1, len(uids) + 1)] == [per_uid(apart)[u] for u in uids]
