@@ -14,8 +14,9 @@ The commands are those docs/benchmarks.md names where the peers lead:
 (...)]`` (a mail client's message list), ``UID SEARCH`` on flags and a
 date, ``UID FETCH n BODY.PEEK[]`` of single messages, ``UID STORE
 ±FLAGS``, SELECT and NOOP (the rest of the comparison's mixed load), and
-``UID SEARCH SUBJECT`` over the whole folder (left out with ``--quick``). ``--py-spy PREFIX`` records the server
-with py-spy (``PREFIX-<phase>.txt``, raw collapsed stacks) during each.
+``UID SEARCH SUBJECT`` over the whole folder (left out with ``--quick``).
+``--py-spy PREFIX`` records the server with py-spy
+(``PREFIX-<phase>.txt``, raw collapsed stacks) during each.
 """
 
 from __future__ import annotations
