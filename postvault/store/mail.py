@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import threading
+import typing
 from contextlib import contextmanager
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +23,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar
 
-from sqlalchemy import Engine, Text, bindparam, case, cast, delete, func, literal, select, update
+from sqlalchemy import Engine, Table, Text, bindparam, case, cast, delete, func, literal, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -151,13 +152,14 @@ _COPY_FLAGS = FastSelect(
     .where(MessageCopy.mailbox_id == bindparam("box"), MessageCopy.uid.in_(bindparam("uids", expanding=True)))
     .order_by(MessageCopy.uid)
 )
+_COPY_TABLE = typing.cast(Table, MessageCopy.__table__)  # a Table (mypy sees only FromClause)
+_BOX_TABLE = typing.cast(Table, Mailbox.__table__)
 _SET_COPY_FLAGS = (
-    update(MessageCopy.__table__)
-    .where(MessageCopy.__table__.c.mailbox_id == bindparam("box"), MessageCopy.__table__.c.uid == bindparam("u"))
+    update(_COPY_TABLE)
+    .where(_COPY_TABLE.c.mailbox_id == bindparam("box"), _COPY_TABLE.c.uid == bindparam("u"))
     .values(flags=bindparam("f"), modseq=bindparam("m"))
 )
-_SET_HIGHEST = update(Mailbox.__table__).where(Mailbox.__table__.c.id == bindparam("box")).values(
-    highestmodseq=bindparam("hm"))
+_SET_HIGHEST = update(_BOX_TABLE).where(_BOX_TABLE.c.id == bindparam("box")).values(highestmodseq=bindparam("hm"))
 
 
 _BOX_INFO = FastSelect(
