@@ -12,9 +12,11 @@ far less with the load than latency does.
 The commands are those docs/benchmarks.md names where the peers lead:
 ``UID FETCH`` of a 50-message window with ``BODY.PEEK[HEADER.FIELDS
 (...)]`` (a mail client's message list), ``UID SEARCH`` on flags and a
-date, ``UID FETCH n BODY.PEEK[]`` of single messages, and ``UID SEARCH
-SUBJECT`` over the whole folder. ``--py-spy PREFIX`` records the server
-with py-spy (``PREFIX-<phase>.txt``, raw collapsed stacks) during each.
+date, ``UID FETCH n BODY.PEEK[]`` of single messages, ``UID STORE
+±FLAGS``, SELECT and NOOP (the rest of the comparison's mixed load), and
+``UID SEARCH SUBJECT`` over the whole folder (left out with ``--quick``).
+``--py-spy PREFIX`` records the server with py-spy
+(``PREFIX-<phase>.txt``, raw collapsed stacks) during each.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import imap_load as il
 HEADER_FIELDS = b"(From To Cc Subject Date Message-ID References In-Reply-To Content-Type)"
 
 
-async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only_search: bool = False) -> list[str]:
+async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only_search: bool = False,
+                  quick: bool = False) -> list[str]:
     ctx = il.client_context(server.home)
     cl = await il.Client.connect(server.port, ctx)
     await cl.login(il.READER, il.PASSWORD)
@@ -93,7 +96,13 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
                                                  for _ in range(reps * 10)], 1, "ms/message")
     await one("FETCH BODY.PEEK[], 20-message window", [
         b"UID FETCH %d:%d BODY.PEEK[]" % (lo, lo + 19) for lo in windows], 20, "ms/message")
-    await one("SEARCH SUBJECT (whole folder)", [b'UID SEARCH SUBJECT "referral"'], n, "ms/message")
+    await one("UID STORE +/-FLAGS (\\Flagged), one message", [
+        b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
+        for k in range(reps * 10)], 1, "")
+    await one("SELECT INBOX", [b"SELECT INBOX"] * reps, 1, "")
+    await one("NOOP", [b"NOOP"] * (reps * 10), 1, "")
+    if not quick:
+        await one("SEARCH SUBJECT (whole folder)", [b'UID SEARCH SUBJECT "referral"'], n, "ms/message")
     await cl.logout()
     return rows
 
@@ -107,6 +116,7 @@ def main() -> int:
     ap.add_argument("--py-spy", metavar="PREFIX", help="record each phase with py-spy")
     ap.add_argument("--search", action="store_true",
                     help="SEARCH only: flags/date, SUBJECT twice (the first fills the search index), FROM")
+    ap.add_argument("--quick", action="store_true", help="leave out the whole-folder SUBJECT search")
     args = ap.parse_args()
     home = Path(args.home).absolute()
     marker = home / "bench.json"
@@ -119,7 +129,7 @@ def main() -> int:
     load = os.getloadavg()
     server = il.Server(home)
     try:
-        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy, args.search))
+        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy, args.search, args.quick))
     finally:
         server.stop()
     print(f"Machine: {il.machine_line()}. Server code: {il.source_version()}. "

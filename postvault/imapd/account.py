@@ -118,12 +118,15 @@ class Account:
     def mailboxes(self) -> defer.Deferred[list[MailboxInfo]]:
         return self.run(self.store.list_mailboxes, self.session)
 
-    def state(self, canonical: str) -> defer.Deferred[MailboxState]:
+    def state(self, canonical: str, with_flags: bool = False) -> defer.Deferred[MailboxState]:
         """The mailbox as SELECT and STATUS report it; the first UID that
         arrived since start-up is asked for only while no session of this
-        process has claimed the mailbox's \\Recent (see RecentClaims)."""
+        process has claimed the mailbox's \\Recent (see RecentClaims).
+        ``with_flags``: every message's flags too, from the same read."""
         claims = self.service.recent
         since = None if claims.claimed(self.session.account_id, canonical) else claims.started
+        if with_flags:
+            return self.run(self.store.mailbox_state, self.session, canonical, since, with_flags=True)
         return self.run(self.store.mailbox_state, self.session, canonical, since)
 
     async def open(self, canonical: str, writable: bool) -> SelectedMailbox:
@@ -131,13 +134,18 @@ class Account:
         A read-only session (emergency access) gets EXAMINE whatever it
         asked for."""
         writable = writable and not self.session.read_only
-        state = await self.state(canonical)
+        state = await self.state(canonical, with_flags=True)
         claims = self.service.recent
         if writable:
             first = claims.claim(self.session.account_id, state)
         else:
             first = claims.peek(self.session.account_id, state)
-        return SelectedMailbox(state, writable, first)
+        box = SelectedMailbox(state, writable, first)
+        if state.flags is not None:
+            # Read with the UIDs: no second read of every row at the first
+            # FETCH FLAGS, STORE or SEARCH.
+            box.load_flags(state.flags)
+        return box
 
     async def status(self, canonical: str, items: list[str]) -> list[tuple[str, int]]:
         """STATUS (RFC 3501 §6.3.10) plus APPENDLIMIT (RFC 7889 §3)."""

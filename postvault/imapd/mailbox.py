@@ -159,10 +159,18 @@ class SelectedMailbox:
         if self._flag_index is None:
             uid = self._state_first_unseen
             return None if uid is None else self.seq_of(uid)
-        for seq, uid in enumerate(self.uids, 1):
-            if "\\Seen" not in self.flags_at(seq):
-                return seq
-        return None
+        # Per flag set without \Seen, its first position (array.index: a C
+        # loop; a mailbox has a handful of sets, and SELECT asks this).
+        index = self._flag_index
+        first: int | None = None
+        for k, fs in enumerate(self._flag_sets):
+            if "\\Seen" not in fs:
+                try:
+                    at = index.index(k)
+                except ValueError:
+                    continue
+                first = at if first is None else min(first, at)
+        return None if first is None else first + 1
 
     def unseen_count(self) -> int:
         if self._flag_index is None:
@@ -181,10 +189,16 @@ class SelectedMailbox:
         """Take the store's flags; a message of the view the store no longer
         has was expunged by someone else: it becomes a ghost (the bus
         names it too, or the next catch-up finds it)."""
-        index = array("I", bytes(4 * len(self.uids)))
         self._flag_sets = [NO_FLAGS]
         self._flag_ids = {NO_FLAGS: 0}
         mine = self.uids
+        if loaded.uids == mine:
+            # The same UIDs (read with the view, at SELECT): no ghosts, and
+            # the index maps over in one C-level pass.
+            remap = [self._intern(fs) for fs in loaded.sets]
+            self._flag_index = array("I", map(remap.__getitem__, loaded.index))
+            return
+        index = array("I", bytes(4 * len(self.uids)))
         i = 0
         n = len(mine)
         for uid, k in zip(loaded.uids, loaded.index):

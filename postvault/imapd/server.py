@@ -43,11 +43,16 @@ Invariants:
   arguments never reach a log), only events, tags-free reasons and types.
 - One audit event ``message.read`` per FETCH command that returned content
   (ENVELOPE, BODYSTRUCTURE, BODY, any section, RFC822*): never per chunk.
+  It is appended by the store's group-commit writer (``submit_event``),
+  one commit for whatever all sessions queued meanwhile, and the tagged OK
+  waits for that commit. STORE's ``message.flags`` commits in the
+  transaction that changes the flags.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import io
 import logging
@@ -56,7 +61,8 @@ from email import policy as email_policy
 from email.parser import HeaderParser
 from email.utils import getaddresses
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -70,6 +76,7 @@ from ..errors import (IntegrityError, InvalidInput, MailboxExists, MailboxHasChi
 from ..policy import folders
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
+from ..store.audit import Event
 from ..store.types import ContentKeyCache, MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
@@ -99,12 +106,16 @@ STORAGE_FULL = (b"[OVERQUOTA] The server's storage is full, so nothing was saved
 # RFC 7888 §4 (LITERAL-): the largest non-synchronizing literal we take.
 NONSYNC_LIMIT = 4096
 STREAM_CHUNK = 64 * 1024
-# FETCH reads a message whose requested bytes total at most INLINE_MAX (what
-# streaming would send in one piece anyway) in one worker-thread call with
-# its neighbours in the batch (at most INLINE_BUDGET of plaintext held per
-# call), instead of opening, verifying, reading and closing it in hops of its
-# own; larger ones are streamed chunk by chunk.
-INLINE_MAX = STREAM_CHUNK
+# FETCH reads a message whose requested bytes total at most INLINE_MAX in one
+# worker-thread call with its neighbours in the batch (at most INLINE_BUDGET
+# of plaintext held per call), instead of opening, verifying, reading and
+# closing it in hops of its own; larger ones are streamed chunk by chunk.
+# Streaming decrypts a range twice (``verify`` before the literal's length
+# is promised, then the reads) and costs a hop per 64 KiB, so up to 1 MiB
+# (most mail: the bench mailbox's median is about 5 KB, its mean 30 KB) is
+# read once, whole; a damaged one is then refused before any byte of its
+# response is sent.
+INLINE_MAX = 1024 * 1024
 INLINE_BUDGET = 4 * 1024 * 1024
 FETCH_BATCH = 500
 # Without a change bus IDLE learns everything by polling; with one, the
@@ -658,13 +669,14 @@ class IMAPServer(imap4.IMAP4Server):
     async def _check_changed(self) -> None:
         """Cheap look for changes the bus can't tell (another process)."""
         box = self.mbox
-        if box is None or box.dirty or self.account is None:
+        account = self.account
+        if box is None or box.dirty or account is None:
             return
-        for info in await self.account.mailboxes():
-            if info.name == box.name:
-                if (info.uidnext, info.highestmodseq) != (box.uidnext, box.highestmodseq):
-                    box.dirty = True
-                return
+        # One indexed row (fastread), not every folder through the ORM:
+        # NOOP is a tenth of a mail client's commands.
+        marks = await account.run(self.store.mailbox_marks, account.session, box.name)
+        if marks is not None and self.mbox is box and marks != (box.uidnext, box.highestmodseq):
+            box.dirty = True
 
     async def _updates(self, allow_expunge: bool) -> None:
         """Catch the view up with the store and send what changed.
@@ -800,13 +812,31 @@ class IMAPServer(imap4.IMAP4Server):
         folder of the user's own is not named (its name may be PHI)."""
         if not ids:
             return
-        detail = f"folder={_folder_label(box.name)} {detail}".rstrip()
-        if len(ids) > 1:
-            detail += f" count={len(ids)} messages=" + ",".join(ids)
+        await self._commit_event(self._command_event(event, box.name, detail)(ids))
+
+    def _command_event(self, event: str, folder: str, detail: str) -> Callable[[list[str]], Event | None]:
+        """The audit event of a command over messages, as a function of
+        their public ids (pure: ``store.set_flags`` calls it on a worker
+        thread, inside the transaction that changes the flags)."""
         account = self._acct()
-        await account.run(self.store.record_event, event, actor=account.email, account=account.email,
-                          message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
-                          detail=detail)
+        email, client_ip = account.email, self.client_ip
+        text = f"folder={_folder_label(folder)} {detail}".rstrip()
+
+        def make(ids: list[str]) -> Event | None:
+            if not ids:
+                return None
+            full = text + (f" count={len(ids)} messages=" + ",".join(ids) if len(ids) > 1 else "")
+            return Event(event, email, email, ids[0] if len(ids) == 1 else None, client_ip, "imap", full)
+
+        return make
+
+    def _commit_event(self, event: Event | None) -> defer.Deferred[None]:
+        """Append ``event`` through the store's group-commit writer (many
+        sessions' events, one commit); fires once it is committed, so the
+        command still answers only after its audit entry is on disk."""
+        if event is None:
+            return defer.succeed(None)
+        return _settled(self.store.submit_event(event))
 
     # =====================================================================
     # Commands valid in any state
@@ -1316,9 +1346,10 @@ class IMAPServer(imap4.IMAP4Server):
         uids = [u for _, u in targets if u not in box.ghosts]
         if uids:
             self._expect_change(box.name, "flags", uids)
-            new = await account.run(self.store.set_flags, account.session, box.name, uids, flags, modes[base])
-            await self._audit("message.flags", box, await self._message_ids(box.name, uids),
-                              f"mode={modes[base]} flags={_flags_label(flags)}")
+            # The flags and their audit entry in one transaction and commit.
+            new = await account.run(self.store.set_flags, account.session, box.name, uids, flags, modes[base],
+                                    audit_event=self._command_event(
+                                        "message.flags", box.name, f"mode={modes[base]} flags={_flags_label(flags)}"))
             box.set_flags(new)
         if not silent:
             for seq, u in targets:
@@ -1436,7 +1467,7 @@ class IMAPServer(imap4.IMAP4Server):
                 if (need_meta or need_structure) and live:
                     data = await account.run(_batch_data, self.store, account.session, box.name,
                                              [u for _, u in live], need_meta, need_structure, pre_render,
-                                             account.keys)
+                                             account.keys, items)
                 if need_meta:
                     live = [(s, u) for s, u in live if u in data.metas]
                 missing = missing or len(live) < len(batch)
@@ -1485,7 +1516,7 @@ class IMAPServer(imap4.IMAP4Server):
                         i += 1
                         try:
                             ok = await self._fetch_one(box, seq, u, items, st, meta, data.rendered.get(u),
-                                                       u in seen_now)
+                                                       u in seen_now, (data.copies or {}).get(u))
                         except IntegrityError as exc:
                             # One damaged blob must not stop a client syncing
                             # the rest of the folder: carry on, refuse at the end.
@@ -1496,8 +1527,11 @@ class IMAPServer(imap4.IMAP4Server):
                         elif content:
                             read.append(meta.message_id)
                         continue
-                    got = await account.run(_read_small, self.store, account.session, box.name,
-                                            [(u, wants) for _, u, _, _, wants in group], account.keys)
+                    if data.parts is not None and {u for _, u, _, _, _ in group} <= data.tried:
+                        got = data.parts  # read with the metadata (_batch_data)
+                    else:
+                        got = await account.run(_read_small, self.store, account.session, box.name,
+                                                [(u, wants) for _, u, _, _, wants in group], account.keys)
                     out = []
                     for seq, u, meta, st, wants in group:
                         parts = got.get(u)
@@ -1554,19 +1588,24 @@ class IMAPServer(imap4.IMAP4Server):
             detail += f" count={len(ids)} messages=" + ",".join(ids)
         # An emergency session reads under the named person's name.
         actor = account.session.actor or account.email
-        await account.run(self.store.record_event, "message.read", actor=actor, account=account.email,
-                          message=ids[0] if len(ids) == 1 else None, client_ip=self.client_ip, protocol="imap",
-                          detail=detail)
+        # Through the group-commit writer: concurrent FETCHes of all
+        # sessions share a commit, and no worker thread sits in the fsync;
+        # the tagged OK still waits for this event's commit.
+        await self._commit_event(Event("message.read", actor, account.email, ids[0] if len(ids) == 1 else None,
+                                       self.client_ip, "imap", detail))
 
     async def _fetch_one(self, box: SelectedMailbox, seq: int, u: int, items: list[FetchItem],
                          st: structure.Structure | None, meta: MessageMeta, pre: dict[str, bytes] | None,
-                         seen_now: bool) -> bool:
+                         seen_now: bool, row: Any = None) -> bool:
         account = self._acct()
         needs_reader = any(_needs_bytes(i) for i in items)
         reader = None
         if needs_reader:
             try:
-                reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
+                if row is not None:
+                    reader = await account.run(_open_row, self.store, account.session, box.name, row, account.keys)
+                else:
+                    reader = await account.run(self.store.open_message, account.session, box.name, u, account.keys)
             except MessageNotFound:
                 return False
         write = self.transport.write
@@ -1636,6 +1675,22 @@ class IMAPServer(imap4.IMAP4Server):
             pos += n
             left -= n
             await self.transport.drained()
+
+
+def _settled(future: Future[Any]) -> defer.Deferred[Any]:
+    """A Deferred that fires on the reactor thread with ``future``'s
+    outcome (the store's writer thread resolves it)."""
+    d: defer.Deferred[Any] = defer.Deferred()
+
+    def settle(f: Future[Any]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            d.errback(Failure(exc))
+        else:
+            d.callback(f.result())
+
+    future.add_done_callback(lambda f: reactor.callFromThread(settle, f))  # type: ignore[attr-defined]
+    return d
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------
@@ -1728,30 +1783,101 @@ class _Batch:
     metas: dict[int, MessageMeta]
     structures: dict[int, structure.Structure]
     rendered: dict[int, dict[str, bytes]]
+    # The first group of small messages, read in the same worker call
+    # (``_first_group``): the UIDs tried, and what ``_read_small`` gave.
+    tried: frozenset[int] = frozenset()
+    parts: dict[int, list[bytes] | IntegrityError] | None = None
+    # The rows read (``store.read_copies``), by UID: a large message is
+    # opened from its row (``_open_row``) without reading it again.
+    copies: dict[int, Any] | None = None
 
 
 def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_meta: bool, need_structure: bool,
-                pre_render: tuple[str, ...], keys: ContentKeyCache | None = None) -> _Batch:
+                pre_render: tuple[str, ...], keys: ContentKeyCache | None = None,
+                items: list[FetchItem] | None = None) -> _Batch:
     """What FETCH needs of a batch of messages, on a worker thread: their
     metadata, their structures (from the sealed summaries; parsed from the
     content for a message without one) and the ENVELOPE/BODYSTRUCTURE text,
-    so that building and rendering them never holds up the reactor."""
+    so that building and rendering them never holds up the reactor.
+
+    With ``items`` that ask for content, also the content of the batch's
+    first group of small messages (the group do_FETCH would read next), so
+    that a FETCH of one message or of a header window is one worker call
+    and one metadata read, not two of each."""
     out = _Batch({}, {}, {})
+    copies: list[Any] = []
     if need_meta:
-        out.metas = {m.uid: m for m in store.snapshot(session, mailbox, uids).messages}
+        read_copies = getattr(store, "read_copies", None)
+        if read_copies is not None:
+            copies = read_copies(session, mailbox, uids)
+            out.metas = {c.meta.uid: c.meta for c in copies}
+            out.copies = {c.meta.uid: c for c in copies}
+        else:
+            out.metas = {m.uid: m for m in store.snapshot(session, mailbox, uids).messages}
         uids = [u for u in uids if u in out.metas]
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
+        # A mail client's message list asks for top-level header fields
+        # only: the header's length is all that is needed of the structure,
+        # and building the whole of it from the summary cost more than the
+        # header's decryption.
+        head_only = not pre_render and items is not None and all(
+            not _needs_structure(i) or _top_level_section(i) for i in items)
         if summaries is not None:
             for u, doc in (summaries(session, mailbox, uids, keys) or {}).items():
                 if doc:
-                    out.structures[u] = structure.from_summary(doc)
+                    out.structures[u] = replace(_NO_STRUCTURE, header_size=int(doc.get("header_size") or 0)) \
+                        if head_only else structure.from_summary(doc)
         rest = [u for u in uids if u not in out.structures]
         if rest:
             out.structures.update(_parse_structures(store, session, mailbox, rest))
         if pre_render:
             out.rendered = {u: {k: _render(k, st) for k in pre_render} for u, st in out.structures.items()}
+    if items is not None and copies and any(_needs_bytes(i) for i in items):
+        plans = [(u, _wants(items, out.structures.get(u), out.metas[u].size)) for u in uids
+                 if not need_structure or u in out.structures]
+        group = _first_group(plans)
+        if group:
+            out.tried = frozenset(u for u, _ in group)
+            out.parts = _read_small(store, session, mailbox, group, keys, rows=copies)
     return out
+
+
+def _open_row(store: Any, session: Any, mailbox: str, row: Any, keys: ContentKeyCache | None) -> Any:
+    """``store.open_message`` of a message whose row ``store.read_copies``
+    read already (no second query): its reader, or its IntegrityError."""
+    for _, reader in store.open_messages(session, mailbox, [row.meta.uid], keys, rows=[row]):
+        if isinstance(reader, IntegrityError):
+            raise reader
+        return reader
+    raise MessageNotFound(f"no message with UID {row.meta.uid}")
+
+
+# The structure of an empty summary: what ``from_summary`` gives for the
+# envelope and body of a message of which only the header length is used.
+_NO_STRUCTURE = structure.from_summary({})
+
+
+def _top_level_section(item: FetchItem) -> bool:
+    """A content item whose range needs only the header's length (HEADER,
+    HEADER.FIELDS[.NOT], TEXT of the message itself)."""
+    if item.name in ("RFC822.HEADER", "RFC822.TEXT"):
+        return True
+    return item.name == "BODY" and item.section is not None and not item.section.part and item.section.text != ""
+
+
+def _first_group(plans: list[tuple[int, list[_Want]]]) -> list[tuple[int, list[_Want]]]:
+    """The leading messages do_FETCH reads together: each asks for at most
+    INLINE_MAX bytes, all together for at most INLINE_BUDGET."""
+    group: list[tuple[int, list[_Want]]] = []
+    held = 0
+    for u, wants in plans:
+        n = sum(w.end - w.start for w in wants)
+        if n > INLINE_MAX or (group and held + n > INLINE_BUDGET):
+            break
+        group.append((u, wants))
+        held += n
+    return group
 
 
 @dataclass
@@ -1783,14 +1909,17 @@ def _wants(items: list[FetchItem], st: structure.Structure | None, size: int) ->
 
 
 def _read_small(store: Any, session: Any, mailbox: str, wants: list[tuple[int, list[_Want]]],
-                keys: ContentKeyCache | None = None) -> dict[int, list[bytes] | IntegrityError]:
+                keys: ContentKeyCache | None = None, rows: Any = None) -> dict[int, list[bytes] | IntegrityError]:
     """The requested bytes of a group of small messages, on a worker thread:
     the store opens them in one go (``open_messages``), one at a time, each
     closed before the next. A message that fails authentication maps to its
-    ``IntegrityError``; one that is gone is left out."""
+    ``IntegrityError``; one that is gone is left out. ``rows``: the
+    messages as ``store.read_copies`` read them just before."""
     by_uid = dict(wants)
     out: dict[int, list[bytes] | IntegrityError] = {}
-    for uid, reader in store.open_messages(session, mailbox, list(by_uid), keys):
+    opened = store.open_messages(session, mailbox, list(by_uid), keys) if rows is None \
+        else store.open_messages(session, mailbox, list(by_uid), keys, rows=rows)
+    for uid, reader in opened:
         if isinstance(reader, IntegrityError):
             out[uid] = reader
             continue
@@ -1854,7 +1983,7 @@ def _section_range(item: FetchItem, st: structure.Structure | None, size: int) \
         assert st is not None
         return "RFC822.TEXT", (st.header_size, size), None
     section = item.section or Section()
-    label = item.response_name()
+    label = _response_name(item)
     if not section.part:
         if section.text == "":
             return label, (0, size), None
@@ -1880,6 +2009,13 @@ def _section_range(item: FetchItem, st: structure.Structure | None, size: int) \
     if section.text == "TEXT":
         return label, text, None
     return label, head, (section.fields, section.text == "HEADER.FIELDS.NOT")
+
+
+@functools.lru_cache(maxsize=256)
+def _response_name(item: FetchItem) -> str:
+    # Asked per message and item (twice: planning on the worker, answering
+    # on the reactor); a 50-message window names the same few items.
+    return item.response_name()
 
 
 def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:

@@ -18,10 +18,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import cast
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, Table, select
 from sqlalchemy.orm import Session
 
+from .fastread import FastInsert, FastSelect
 from .models import AuditEvent
 from .sqlcompat import lock_audit_chain
 
@@ -47,8 +49,11 @@ class Event:
 
 
 _TABLE = AuditEvent.__table__
-_HEAD = select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
-_INSERT = insert(_TABLE)  # built once: record_many runs for every batch of deliveries
+# Built once, and run on the sqlite3 connection (fastread): record_many runs
+# for every batch of deliveries and for every IMAP command that reads or
+# changes messages; through Core its insert cost more than the hashing.
+_HEAD = FastSelect(select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
+_INSERT = FastInsert(cast(Table, _TABLE))
 
 
 def _rows(last_id: int, prev: bytes, events: Sequence[Event]) -> list[dict[str, object]]:
@@ -90,9 +95,9 @@ def record_many(conn: Connection, events: Sequence[Event]) -> None:
     if not events:
         return
     lock_audit_chain(conn)
-    head = conn.execute(_HEAD).first()
-    last_id, prev = (int(head[0]), head[1]) if head is not None else (0, GENESIS)
-    conn.execute(_INSERT, _rows(last_id, prev, events))
+    head = _HEAD.rows(conn, {})
+    last_id, prev = (int(head[0][0]), bytes(head[0][1])) if head else (0, GENESIS)
+    _INSERT.insert(conn, _rows(last_id, prev, events))
 
 
 def record(

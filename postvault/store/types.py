@@ -175,6 +175,9 @@ class MailboxState:
     # The lowest UID whose internal date is at or after the ``since`` asked
     # for (None if none or not asked): \Recent's start (imapd/mailbox.py).
     first_since: int | None = None
+    # Every message's flags from the same read, if asked for and the
+    # database lists UIDs in SQL (``mailbox_state(with_flags=True)``).
+    flags: MailboxFlags | None = None
 
     @property
     def exists(self) -> int:

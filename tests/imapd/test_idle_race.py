@@ -55,7 +55,7 @@ class HeldService:
 @pytest.mark.parametrize("behind", [False, True], ids=["view-current", "view-behind"])
 def test_a_delivery_during_the_idle_catch_up_wakes_the_idler(store: Store, people: dict[str, str],
                                                              behind: bool) -> None:
-    """IDLE first looks whether the mailbox changed (``list_mailboxes``) and,
+    """IDLE first looks whether the mailbox changed (``mailbox_marks``) and,
     if the view is behind, reads the changes (``mailbox_changes``); a
     delivery committing during either read must reach the idler at once.
     "view-behind" fails on the old code (the change came at the next poll,
@@ -83,7 +83,7 @@ def test_a_delivery_during_the_idle_catch_up_wakes_the_idler(store: Store, peopl
             count += 1
             assert transport.value() == b""
 
-        service.hold = "mailbox_changes" if behind else "list_mailboxes"
+        service.hold = "mailbox_changes" if behind else "mailbox_marks"
         proto.dataReceived(b"i IDLE\r\n")
         assert len(service.held) == 1, "the catch-up did not read"
         # The catch-up has read; now a message commits, and the bus tells

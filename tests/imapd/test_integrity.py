@@ -42,7 +42,8 @@ def blob_path(server: Server, public_id: str) -> str:
 def test_damaged_blob_is_refused_with_serverbug(server: Server, member: str) -> None:
     sender = server.account("colleague", invited_by=member)
     canary = "CANARY-integrity-subject"
-    big_body = b"".join(b"line %06d of a long referral letter\r\n" % i for i in range(6000))  # ~4 chunks
+    # Above server.INLINE_MAX (1 MiB): streamed chunk by chunk, not read whole.
+    big_body = b"".join(b"line %06d of a long referral letter\r\n" % i for i in range(32000))  # ~19 chunks
     big = server.store.deliver(message(sender, member, canary + "-big", big_body), sender, [member])
     good = server.store.deliver(message(sender, member, canary + "-good", b"All fine.\r\n"), sender, [member])
     small = server.store.deliver(message(sender, member, canary + "-small", b"Short.\r\n"), sender, [member])
