@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -47,3 +48,16 @@ def stored_blobs(store: "Store") -> list[str]:
         return sorted(str(p.relative_to(store.blobs.root)) for p in store.blobs.root.rglob("*") if p.is_file())
     with store._sessions() as s:
         return sorted(s.scalars(select(BlobChunk.blob_id).distinct()))
+
+
+def set_policy(home: Path, **values: int) -> None:
+    """Rewrite integer settings of the home's conf/policy.toml (each must
+    appear exactly once, as the shipped file has it)."""
+    import re
+
+    path = home / "conf" / "policy.toml"
+    text = path.read_text("utf-8")
+    for key, value in values.items():
+        text, n = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
+        assert n == 1, key
+    path.write_text(text, "utf-8")

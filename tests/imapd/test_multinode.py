@@ -28,7 +28,7 @@ from postvault.store.api import Store
 from postvault.store.notify import Change
 from postvault.store.pgnotify import CHANNEL, encode
 from tests.pgcluster import Cluster
-from tests.support import free_port
+from tests.support import free_port, set_policy
 from tests.web.conftest import Client as WebClient
 
 from .client import Client
@@ -53,12 +53,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, pg_cluster: Cluster) -> Iter
     # Limits small enough to reach quickly: the third failure locks, none
     # is delayed before it, and the client address (every test's) is not
     # throttled.
-    policy = home / "conf" / "policy.toml"
-    text = policy.read_text("utf-8")
-    for key, value in (("throttle_after", 3), ("lockout_after", 3), ("ip_throttle_after", 1000)):
-        text, n = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
-        assert n == 1, key
-    policy.write_text(text, "utf-8")
+    set_policy(home, throttle_after=3, lockout_after=3, ip_throttle_after=1000)
     store = open_store(load_config(home))
     https = [free_port(), free_port()]
     started: list[Server] = []

@@ -46,7 +46,7 @@ from tests.smtpd.conftest import (  # noqa: F401
     tight,
     world,
 )
-from tests.support import cheap_home_env, free_port
+from tests.support import cheap_home_env, free_port, set_policy
 
 PASSWORD = "correct horse battery staple"
 HOST = "mail.example.test"
@@ -115,14 +115,8 @@ class Serve:
 
 
 def _small_auth_limits(home: Path) -> None:
-    path = home / "conf" / "policy.toml"
-    text = path.read_text()
-    for key, value in (("throttle_after", THROTTLE_AFTER), ("lockout_after", LOCKOUT_AFTER),
-                       ("ip_throttle_after", 100_000), ("delay_seconds", 2), ("max_delay_seconds", 2),
-                       ("lockout_minutes", 15)):
-        text, n = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
-        assert n == 1, key
-    path.write_text(text)
+    set_policy(home, throttle_after=THROTTLE_AFTER, lockout_after=LOCKOUT_AFTER, ip_throttle_after=100_000,
+               delay_seconds=2, max_delay_seconds=2, lockout_minutes=15)
 
 
 @pytest.fixture(scope="session")

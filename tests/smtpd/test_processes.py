@@ -32,7 +32,7 @@ from postvault.home import init_home, open_store
 from tests.imapd.conftest import Server, start_server, stop_server
 from tests.imapd.test_imaplib import raw_session, read_until
 from tests.pgcluster import Cluster
-from tests.support import cheap_home_env
+from tests.support import cheap_home_env, set_policy
 
 from .client import PASSWORD, Raw, message, stuff, transaction
 
@@ -48,12 +48,7 @@ def _home(tmp: Path) -> Path:
     with cheap_home_env():
         init_home(home, HOST)
     # Small login limits, reached quickly (as tests/imapd/test_multinode.py).
-    policy = home / "conf" / "policy.toml"
-    text = policy.read_text("utf-8")
-    for key, value in (("throttle_after", 3), ("lockout_after", 3), ("ip_throttle_after", 1000)):
-        text, n = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
-        assert n == 1, key
-    policy.write_text(text, "utf-8")
+    set_policy(home, throttle_after=3, lockout_after=3, ip_throttle_after=1000)
     return home
 
 
