@@ -77,6 +77,7 @@ from ..policy import folders
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
 from ..store.audit import Event
+from ..store.headercache import HEADER_CACHE_MAX
 from ..store.types import ContentKeyCache, MessageMeta
 from . import render, structure
 from .account import Account, IMAPNo, list_pattern, matches
@@ -1527,11 +1528,12 @@ class IMAPServer(imap4.IMAP4Server):
                         elif content:
                             read.append(meta.message_id)
                         continue
-                    if data.parts is not None and {u for _, u, _, _, _ in group} <= data.tried:
-                        got = data.parts  # read with the metadata (_batch_data)
-                    else:
-                        got = await account.run(_read_small, self.store, account.session, box.name,
-                                                [(u, wants) for _, u, _, _, wants in group], account.keys)
+                    # Those read with the metadata (_batch_data) are not read again.
+                    got = data.parts if data.parts is not None else {}
+                    todo = [(u, wants) for _, u, _, _, wants in group if u not in data.tried]
+                    if todo:
+                        got = {**got, **await account.run(_read_small, self.store, account.session, box.name,
+                                                          todo, account.keys)}
                     out = []
                     for seq, u, meta, st, wants in group:
                         parts = got.get(u)
@@ -1806,15 +1808,26 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
     and one metadata read, not two of each."""
     out = _Batch({}, {}, {})
     copies: list[Any] = []
+    # A mail client's message list asks for top-level header sections only:
+    # those are answered from the header cache (store/headercache.py), with
+    # no content key, summary or blob opened for a message that has an entry.
+    cached = need_meta and not pre_render and items is not None and _header_sections_only(items) \
+        and hasattr(store, "open_headers")
+    heads: dict[int, bytes] = {}
     if need_meta:
         read_copies = getattr(store, "read_copies", None)
         if read_copies is not None:
-            copies = read_copies(session, mailbox, uids)
+            copies = read_copies(session, mailbox, uids, with_headers=True) if cached \
+                else read_copies(session, mailbox, uids)
             out.metas = {c.meta.uid: c.meta for c in copies}
             out.copies = {c.meta.uid: c for c in copies}
         else:
             out.metas = {m.uid: m for m in store.snapshot(session, mailbox, uids).messages}
         uids = [u for u in uids if u in out.metas]
+    if cached and copies:
+        heads = store.open_headers(session, copies)
+        for u, head in heads.items():
+            out.structures[u] = replace(_NO_STRUCTURE, header_size=len(head))
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
         # A mail client's message list asks for top-level header fields
@@ -1823,8 +1836,9 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
         # header's decryption.
         head_only = not pre_render and items is not None and all(
             not _needs_structure(i) or _top_level_section(i) for i in items)
-        if summaries is not None:
-            for u, doc in (summaries(session, mailbox, uids, keys) or {}).items():
+        rest = [u for u in uids if u not in out.structures]
+        if summaries is not None and rest:
+            for u, doc in (summaries(session, mailbox, rest, keys) or {}).items():
                 if doc:
                     out.structures[u] = replace(_NO_STRUCTURE, header_size=int(doc.get("header_size") or 0)) \
                         if head_only else structure.from_summary(doc)
@@ -1833,7 +1847,9 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
             out.structures.update(_parse_structures(store, session, mailbox, rest))
         if pre_render:
             out.rendered = {u: {k: _render(k, st) for k in pre_render} for u, st in out.structures.items()}
-    if items is not None and copies and any(_needs_bytes(i) for i in items):
+    if cached and copies:
+        _cached_parts(store, session, mailbox, uids, items, out, heads, copies, keys)  # type: ignore[arg-type]
+    elif items is not None and copies and any(_needs_bytes(i) for i in items):
         plans = [(u, _wants(items, out.structures.get(u), out.metas[u].size)) for u in uids
                  if not need_structure or u in out.structures]
         group = _first_group(plans)
@@ -1841,6 +1857,75 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
             out.tried = frozenset(u for u, _ in group)
             out.parts = _read_small(store, session, mailbox, group, keys, rows=copies)
     return out
+
+
+def _header_sections_only(items: list[FetchItem]) -> bool:
+    """Whether a FETCH asks for content, and only for top-level header
+    sections (BODY[HEADER], BODY[HEADER.FIELDS (...)], BODY[HEADER.FIELDS.NOT
+    (...)], RFC822.HEADER; PEEK or not, partial or not): what the header
+    cache answers."""
+    content = False
+    for item in items:
+        if not _needs_bytes(item):
+            continue
+        content = True
+        if item.name == "RFC822.HEADER":
+            continue
+        if item.name != "BODY" or item.section is None or item.section.part or \
+                item.section.text not in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+            return False
+    return content
+
+
+def _from_header(head: bytes, wants: list[_Want]) -> list[bytes]:
+    """The requested bytes of a message, from its header block: what
+    ``_read_small`` gives for wants that lie within the header."""
+    parts = []
+    for w in wants:
+        data = head[w.start:w.end]
+        if w.fields is not None:
+            data = _partial(_filter_headers(data, w.fields[0], w.fields[1]), w.partial)
+        parts.append(data)
+    return parts
+
+
+def _cached_parts(store: Any, session: Any, mailbox: str, uids: list[int], items: list[FetchItem], out: _Batch,
+                  heads: dict[int, bytes], copies: list[Any], keys: ContentKeyCache | None) -> None:
+    """``_batch_data``'s content for header sections only: each message
+    whose header cache entry opened (``heads``) answered from it; the
+    others read from their messages (headers up to ``HEADER_CACHE_MAX``,
+    at most INLINE_BUDGET octets of them: the rest are left to do_FETCH),
+    then their entries written (``store.save_headers``)."""
+    parts: dict[int, list[bytes] | IntegrityError] = {}
+    fill: list[tuple[int, list[_Want]]] = []
+    held = 0
+    for u in uids:
+        st = out.structures.get(u)
+        if st is None:
+            continue
+        wants = _wants(items, st, out.metas[u].size)
+        head = heads.get(u)
+        if head is not None:
+            parts[u] = _from_header(head, wants)
+        elif st.header_size <= HEADER_CACHE_MAX and held + st.header_size <= INLINE_BUDGET:
+            held += st.header_size
+            fill.append((u, [_Want(b"", 0, st.header_size, None, None)]))
+    tried = set(parts)
+    if fill:
+        read = _read_small(store, session, mailbox, fill, keys, rows=copies)
+        new = []
+        for u, got in read.items():
+            if isinstance(got, IntegrityError):
+                parts[u] = got
+                continue
+            st = out.structures[u]
+            parts[u] = _from_header(got[0], _wants(items, st, out.metas[u].size))
+            new.append((u, out.metas[u].message_id, got[0]))
+        tried.update(u for u, _ in fill)
+        if new:
+            store.save_headers(session, mailbox, new)
+    out.tried = frozenset(tried)
+    out.parts = parts
 
 
 def _open_row(store: Any, session: Any, mailbox: str, row: Any, keys: ContentKeyCache | None) -> Any:

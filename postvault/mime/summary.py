@@ -187,6 +187,13 @@ def _header_end(raw: bytes, start: int, end: int) -> int:
     return lf + 2
 
 
+def header_size(raw: bytes) -> int:
+    """Octets of the top-level header, blank line included: a summary's
+    ``header_size`` for ``raw`` (the whole message, or a prefix of it that
+    holds the blank line)."""
+    return _header_end(raw, 0, len(raw))
+
+
 def _fields(raw: bytes, start: int, end: int, wanted: frozenset[str], state: _State) -> dict[str, str]:
     """The first occurrence of each ``wanted`` field in the header block
     ``raw[start:end]``, unfolded; names lower case."""

@@ -22,6 +22,9 @@ Invariants:
 - IMAP SEARCH's header fields are kept per message copy in a sealed
   search index under a key derived from the account's private key
   (``searchindex.py``); only the account's own sessions fill and read it.
+- IMAP FETCH of header sections answers from a sealed header cache per
+  message copy, under another key derived from the private key
+  (``headercache.py``); only the account's own sessions fill and read it.
 - Every committed change to a mailbox is announced on ``Store.bus``
   (``notify.ChangeBus``), after the commit, for IMAP IDLE; on PostgreSQL
   to every process on the database (``pgnotify.PgChangeBus``).
@@ -48,6 +51,7 @@ from .models import Account
 from .notify import ChangeBus
 from .offices import OfficesStore
 from .recovery import RecoveryStore
+from .headercache import HeaderCacheStore
 from .searchindex import SearchIndexStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
@@ -61,7 +65,7 @@ def _login_fingerprint(a: Account) -> bytes:
     return hashlib.sha256(b"".join(struct.pack(">I", len(p)) + p for p in parts)).digest()
 
 
-class Store(AccountStore, MailStore, SearchIndexStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
+class Store(AccountStore, MailStore, SearchIndexStore, HeaderCacheStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:

@@ -28,6 +28,12 @@ primitives, and it only composes well-known constructions from the
   the private key, can make or read entries), bound to the account (key
   owner) and the message id (``search_index_key``, ``seal_search_entry``,
   ``open_search_entries``).
+* **Header cache entries.**  A message's raw header block (what IMAP FETCH
+  BODY[HEADER] and its relatives answer from), one value per message copy,
+  sealed like a search index entry but under its own key, the account's
+  header-cache key (HKDF-SHA256 of the private key with its own label), and
+  with its own associated-data label (``header_cache_key``,
+  ``seal_header_entry``, ``open_header_entries``).
 * **Small sealed values.**  A message's summary (its ENVELOPE and
   BODYSTRUCTURE, which hold the subject) is sealed whole with AES-256-GCM
   under a key derived from the content key, bound to a label and the message
@@ -102,6 +108,9 @@ __all__ = [
     "search_index_key",
     "seal_search_entry",
     "open_search_entries",
+    "header_cache_key",
+    "seal_header_entry",
+    "open_header_entries",
     "seal_stream",
     "SealedReader",
     "open_stream",
@@ -136,10 +145,13 @@ _SMALL_KEY_LABEL = b"postvault/v1/small/key"
 _SMALL_AAD_LABEL = b"postvault/v1/small/aad"
 _SEARCH_KEY_LABEL = b"postvault/v1/search-index/key"
 _SEARCH_AAD_LABEL = b"postvault/v1/search-index/entry"
+_HEADER_KEY_LABEL = b"postvault/v1/header-cache/key"
+_HEADER_AAD_LABEL = b"postvault/v1/header-cache/entry"
 
 _PRIVATE_KEY_VERSION = 1
 _SMALL_VERSION = 1
 _SEARCH_VERSION = 1
+_HEADER_VERSION = 1
 _BLOB_MAGIC = b"PVB1"
 _BLOB_VERSION = 1
 _HEADER = struct.Struct(">4sBI16s")  # magic, version, chunk_size, salt
@@ -649,6 +661,66 @@ def open_search_entries(
     out: list[bytes | None] = []
     for message_id, sealed in items:
         if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _SEARCH_VERSION:
+            out.append(None)
+            continue
+        try:
+            out.append(aead.decrypt(sealed[1 : 1 + NONCE_LEN], sealed[1 + NONCE_LEN :],
+                                    aad_head + _U32(len(message_id)) + message_id))
+        except InvalidTag:
+            out.append(None)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Header cache entries (one account's copy of a message's header block)
+# --------------------------------------------------------------------------
+#
+# Format: version (1 byte) || nonce (12 bytes) || AES-256-GCM ciphertext+tag
+#
+#   key = HKDF-SHA256(private_key, salt=None, info=enc(HEADER_KEY_LABEL))
+#   aad = enc(HEADER_AAD_LABEL, owner, message_id)
+#
+# The same construction as the search index entries above, for the same
+# reasons, with labels of its own: the two keys are independent, and an
+# entry of one kind never opens as the other (a search entry put in the
+# header column, or the reverse, fails like any damaged entry). Each entry is
+# sealed once per copy (again only if it was damaged), so the random-nonce
+# bound is as far off as for the search index.
+
+
+def header_cache_key(private_key: bytes) -> bytes:
+    """The account's header-cache key, derived from its private key."""
+    private_key = _require_bytes("private_key", private_key, KEY_LEN)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=_enc(_HEADER_KEY_LABEL)).derive(
+        private_key
+    )
+
+
+def seal_header_entry(cache_key: bytes, owner: bytes, message_id: bytes, data: bytes) -> bytes:
+    """Seal one message's header block for one account."""
+    cache_key = _require_bytes("cache_key", cache_key, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    message_id = _require_bytes("message_id", message_id)
+    data = _require_bytes("data", data)
+    nonce = os.urandom(NONCE_LEN)
+    ct = AESGCM(cache_key).encrypt(nonce, data, _enc(_HEADER_AAD_LABEL, owner, message_id))
+    return bytes([_HEADER_VERSION]) + nonce + ct
+
+
+def open_header_entries(
+    cache_key: bytes, owner: bytes, items: Iterable[tuple[bytes, bytes]]
+) -> list[bytes | None]:
+    """Open ``(message_id, sealed)`` header entries of one account, in
+    order; an entry that does not open (damaged, moved from another message
+    or account, or sealed under another key) is None, and the rest still
+    open."""
+    cache_key = _require_bytes("cache_key", cache_key, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    aead = AESGCM(cache_key)
+    aad_head = _enc(_HEADER_AAD_LABEL, owner)
+    out: list[bytes | None] = []
+    for message_id, sealed in items:
+        if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _HEADER_VERSION:
             out.append(None)
             continue
         try:

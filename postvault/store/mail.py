@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar
 
-from sqlalchemy import Engine, Table, Text, bindparam, case, cast, delete, func, literal, select, update
+from sqlalchemy import Engine, Table, Text, bindparam, case, cast, delete, func, literal, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from . import delivery, fastread, searchindex
+from . import delivery, fastread, headercache, searchindex
 from .fastread import FastSelect
 from .db import WRITE_OPTION, unit_of_work
 from .delivery import PreparedDelivery
@@ -100,6 +100,8 @@ class StoredCopy(NamedTuple):
     meta: MessageMeta
     wrapped_key: bytes
     blob_id: str
+    # Its header cache entry, when read ``with_headers`` (headercache.py).
+    sealed_header: bytes | None = None
 
 
 # Hot IMAP reads, built once and run on the sqlite3 connection (fastread):
@@ -108,6 +110,18 @@ class StoredCopy(NamedTuple):
 _COPIES = FastSelect(
     select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
            Message.public_id, MessageCopy.wrapped_key, Message.blob_id)
+    .join(Message, Message.id == MessageCopy.message_id)
+    .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
+           MessageCopy.uid.in_(bindparam("uids", expanding=True)))
+    .order_by(MessageCopy.uid)
+)
+# The same with each copy's header cache entry, for FETCH of header
+# sections (headercache.py); a separate statement so that other FETCHes do
+# not read the entries.
+_COPIES_HEADERS = FastSelect(
+    select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
+           Message.public_id, MessageCopy.wrapped_key, Message.blob_id, MessageCopy.sealed_header)
     .join(Message, Message.id == MessageCopy.message_id)
     .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
     .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
@@ -537,24 +551,28 @@ class MailStore:
                     q = q.where(MessageCopy.uid.between(min(wanted), max(wanted)))
             return MailboxSnapshot(box, self._metas(s.execute(q), wanted))
 
-    def read_copies(self, session: AccountSession, mailbox: str, uids: Sequence[int]) -> list[StoredCopy]:
+    def read_copies(self, session: AccountSession, mailbox: str, uids: Sequence[int],
+                    with_headers: bool = False) -> list[StoredCopy]:
         """What FETCH needs of these messages, in one read on the sqlite3
         connection (``fastread``): each one's metadata (as ``snapshot``
         gives it) with its wrapped content key and blob, ascending UID; UIDs
         not in the mailbox are left out. ``MailboxNotFound`` if the mailbox
-        is gone."""
+        is gone. ``with_headers``: also each copy's (sealed) header cache
+        entry, for ``open_headers``."""
         wanted = sorted(set(uids))
         params: dict[str, Any] = {"account": session.account_id, "name": _box_key(mailbox)}
         sets: dict[str, frozenset[str]] = {}
         out: list[StoredCopy] = []
+        query = _COPIES_HEADERS if with_headers else _COPIES
         with fastread.snapshot(self.engine) as conn:
             for i in range(0, len(wanted), _IN_LIST_MAX):
                 params["uids"] = wanted[i:i + _IN_LIST_MAX]
-                for uid, flags, size, date, modseq, pid, wrapped, blob_id in _COPIES.rows(conn, params):
+                for uid, flags, size, date, modseq, pid, wrapped, blob_id, *entry in query.rows(conn, params):
                     fs = sets.get(flags)
                     if fs is None:
                         fs = sets[flags] = flags_set(flags)
-                    out.append(StoredCopy(MessageMeta(uid, fs, size, date, modseq, pid), wrapped, blob_id))
+                    out.append(StoredCopy(MessageMeta(uid, fs, size, date, modseq, pid), wrapped, blob_id,
+                                          entry[0] if entry else None))
             if not out and not _MARKS.rows(conn, params):
                 raise MailboxNotFound(f"no mailbox named {mailbox!r}")
         return out
@@ -763,7 +781,7 @@ class MailStore:
 
     def _add_copy(
         self, s: Session, box: Mailbox, message: Message, wrapped: bytes, flags: Iterable[str], when: datetime, size: int,
-        sealed_search: bytes | None = None,
+        sealed_search: bytes | None = None, sealed_header: bytes | None = None,
     ) -> int:
         uid = box.uidnext
         box.uidnext = uid + 1
@@ -772,6 +790,7 @@ class MailStore:
             MessageCopy(
                 mailbox_id=box.id, uid=uid, message_id=message.id, flags=flags_text(flags), internal_date=when,
                 size=size, modseq=box.highestmodseq, wrapped_key=wrapped, sealed_search=sealed_search,
+                sealed_header=sealed_header,
             )
         )
         return uid
@@ -988,6 +1007,7 @@ class MailStore:
             return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
         public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
         sealed_search = searchindex.entry_for(session, public_id, data)
+        sealed_header = headercache.entry_for(session, public_id, data)
         del data
         when = internal_date or now()
         try:
@@ -999,7 +1019,7 @@ class MailStore:
                 s.add(msg)
                 s.flush()
                 wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
-                uid = self._add_copy(s, box, msg, wrapped, flags, when, size, sealed_search)
+                uid = self._add_copy(s, box, msg, wrapped, flags, when, size, sealed_search, sealed_header)
                 audit.record(s, "message.append", actor=session.email, account=session.email, message=public_id,
                              client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity
@@ -1318,23 +1338,26 @@ class MailStore:
                     .order_by(MessageCopy.uid)
                 )
             )
-            # The search index entries go along (searchindex.py): bound to
-            # the account and message, like the wrapped key. Read apart, as
-            # the column is deferred (one query per _IN_LIST_MAX copies).
-            entries: dict[int, bytes | None] = {}
+            # The search index and header cache entries go along
+            # (searchindex.py, headercache.py): bound to the account and
+            # message, like the wrapped key. Read apart, as the columns are
+            # deferred (one query per _IN_LIST_MAX copies).
+            entries: dict[int, tuple[bytes | None, bytes | None]] = {}
             ids = [c.id for c in copies]
             for i in range(0, len(ids), _IN_LIST_MAX):
-                for copy_id, entry in s.execute(
-                    select(MessageCopy.id, MessageCopy.sealed_search)
-                    .where(MessageCopy.id.in_(ids[i:i + _IN_LIST_MAX]), MessageCopy.sealed_search.is_not(None))
+                for copy_id, entry, head in s.execute(
+                    select(MessageCopy.id, MessageCopy.sealed_search, MessageCopy.sealed_header)
+                    .where(MessageCopy.id.in_(ids[i:i + _IN_LIST_MAX]),
+                           or_(MessageCopy.sealed_search.is_not(None), MessageCopy.sealed_header.is_not(None)))
                 ):
-                    entries[copy_id] = entry
+                    entries[copy_id] = (entry, head)
             for c in copies:
                 msg = s.get(Message, c.message_id)
                 assert msg is not None
                 flags = flags_set(c.flags)
+                entry, head = entries.get(c.id, (None, None))
                 pairs.append((c.uid, self._add_copy(s, dst, msg, c.wrapped_key, flags, c.internal_date, c.size,
-                                                    entries.get(c.id))))
+                                                    entry, head)))
                 if move:
                     s.delete(c)
             if move and copies:

@@ -186,6 +186,12 @@ class MessageCopy(Base):
     # bound to the account and the message); NULL until the account's own
     # session first searches its headers. Deferred: only SEARCH reads it.
     sealed_search: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # The raw header block of this copy's message (what FETCH BODY[HEADER]
+    # and HEADER.FIELDS answer from), sealed under the account's header-cache
+    # key (crypto.seal_header_entry, bound to the account and the message);
+    # NULL until the account's own session first reads it (store/headercache.py).
+    # Deferred: only header FETCH reads it.
+    sealed_header: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class ThreadParticipant(Base):

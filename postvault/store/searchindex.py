@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import IntegrityError
 from ..mime.searchfields import Fields, entry_of, parse_header, read_header
-from . import crypto
+from . import crypto, headercache
 from .db import unit_of_work
 from .models import Mailbox, Message, MessageCopy
 from .types import UID_TYPECODE, AccountSession, ContentKeyCache
@@ -252,6 +252,10 @@ class SearchIndexStore:
         transaction (not for a read-only session)."""
         out: dict[int, Fields | IntegrityError] = {}
         writes = []
+        # The header blocks decrypted here go to the header cache too
+        # (headercache.py): a client that searches a folder lists it next.
+        head_writes = []
+        head_key = crypto.header_cache_key(session.private_key)
         for uid, reader in self.open_messages(session, mailbox, uids, keys):
             if isinstance(reader, IntegrityError):
                 out[uid] = reader
@@ -259,7 +263,11 @@ class SearchIndexStore:
             with reader:
                 head = read_header(reader)
             entry = entry_of(parse_header(head))
-            del head
+            block = headercache.header_block(head, whole=False)
+            if block is not None:
+                head_writes.append({"b": box_id, "u": uid, "h": headercache.seal(session, public_ids[uid], block,
+                                                                                  head_key)})
+            del head, block
             fields = Fields.parse(entry)
             assert fields is not None  # entry_of makes entries of this version
             out[uid] = fields
@@ -272,4 +280,9 @@ class SearchIndexStore:
             with unit_of_work(self._sessions) as s:
                 # A copy expunged or moved meanwhile matches no row: nothing written.
                 s.connection().execute(stmt, writes)
+                if head_writes:
+                    s.connection().execute(
+                        update(_COPIES)
+                        .where(_COPIES.c.mailbox_id == bindparam("b"), _COPIES.c.uid == bindparam("u"))
+                        .values(sealed_header=bindparam("h")), head_writes)
         return out
