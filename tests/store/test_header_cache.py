@@ -1,0 +1,238 @@
+"""The sealed header cache (store/headercache.py) behind FETCH of header
+sections (imapd/server.py ``_batch_data``), over a real store (SQLite file,
+or PostgreSQL with --db postgresql): the first header FETCH writes each
+copy's entry, later ones answer from it with no content key or blob opened,
+a damaged, swapped or foreign entry is replaced rather than used, read-only
+sessions write nothing, and APPEND, COPY, MOVE, EXPUNGE and the search
+index fill keep entries where they belong."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from postvault.errors import IntegrityError
+from postvault.imapd.parse import FetchItem, Section
+from postvault.imapd.server import _batch_data, _filter_headers, _needs_structure
+from postvault.mime.summary import header_size
+from postvault.store import crypto
+from postvault.store.api import Store
+from postvault.store.db import sessions, unit_of_work
+from postvault.store.headercache import HEADER_CACHE_MAX, header_block
+from postvault.store.models import Mailbox, MessageCopy
+
+from tests.conftest import PASSWORD
+from tests.searchcorpus import CORPUS
+
+pytestmark = pytest.mark.databases
+
+FIELDS = ("From", "Subject", "Date", "X-Nothing")
+HEADER_ITEMS = [
+    FetchItem("UID"),
+    FetchItem("RFC822.SIZE"),
+    FetchItem("BODY", Section((), "HEADER.FIELDS", FIELDS), peek=True),
+    FetchItem("BODY", Section((), "HEADER"), peek=True, partial=(3, 40)),
+    FetchItem("BODY", Section((), "HEADER.FIELDS.NOT", ("Subject",)), peek=True),
+    FetchItem("RFC822.HEADER"),
+]
+WHOLE = [FetchItem("BODY", Section(), peek=True)]
+
+
+def _expected(raw: bytes) -> list[bytes]:
+    """What the items of HEADER_ITEMS give for ``raw``, from its plaintext."""
+    head = raw[:header_size(raw)]
+    return [_filter_headers(head, FIELDS, False), head[3:43], _filter_headers(head, ("Subject",), True), head]
+
+
+def _fetch(store: Store, session: Any, box: str, uids: list[int], items: list[FetchItem] = HEADER_ITEMS) \
+        -> dict[int, list[bytes] | IntegrityError]:
+    """The content FETCH's first worker call gives for these messages (no
+    content-key cache: each call is as a new connection's)."""
+    data = _batch_data(store, session, box, uids, True, any(_needs_structure(i) for i in items), (), None, items)
+    assert data.parts is not None and set(data.tried) >= set(data.metas)
+    return data.parts
+
+
+def _column(store: Store, account: str, box: str, name: str = "sealed_header") -> dict[int, bytes | None]:
+    acct_id = store.accounts([account])[account].id
+    with sessions(store.engine)() as s:
+        rows = s.execute(
+            select(MessageCopy.uid, getattr(MessageCopy, name))
+            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+            .where(Mailbox.account_id == acct_id, Mailbox.name == box)
+        ).all()
+    return {uid: value for uid, value in rows}
+
+
+def _set(store: Store, account: str, box: str, uid: int, **values: Any) -> None:
+    acct_id = store.accounts([account])[account].id
+    with unit_of_work(sessions(store.engine)) as s:
+        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == box))
+        s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == uid).values(**values))
+
+
+def _break_keys(store: Store, account: str, box: str, uids: list[int]) -> None:
+    """Damage the copies' wrapped content keys: nothing that opens the
+    message (its summary, its blob) works for them any more."""
+    for uid in uids:
+        _set(store, account, box, uid, wrapped_key=bytes(92))
+
+
+def test_first_header_fetch_writes_entries_and_later_ones_use_them(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    for raw in CORPUS:
+        store.deliver(raw, colleague, [member], save_sent=False)
+    s = store.login(member, PASSWORD)
+    uids = list(range(1, len(CORPUS) + 1))
+    assert set(_column(store, member, "INBOX").values()) == {None}
+    first = _fetch(store, s, "INBOX", uids)
+    assert first == {u: _expected(CORPUS[u - 1]) for u in uids}
+    stored = _column(store, member, "INBOX")
+    assert all(stored[u] for u in uids)
+    # Each entry is the header block, sealed for this account and message.
+    key = crypto.header_cache_key(s.private_key)
+    pids = {m.uid: m.message_id.encode() for m in store.snapshot(s, "INBOX").messages}
+    for u in uids:
+        opened = crypto.open_header_entries(key, s.key_owner, [(pids[u], stored[u])])  # type: ignore[list-item]
+        assert opened == [CORPUS[u - 1][:header_size(CORPUS[u - 1])]]
+    # No content key opens now: the whole message fails, the headers still answer.
+    _break_keys(store, member, "INBOX", uids)
+    assert all(isinstance(v, IntegrityError) for v in _fetch(store, s, "INBOX", uids, WHOLE).values())
+    assert _fetch(store, s, "INBOX", uids) == first
+    assert _column(store, member, "INBOX") == stored  # and nothing was rewritten
+
+
+def test_a_damaged_or_swapped_entry_is_not_trusted(store: Store, people: dict[str, str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    member, colleague = people["member"], people["colleague"]
+    store.deliver(CORPUS[0], colleague, [member], save_sent=False)  # "Referral for X-ray"
+    store.deliver(CORPUS[7], colleague, [member], save_sent=False)  # "Quarterly PANORAMIC review"
+    s = store.login(member, PASSWORD)
+    _fetch(store, s, "INBOX", [1, 2])
+    stored = _column(store, member, "INBOX")
+    entry1, entry2 = stored[1], stored[2]
+    assert entry1 is not None and entry2 is not None
+    # Message 1's entry in message 2's row, and message 1's own with one bit flipped.
+    _set(store, member, "INBOX", 2, sealed_header=entry1)
+    _set(store, member, "INBOX", 1, sealed_header=entry1[:-1] + bytes([entry1[-1] ^ 1]))
+    with caplog.at_level(logging.WARNING, logger="postvault.store.headercache"):
+        got = _fetch(store, s, "INBOX", [1, 2])
+    assert got == {1: _expected(CORPUS[0]), 2: _expected(CORPUS[7])}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "postvault.store.headercache"]
+    assert warnings and "2 header cache entries" in warnings[0]
+    assert not any(word in w.lower() for w in warnings for word in ("x-ray", "panoramic", "referral"))
+    again = _column(store, member, "INBOX")
+    assert again[1] not in (None, entry1) and again[2] not in (None, entry1, entry2)  # re-sealed
+    # A search-index entry (another key and label) in the header column: refused the same way.
+    list(store.search_fields(s, "INBOX", [1]))
+    search_entry = _column(store, member, "INBOX", "sealed_search")[1]
+    assert search_entry is not None
+    _set(store, member, "INBOX", 1, sealed_header=search_entry)
+    assert _fetch(store, s, "INBOX", [1]) == {1: _expected(CORPUS[0])}
+    # A damaged entry of a message that does not open either: refused as
+    # before the cache (its summary does not open), never answered.
+    _set(store, member, "INBOX", 2, sealed_header=b"\x01" + bytes(40))
+    _break_keys(store, member, "INBOX", [2])
+    with pytest.raises(IntegrityError):
+        _fetch(store, s, "INBOX", [2])
+
+
+def test_another_accounts_entry_does_not_open(store: Store, people: dict[str, str]) -> None:
+    member, member2, colleague = people["member"], people["member2"], people["colleague"]
+    store.deliver(CORPUS[0], colleague, [member, member2], save_sent=False)  # one message, two copies
+    one, two = store.login(member, PASSWORD), store.login(member2, PASSWORD)
+    _fetch(store, one, "INBOX", [1])
+    mine = _column(store, member, "INBOX")[1]
+    assert mine is not None
+    pid = store.snapshot(two, "INBOX", [1]).messages[0].message_id.encode()
+    assert crypto.open_header_entries(crypto.header_cache_key(two.private_key), two.key_owner, [(pid, mine)]) == [None]
+    _set(store, member2, "INBOX", 1, sealed_header=mine)
+    assert _fetch(store, two, "INBOX", [1]) == {1: _expected(CORPUS[0])}
+    assert _column(store, member2, "INBOX")[1] not in (mine, None)
+
+
+def test_a_read_only_session_uses_entries_but_writes_none(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    for raw in CORPUS[:3]:
+        store.deliver(raw, colleague, [member], save_sent=False)
+    s = store.login(member, PASSWORD)
+    reader = dataclasses.replace(s, read_only=True)  # as an emergency access session is
+    assert _fetch(store, reader, "INBOX", [1, 2, 3]) == {u: _expected(CORPUS[u - 1]) for u in (1, 2, 3)}
+    assert set(_column(store, member, "INBOX").values()) == {None}
+    _fetch(store, s, "INBOX", [1])  # the account's own session writes
+    entry = _column(store, member, "INBOX")[1]
+    assert entry is not None
+    _break_keys(store, member, "INBOX", [1])
+    assert _fetch(store, reader, "INBOX", [1]) == {1: _expected(CORPUS[0])}  # read from the entry
+    _set(store, member, "INBOX", 1, sealed_header=entry[:-1] + bytes([entry[-1] ^ 1]))
+    with pytest.raises(IntegrityError):
+        _fetch(store, reader, "INBOX", [1])
+    assert _column(store, member, "INBOX")[1] == entry[:-1] + bytes([entry[-1] ^ 1])  # not rewritten
+
+
+def test_append_copy_move_and_expunge(store: Store, people: dict[str, str]) -> None:
+    member = people["member"]
+    s = store.login(member, PASSWORD)
+    for raw in CORPUS[:3]:
+        store.append(s, "Drafts", raw)
+    stored = _column(store, member, "Drafts")
+    assert all(stored.values()) and len(stored) == 3  # APPEND wrote them
+    moved = store.move(s, "Drafts", [1], "Trash")
+    copied = store.copy(s, "Drafts", [2], "Sent")
+    assert sorted(_column(store, member, "Drafts")) == [2, 3]
+    assert _column(store, member, "Trash") == {moved.uids[0][1]: stored[1]}
+    assert _column(store, member, "Sent") == {copied.uids[0][1]: stored[2]}
+    # The carried entries answer in their new folders, without the message.
+    _break_keys(store, member, "Trash", [moved.uids[0][1]])
+    _break_keys(store, member, "Sent", [copied.uids[0][1]])
+    assert _fetch(store, s, "Trash", [moved.uids[0][1]]) == {moved.uids[0][1]: _expected(CORPUS[0])}
+    assert _fetch(store, s, "Sent", [copied.uids[0][1]]) == {copied.uids[0][1]: _expected(CORPUS[1])}
+    store.set_flags(s, "Drafts", [3], {"\\Deleted"}, "add")
+    assert store.expunge(s, "Drafts") == [3]
+    assert sorted(_column(store, member, "Drafts")) == [2]
+
+
+def test_the_search_index_fill_writes_header_entries(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    for raw in CORPUS:
+        store.deliver(raw, colleague, [member], save_sent=False)
+    s = store.login(member, PASSWORD)
+    uids = list(range(1, len(CORPUS) + 1))
+    assert len(dict(store.search_fields(s, "INBOX", uids))) == len(uids)
+    assert all(_column(store, member, "INBOX").values())
+    _break_keys(store, member, "INBOX", uids)
+    assert _fetch(store, s, "INBOX", uids) == {u: _expected(CORPUS[u - 1]) for u in uids}
+
+
+def test_headers_above_the_cap_are_read_from_the_message(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    big = b"Subject: long\r\n" + b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"y" * 60) for i in range(1200)) + \
+        b"\r\nbody\r\n"
+    assert header_size(big) > HEADER_CACHE_MAX
+    store.deliver(big, colleague, [member], save_sent=False)
+    store.deliver(CORPUS[0], colleague, [member], save_sent=False)
+    s = store.login(member, PASSWORD)
+    data = _batch_data(store, s, "INBOX", [1, 2], True, True, (), None, HEADER_ITEMS)
+    assert data.parts is not None and 1 not in data.tried  # left to FETCH's usual path
+    assert data.parts[2] == _expected(CORPUS[0])
+    stored = _column(store, member, "INBOX")
+    assert stored[1] is None and stored[2] is not None
+
+
+@pytest.mark.parametrize(("head", "whole", "block"), [
+    (b"A: b\r\n\r\nbody", True, b"A: b\r\n\r\n"),
+    (b"A: b\r\n\r\n", False, b"A: b\r\n\r\n"),
+    (b"A: b\nC: d\n\nbody", False, b"A: b\nC: d\n\n"),
+    (b"\r\nbody", False, b"\r\n"),
+    (b"A: b\r\nC: d", True, b"A: b\r\nC: d"),  # all header, no body
+    (b"A: b\r\nC: d", False, None),  # cut before its end: not known yet
+    (b"", True, b""),
+])
+def test_header_block_is_the_summarys_header(head: bytes, whole: bool, block: bytes | None) -> None:
+    assert header_block(head, whole) == block
+    if block is not None and whole:
+        assert len(block) == header_size(head)
