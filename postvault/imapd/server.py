@@ -1909,7 +1909,10 @@ def _cached_parts(store: Any, session: Any, mailbox: str, uids: list[int], items
             parts[u] = _from_header(head, wants)
         elif st.header_size <= HEADER_CACHE_MAX and held + st.header_size <= INLINE_BUDGET:
             held += st.header_size
-            fill.append((u, [_Want(b"", 0, st.header_size, None, None)]))
+            # The items read as without the cache, then the whole header
+            # for the entry (its first chunk is decrypted once more: once
+            # per message, for its entry).
+            fill.append((u, [*wants, _Want(b"", 0, st.header_size, None, None)]))
     tried = set(parts)
     if fill:
         read = _read_small(store, session, mailbox, fill, keys, rows=copies)
@@ -1918,9 +1921,8 @@ def _cached_parts(store: Any, session: Any, mailbox: str, uids: list[int], items
             if isinstance(got, IntegrityError):
                 parts[u] = got
                 continue
-            st = out.structures[u]
-            parts[u] = _from_header(got[0], _wants(items, st, out.metas[u].size))
-            new.append((u, out.metas[u].message_id, got[0]))
+            parts[u] = got[:-1]
+            new.append((u, out.metas[u].message_id, got[-1]))
         tried.update(u for u, _ in fill)
         if new:
             store.save_headers(session, mailbox, new)

@@ -38,6 +38,7 @@ HEADER_ITEMS = [
     FetchItem("BODY", Section((), "HEADER"), peek=True, partial=(3, 40)),
     FetchItem("BODY", Section((), "HEADER.FIELDS.NOT", ("Subject",)), peek=True),
     FetchItem("RFC822.HEADER"),
+    FetchItem("BODY", Section((), "HEADER.FIELDS", ("subject", "TO")), peek=True, partial=(4, 30)),
 ]
 WHOLE = [FetchItem("BODY", Section(), peek=True)]
 
@@ -45,7 +46,8 @@ WHOLE = [FetchItem("BODY", Section(), peek=True)]
 def _expected(raw: bytes) -> list[bytes]:
     """What the items of HEADER_ITEMS give for ``raw``, from its plaintext."""
     head = raw[:header_size(raw)]
-    return [_filter_headers(head, FIELDS, False), head[3:43], _filter_headers(head, ("Subject",), True), head]
+    return [_filter_headers(head, FIELDS, False), head[3:43], _filter_headers(head, ("Subject",), True), head,
+            _filter_headers(head, ("subject", "to"), False)[4:34]]
 
 
 def _fetch(store: Store, session: Any, box: str, uids: list[int], items: list[FetchItem] = HEADER_ITEMS) \
