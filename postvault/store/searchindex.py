@@ -30,6 +30,8 @@ Invariants:
 - Read-only sessions (emergency access) read and use entries but write none.
 - APPEND writes its message's entry with the message (``entry_for``);
   delivery, which has no private key, leaves it to the first search.
+- The headers decrypted for missing entries also give their copies' header
+  cache entries (``headercache.py``), written in the same transaction.
 """
 
 from __future__ import annotations
