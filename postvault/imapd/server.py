@@ -2111,24 +2111,36 @@ def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
     return data[partial[0]:partial[0] + partial[1]]
 
 
+@functools.lru_cache(maxsize=256)
+def _wanted_fields(names: tuple[str, ...]) -> tuple[frozenset[str], frozenset[bytes]]:
+    """The lower-case names HEADER.FIELDS asks for, and those of them that
+    are ASCII as bytes (what an ASCII field name is compared with)."""
+    wanted = frozenset(n.lower() for n in names)
+    return wanted, frozenset(w.encode("ascii") for w in wanted if w.isascii())
+
+
 def _filter_headers(head: bytes, names: tuple[str, ...], negate: bool) -> bytes:
     """RFC 3501 §6.4.5 HEADER.FIELDS (and .NOT): the matching fields, with
     their continuation lines, then the blank line."""
-    wanted = {n.lower() for n in names}
+    # Called per message of a header window: an ASCII field name (nearly
+    # all) is lowered and looked up as bytes; any other is decoded as
+    # before (each non-ASCII octet a U+FFFD), so the answers are the same.
+    wanted, wanted_ascii = _wanted_fields(names)
     out: list[bytes] = []
     keep = False
     for line in head.split(b"\r\n"):
         if not line:
             break
-        if line[:1] in (b" ", b"\t"):
+        if line[0] in (32, 9):  # SP, HTAB: a continuation line
             if keep:
                 out.append(line)
             continue
-        field = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-        keep = (field in wanted) != negate
+        field = line.split(b":", 1)[0].strip().lower()
+        keep = ((field in wanted_ascii) if field.isascii()
+                else (field.decode("ascii", "replace") in wanted)) != negate
         if keep:
             out.append(line)
-    return b"".join(x + b"\r\n" for x in out) + b"\r\n"
+    return b"\r\n".join(out) + b"\r\n\r\n" if out else b"\r\n"
 
 
 def _read_at(reader: Any, pos: int, n: int) -> bytes:
