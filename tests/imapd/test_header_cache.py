@@ -24,8 +24,9 @@ from tests.searchcorpus import CORPUS
 
 from .conftest import PASSWORD, Server
 
-# Runs on SQLite, and on PostgreSQL with --db postgresql (tests/conftest.py).
-pytestmark = pytest.mark.databases
+# The FETCH tests run on SQLite, and on PostgreSQL with --db postgresql
+# (tests/conftest.py); the one that reads the SQLite file, on SQLite only.
+databases = pytest.mark.databases
 
 # Messages whose headers are awkward for a byte-exact copy: the search
 # corpus (encoded words, folding, 8-bit octets, repeated fields), bare LF
@@ -110,6 +111,7 @@ def _unseen(client: imaplib.IMAP4_SSL) -> None:
     assert typ == "OK"
 
 
+@databases
 def test_every_header_form_answers_the_same_from_the_cache(server: Server,
                                                            filled: tuple[str, imaplib.IMAP4_SSL]) -> None:
     member, client = filled
@@ -150,6 +152,7 @@ def test_every_header_form_answers_the_same_from_the_cache(server: Server,
         other.logout()
 
 
+@databases
 def test_a_header_above_the_cap_is_read_from_its_message(server: Server) -> None:
     member = server.account("member")
     big = b"Subject: long\r\n" + b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"y" * 60) for i in range(1200)) + \
