@@ -1826,8 +1826,13 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
         uids = [u for u in uids if u in out.metas]
     if cached and copies:
         heads = store.open_headers(session, copies)
+        shapes: dict[int, structure.Structure] = {}  # one per header length (read only)
         for u, head in heads.items():
-            out.structures[u] = replace(_NO_STRUCTURE, header_size=len(head))
+            n = len(head)
+            st = shapes.get(n)
+            if st is None:
+                st = shapes[n] = replace(_NO_STRUCTURE, header_size=n)
+            out.structures[u] = st
     if need_structure and uids:
         summaries = getattr(store, "summaries", None)
         # A mail client's message list asks for top-level header fields
@@ -1899,11 +1904,16 @@ def _cached_parts(store: Any, session: Any, mailbox: str, uids: list[int], items
     parts: dict[int, list[bytes] | IntegrityError] = {}
     fill: list[tuple[int, list[_Want]]] = []
     held = 0
+    # Header sections depend on the header's length only: their wants are
+    # planned once per length (and only read after).
+    planned: dict[int, list[_Want]] = {}
     for u in uids:
         st = out.structures.get(u)
         if st is None:
             continue
-        wants = _wants(items, st, out.metas[u].size)
+        wants = planned.get(st.header_size)
+        if wants is None:
+            wants = planned[st.header_size] = _wants(items, st, out.metas[u].size)
         head = heads.get(u)
         if head is not None:
             parts[u] = _from_header(head, wants)
