@@ -1852,8 +1852,8 @@ def _batch_data(store: Any, session: Any, mailbox: str, uids: list[int], need_me
             out.structures.update(_parse_structures(store, session, mailbox, rest))
         if pre_render:
             out.rendered = {u: {k: _render(k, st) for k in pre_render} for u, st in out.structures.items()}
-    if cached and copies:
-        _cached_parts(store, session, mailbox, uids, items, out, heads, copies, keys)  # type: ignore[arg-type]
+    if cached and copies and items is not None:
+        _cached_parts(store, session, mailbox, uids, items, out, heads, copies, keys)
     elif items is not None and copies and any(_needs_bytes(i) for i in items):
         plans = [(u, _wants(items, out.structures.get(u), out.metas[u].size)) for u in uids
                  if not need_structure or u in out.structures]
