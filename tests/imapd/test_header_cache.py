@@ -188,3 +188,32 @@ def test_the_database_holds_no_header_in_plaintext(server: Server, filled: tuple
     for needle in (subject, "Capybara", "Pangolin Okapi"):
         assert needle.encode() not in data, needle
     assert re.search(rb"Referral 5582", data) is None
+
+
+@databases
+def test_a_window_of_large_headers_is_filled_in_parts(server: Server) -> None:
+    # 80 headers of about 60 KiB: more than one batch's budget of headers
+    # read for their entries (INLINE_BUDGET, 4 MiB), so the first FETCH
+    # answers part of the window from what it read for the entries and the
+    # rest the usual way, and a second FETCH fills the rest.
+    member = server.account("member")
+    raws = [b"Subject: large %02d\r\n" % i + b"".join(b"X-Pad-%04d: %s\r\n" % (k, b"p" * 50)
+                                                    for k in range(1000)) + b"\r\nbody %02d\r\n" % i
+            for i in range(80)]
+    for raw in raws:
+        server.store.deliver(raw, server.sender, [member], save_sent=False)
+    client = _imaps(server, member)
+    try:
+        client.select("INBOX")
+        form = "(BODY.PEEK[HEADER.FIELDS (Subject X-Pad-0999)] BODY.PEEK[HEADER]<100.20>)"
+        want = [[b"Subject: large %02d\r\nX-Pad-0999: %s\r\n\r\n" % (i, b"p" * 50), raw[100:120]]
+                for i, raw in enumerate(raws)]
+        first = _literals(_fetch(client, form))
+        assert [first[k:k + 2] for k in range(0, len(first), 2)] == want
+        filled = sum(1 for e in _column(server, member).values() if e)
+        assert 40 < filled < 80
+        second = _literals(_fetch(client, form))
+        assert second == first
+        assert all(_column(server, member).values())
+    finally:
+        client.logout()
