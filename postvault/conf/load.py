@@ -40,7 +40,7 @@ ENV_PREFIX = "POSTVAULT_"
 # default for --home.
 ENV_NOT_CONFIG = frozenset({"POSTVAULT_HOME"})
 
-_TYPE_NAMES = {str: "a string", int: "an integer"}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean (true or false)"}
 
 _HEADER = """\
 Postvault server configuration.
@@ -147,7 +147,7 @@ def _collect(data: dict[str, Any], source: str, specs: list[KeySpec],
 
 def _check_type(spec: KeySpec, value: Any, where: str) -> None:
     # type() is, not isinstance: bool is a subclass of int, and `true` is not 1.
-    ok = type(value) is int if spec.type is int else isinstance(value, str)
+    ok = type(value) is spec.type if spec.type in (int, bool) else isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where}: {spec.dotted}: expected {_TYPE_NAMES[spec.type]}, got {describe_value(value)}")
 
@@ -192,6 +192,10 @@ def _overlay_environment(environ: Mapping[str, str], specs: list[KeySpec],
             if not (value.isascii() and value.isdigit()):
                 raise ConfigError(f"{name}: {spec.dotted}: expected an integer (digits only), got {quote(value)}")
             value = int(value)
+        elif spec.type is bool:
+            if value not in ("true", "false"):
+                raise ConfigError(f"{name}: {spec.dotted}: expected true or false, got {quote(value)}")
+            value = value == "true"
         raw[spec.dotted] = value
         where[spec.dotted] = name
 
@@ -310,8 +314,10 @@ def quote(text: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"schema values are strings or integers, not {type(value).__name__}")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, (str, int)):
+        raise TypeError(f"schema values are strings, integers or booleans, not {type(value).__name__}")
     return quote(value) if isinstance(value, str) else str(value)
 
 
@@ -319,7 +325,7 @@ def _shown(spec: KeySpec, value: Any) -> str:
     # Error messages are public text: never echo a password.
     if isinstance(value, str):
         return quote(mask_secret(value) if spec.secret else value)
-    return str(value)
+    return _toml_value(value) if isinstance(value, bool) else str(value)
 
 
 def describe_value(value: Any) -> str:

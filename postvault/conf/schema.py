@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 # A raw value as TOML gives it for a key of this schema (only strings and
-# integers occur; booleans are deliberately not integers here).
-Raw = str | int
+# integers and booleans occur; booleans are deliberately not integers here).
+Raw = str | int | bool
 Parser = Callable[[Any, Path], Any]
 Shower = Callable[[Any], Raw]
 
@@ -334,6 +334,20 @@ def int_key(doc: str, default: int, minimum: int, maximum: int, *, python_defaul
     return field(default=default, metadata=metadata) if python_default else field(metadata=metadata)
 
 
+def _parse_bool(raw: bool, home: Path) -> bool:
+    return raw
+
+
+def bool_key(doc: str, default: bool) -> Any:
+    """A boolean switch (TOML ``true``/``false``; ``true``/``false`` in the
+    environment too), with a Python default like ``_smtp_key``'s."""
+    metadata = {
+        "doc": doc, "type": bool, "default": default, "parse": _parse_bool,
+        "show": _identity, "toml": None, "secret": False,
+    }
+    return field(default=default, metadata=metadata)
+
+
 def section(cls: type, doc: str) -> Any:
     """A TOML table, described by the dataclass ``cls``."""
     return field(metadata={"doc": doc, "section": cls})
@@ -533,6 +547,13 @@ class ImapConfig:
     disable_for_accounts: Switches = _text_default(
         'Capabilities to switch off for accounts, as "address: CAP CAP; address: CAP"; empty: none.',
         "", parse_switches, show_switches)
+    index_on_login: bool = bool_key(
+        "After a login (not an emergency access login), fill the account's sealed search index and "
+        "header cache in the background, INBOX first, so that its first header SEARCH need not "
+        "decrypt every message; it stops when the account's last session ends.", True)
+    index_round_messages: int = _smtp_key(
+        "Messages per round of that fill: one short write transaction each, with a pause "
+        "between rounds for the sessions' own work.", 250, 1, 10_000)
 
 
 def _default_imap() -> ImapConfig:

@@ -29,7 +29,8 @@ Invariants:
   content is logged.
 - Read-only sessions (emergency access) read and use entries but write none.
 - APPEND writes its message's entry with the message (``entry_for``);
-  delivery, which has no private key, leaves it to the first search.
+  delivery, which has no private key, leaves it to the IMAP service's
+  fill after login (``fill_search_index``) or else the first search.
 - The headers decrypted for missing entries also give their copies' header
   cache entries (``headercache.py``), written in the same transaction.
 """
@@ -222,6 +223,47 @@ class SearchIndexStore:
                 got = found.get(uid)
                 if got is not None:
                     yield uid, got
+
+    def fill_search_index(
+        self, session: AccountSession, mailbox: str, after: int = 0, limit: int = BATCH,
+    ) -> tuple[int, int, int, int | None]:
+        """One round of a fill that nobody waits for (the IMAP service's
+        fill after login, imapd/indexfill.py): the first ``limit`` copies
+        of the mailbox above UID ``after`` that have no entry get one (and
+        their header cache entry), as a search's fill would write them.
+
+        Returns ``(folder id, copies looked at, entries written, last UID
+        looked at)``; the last UID is None when no copy without an entry is
+        left above ``after``. The caller passes it as the next ``after``,
+        so a message whose content does not open is looked at once per
+        fill, not forever. A read-only session writes nothing."""
+        self.check_access(session, write=False)
+        with self._sessions() as s:
+            box_id = self._mailbox(s, session.account_id, mailbox).id
+            if session.read_only:
+                return box_id, 0, 0, None
+            rows = s.execute(
+                select(MessageCopy.uid, Message.public_id)
+                .join(Message, Message.id == MessageCopy.message_id)
+                .where(MessageCopy.mailbox_id == box_id, MessageCopy.uid > after,
+                       MessageCopy.sealed_search.is_(None))
+                .order_by(MessageCopy.uid).limit(limit)
+            ).all()
+        if not rows:
+            return box_id, 0, 0, None
+        uids = [uid for uid, _ in rows]
+        public_ids = {uid: pid for uid, pid in rows}
+        index_key = crypto.search_index_key(session.private_key)
+        found: dict[int, Fields | IntegrityError] = {}
+        written = 0
+        # The same per-folder lock as a search's fill: a search of this
+        # folder meanwhile waits for this round, then finds its entries.
+        with _builder(session.account_id, box_id):
+            missing = self._still_missing(box_id, uids, public_ids, index_key, session.key_owner, found)
+            if missing:
+                got = self._index_messages(session, mailbox, box_id, missing, public_ids, index_key, None)
+                written = sum(1 for v in got.values() if not isinstance(v, IntegrityError))
+        return box_id, len(uids), written, uids[-1]
 
     def _still_missing(
         self, box_id: int, uids: list[int], public_ids: dict[int, str], index_key: bytes, owner: bytes,

@@ -271,6 +271,14 @@ REFUSALS = [
         "store.kdf_lanes: expected an integer, got the float 4.0",
         HOST + "[store]\nkdf_lanes = 4\n", id="float-is-not-int"),
     pytest.param(
+        HOST + '[imap]\nindex_on_login = "no"\n',
+        'imap.index_on_login: expected a boolean (true or false), got the string "no"',
+        HOST + "[imap]\nindex_on_login = false\n", id="bool-as-string"),
+    pytest.param(
+        HOST + "[imap]\nindex_on_login = 0\n",
+        "imap.index_on_login: expected a boolean (true or false), got the integer 0",
+        HOST + "[imap]\nindex_on_login = true\n", id="int-is-not-bool"),
+    pytest.param(
         HOST + "[listen]\nimaps = 993\n",
         "listen.imaps: expected a string, got the integer 993",
         HOST + '[listen]\nimaps = "0.0.0.0:993"\n', id="int-is-not-string"),
@@ -356,6 +364,7 @@ def test_env_overrides_each_type(home: Path) -> None:
         "POSTVAULT_NOTIFY_FROM": "alerts@example.test",
         "POSTVAULT_LOG_LEVEL": "debug",
         "POSTVAULT_LOG_FILE": "postvault.log",
+        "POSTVAULT_IMAP_INDEX_ON_LOGIN": "false",
         "POSTVAULT_HOME": str(home),  # the CLI's, not a config key
         "PATH": "/usr/bin",
     }
@@ -369,6 +378,8 @@ def test_env_overrides_each_type(home: Path) -> None:
     assert config.store.blobs is None
     assert config.store.kdf_memory_kib == 131072
     assert config.store.kdf_iterations == 3
+    assert config.imap.index_on_login is False
+    assert load(render_default_config("mail.example.test"), home).imap.index_on_login is True
     assert config.notify.relay == Relay("smtp.example.test", 25)
     # An explicit from in the file wins over the hostname-derived default.
     assert config.notify.from_ == "alerts@example.test"
@@ -394,6 +405,10 @@ def test_env_hostname_drives_derived_default(home: Path) -> None:
         {"POSTVAULT_STORE_KDF_ITERATIONS": "-1"},
         'POSTVAULT_STORE_KDF_ITERATIONS: store.kdf_iterations: expected an integer (digits only), got "-1"',
         {"POSTVAULT_STORE_KDF_ITERATIONS": "1"}, id="int-negative"),
+    pytest.param(
+        {"POSTVAULT_IMAP_INDEX_ON_LOGIN": "0"},
+        'POSTVAULT_IMAP_INDEX_ON_LOGIN: imap.index_on_login: expected true or false, got "0"',
+        {"POSTVAULT_IMAP_INDEX_ON_LOGIN": "false"}, id="bool-not-word"),
     pytest.param(
         {"POSTVAULT_STORE_KDF_MEMORY_KIB": "1024"},
         "POSTVAULT_STORE_KDF_MEMORY_KIB: store.kdf_memory_kib: expected an integer from 65536 to 4294967295, "
