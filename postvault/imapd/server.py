@@ -293,6 +293,7 @@ class IMAPServer(imap4.IMAP4Server):
             waiting.errback(Failure(ConnectionError("connection closed")))
         self.mbox = None
         if self.account is not None:
+            self.service.indexer.logged_out(self.account.session)  # lends the fill its key no longer
             self.account.logout()  # drops the content keys it holds
         self.account = None
         super().connectionLost(reason)
@@ -976,6 +977,9 @@ class IMAPServer(imap4.IMAP4Server):
         if self.service.bus is not None:
             self._unsubscribe = self.service.bus.subscribe(
                 avatar.session.account_id, lambda change: reactor.callFromThread(self.on_change, change))  # type: ignore[attr-defined]
+        # The account's index and header cache, filled in the background
+        # so that its first header SEARCH need not decrypt every message.
+        self.service.indexer.logged_in(avatar.session)
         return self.cap_text() + b" Logged in"
 
     # =====================================================================

@@ -15,6 +15,9 @@ Invariants:
   the next one gets ``* BYE`` and is closed before it can log in.
 - ``stop`` stops listening, tells idle sessions BYE at once, lets running
   commands finish for up to ``drain_seconds``, then closes what is left.
+- The search index fill after login (``indexfill.py``) runs on its own
+  thread; ``stop`` ends it first and waits at most ``FILL_STOP_SECONDS``
+  for its running round.
 """
 
 from __future__ import annotations
@@ -32,12 +35,17 @@ from twisted.python.threadpool import ThreadPool
 from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
 from .cred import make_portal
+from .indexfill import IndexFiller
 from .mailbox import RecentClaims
 from .server import SWITCHABLE, IMAPServer
 from .transport import Bridge
 
 log = logging.getLogger("postvault.imapd")
 T = TypeVar("T")
+
+# How long ``stop`` waits for the index fill's running round (one round is
+# well under a second; a daemon thread does not hold up the exit anyway).
+FILL_STOP_SECONDS = 2.0
 
 
 class IMAPService:
@@ -53,6 +61,7 @@ class IMAPService:
         self.recent = RecentClaims()
         self.portal = make_portal(self)
         self.pool = ThreadPool(minthreads=2, maxthreads=self.limits.threads, name="postvault-imap")
+        self.indexer = IndexFiller(self.store, self.limits.index_on_login, self.limits.index_round_messages)
         self.sessions: set[IMAPServer] = set()
         self._per_ip: Counter[str] = Counter()
         self._servers: list[Listener] = []
@@ -131,6 +140,7 @@ class IMAPService:
     async def stop(self, drain_seconds: float) -> None:
         for server in self._servers:
             server.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.indexer.stop, FILL_STOP_SECONDS)
         for session in list(self.sessions):
             session.shutdown()
         if self.sessions and self._gone is not None:

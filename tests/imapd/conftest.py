@@ -149,8 +149,15 @@ def folders_server(tmp_path_factory: pytest.TempPathFactory,
     yield from _server(tmp_path_factory, store_overrides, allow_user_folders=True)
 
 
+# The shared servers fill no search index after login ([imap]
+# index_on_login): tests that look at when entries are written
+# (test_search_index.py, test_header_cache.py) would race the fill;
+# test_index_fill.py starts its own server with the fill on.
+NO_FILL = {"POSTVAULT_IMAP_INDEX_ON_LOGIN": "false"}
+
+
 def _server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[[], dict[str, str]],
-            allow_user_folders: bool) -> Iterator[Server]:
+            allow_user_folders: bool, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("imap") / "home"
     with cheap_home_env():
         init_home(home, HOST, store_overrides())
@@ -160,7 +167,7 @@ def _server(tmp_path_factory: pytest.TempPathFactory, store_overrides: Callable[
         text = policy.read_text("utf-8")
         assert "allow_user_folders = false" in text
         policy.write_text(text.replace("allow_user_folders = false", "allow_user_folders = true"), "utf-8")
-    proc, ports, log = start_server(home)
+    proc, ports, log = start_server(home, NO_FILL if extra_env is None else extra_env)
     try:
         yield Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"], store, proc,
                      log)

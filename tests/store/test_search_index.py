@@ -3,6 +3,7 @@ SEARCH, over a real store (SQLite file, or PostgreSQL with --db postgresql)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -239,6 +240,32 @@ def test_two_sessions_filling_one_folder_decrypt_each_message_once(store: Store,
         t.join(60)
     assert len(results) == 2 and all(sorted(r) == uids for r in results)
     assert counter.opened == len(uids)  # the second waited and used the first's entries
+
+
+def test_a_background_fill_walks_up_the_uids_once(store: Store, people: dict[str, str]) -> None:
+    member, colleague = people["member"], people["colleague"]
+    for raw in CORPUS[:5]:
+        store.deliver(raw, colleague, [member], save_sent=False)
+    acct_id = store.accounts([member])[member].id
+    with unit_of_work(sessions(store.engine)) as db:
+        box_id = db.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == "INBOX"))
+        # Message 2's content key damaged: it does not open.
+        db.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == 2)
+                   .values(wrapped_key=bytes(92)))
+    s = store.login(member, PASSWORD)
+    assert store.fill_search_index(replace(s, read_only=True), "INBOX") == (box_id, 0, 0, None)
+    assert set(_entries(store, member, "INBOX").values()) == {None}  # emergency access writes nothing
+    assert store.fill_search_index(s, "INBOX", 0, 3) == (box_id, 3, 2, 3)
+    assert [u for u, e in sorted(_entries(store, member, "INBOX").items()) if e] == [1, 3]
+    assert store.fill_search_index(s, "INBOX", 3, 3) == (box_id, 2, 2, 5)
+    assert store.fill_search_index(s, "INBOX", 5, 3) == (box_id, 0, 0, None)  # done: 2 is not tried again
+    with sessions(store.engine)() as db:
+        heads = dict(db.execute(select(MessageCopy.uid, MessageCopy.sealed_header)
+                                .where(MessageCopy.mailbox_id == box_id)).all())
+    assert [u for u, h in sorted(heads.items()) if h] == [1, 3, 4, 5]  # the header cache too
+    # A new fill (the next login) looks at the one left once more.
+    assert store.fill_search_index(s, "INBOX", 0, 3) == (box_id, 1, 0, 2)
+    assert _fields(store, s, "INBOX", [1, 3, 4, 5]).keys() == {1, 3, 4, 5}
 
 
 def test_aggregated_metadata_is_put_in_uid_order() -> None:
