@@ -35,7 +35,7 @@ from postvault.certs.context import client_context
 from postvault.conf.load import load_config
 from postvault.home import open_store
 from postvault.store.api import Store
-from postvault.store.models import AuditEvent
+from postvault.store.models import AuditEvent, Mailbox, MessageCopy
 from tests.imapd.conftest import start_server, stop_server
 from tests.outbound.sink import SinkHandler, sink, write_certs
 
@@ -238,8 +238,24 @@ def test_reset_without_escrow_asks_and_deletes_unreadable_mail(site: Site) -> No
     assert "without a recovery key" in text and "were deleted (2)" in text and "Sent before" not in text
 
 
+def _unindexed(site: Site, email: str) -> int:
+    """Copies of ``email``'s mail with neither a search index entry nor a
+    header cache entry (imapd/indexfill.py fills them after a login)."""
+    with site.store._sessions() as s:
+        acct_id = site.store.accounts([email])[email].id
+        rows = s.execute(select(MessageCopy.sealed_search, MessageCopy.sealed_header)
+                         .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+                         .where(Mailbox.account_id == acct_id)).all()
+    return sum(1 for search, header in rows if search is None and header is None)
+
+
 def test_break_glass_reads_only_is_audited_and_ends(site: Site, tmp_path: Path) -> None:
     escrow = site.escrow(MEMBER, tmp_path)
+    # Delivered now (no entries), read only through the emergency session:
+    # a read-only login starts no index fill.
+    site.store.deliver(b"Subject: after the reset\r\n\r\nbody\r\n", OTHER, [MEMBER], save_sent=False)
+    unindexed = _unindexed(site, MEMBER)
+    assert unindexed >= 1
     granted = pv("emergency", "grant", MEMBER, "--person", "Dr. Jane Cover", "--reason", "owner in hospital",
                  "--hours", "1", "--escrow-file", "-", "--home", str(site.home), stdin=escrow)
     assert granted.returncode == 0, granted.stderr
@@ -265,6 +281,8 @@ def test_break_glass_reads_only_is_audited_and_ends(site: Site, tmp_path: Path) 
     reads = [e for e in site.events("message.read", MEMBER) if e.actor == "Dr. Jane Cover"]
     assert len(reads) == 1 and f"emergency={grant_id}" in reads[0].detail
     assert [e.actor for e in site.events("emergency.login", MEMBER)] == ["Dr. Jane Cover"]
+    time.sleep(1.0)  # a fill, had one started, would have filled a few messages by now
+    assert _unindexed(site, MEMBER) == unindexed
     owner = site.imap(MEMBER, NEW_PASSWORD)
     owner.select("INBOX")
     typ, data = owner.fetch("1", "(FLAGS)")
