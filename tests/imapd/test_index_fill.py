@@ -11,6 +11,7 @@ lasts long enough to see LOGOUT stop it; the shared ``server`` runs with
 from __future__ import annotations
 
 import imaplib
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,7 +21,10 @@ from sqlalchemy import func, select
 from postvault.store.db import sessions
 from postvault.store.models import Mailbox, MessageCopy
 
-from tests.imapd.conftest import PASSWORD, Server, _server
+from postvault.conf.load import load_config
+from postvault.home import init_home, open_store
+from tests.imapd.conftest import HOST, PASSWORD, Server, _server, start_server, stop_server
+from tests.support import cheap_home_env
 from tests.searchcorpus import CORPUS, expected
 
 
@@ -131,3 +135,27 @@ def test_a_second_session_keeps_the_fill_going(fill_server: Server) -> None:
         assert _wait_for(lambda: _filled(server, member) == n)
     finally:
         second.logout()
+
+
+def test_shutdown_does_not_wait_for_the_fill(tmp_path_factory: pytest.TempPathFactory,
+                                             store_overrides: Callable[[], dict[str, str]]) -> None:
+    home = tmp_path_factory.mktemp("fill-stop") / "home"
+    with cheap_home_env():
+        init_home(home, HOST, store_overrides())
+        store = open_store(load_config(home))
+    proc, ports, log = start_server(home, {"POSTVAULT_IMAP_INDEX_ROUND_MESSAGES": "1"})
+    try:
+        server = Server(home, ports["imaps"], ports["imap"], ports["submissions"], ports["submission"], store,
+                        proc, log)
+        member = server.account("member")
+        for i in range(100):
+            store.deliver(CORPUS[i % len(CORPUS)], server.sender, [member], save_sent=False)
+        client = _imaps(server, member)
+        assert _wait_for(lambda: _filled(server, member) >= 3)
+        proc.send_signal(signal.SIGTERM)  # the session still logged in, the fill running
+        assert proc.wait(15) == 0  # BYE to the idle session, the fill's round, then out
+        assert _filled(server, member) < 100
+        client.shutdown()
+    finally:
+        stop_server(proc)
+        store.close()
