@@ -631,21 +631,12 @@ def open_small(content_key: bytes, label: bytes, message_id: bytes, sealed: byte
 
 def search_index_key(private_key: bytes) -> bytes:
     """The account's search-index key, derived from its private key."""
-    private_key = _require_bytes("private_key", private_key, KEY_LEN)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=_enc(_SEARCH_KEY_LABEL)).derive(
-        private_key
-    )
+    return _account_key(private_key, _SEARCH_KEY_LABEL)
 
 
 def seal_search_entry(index_key: bytes, owner: bytes, message_id: bytes, data: bytes) -> bytes:
     """Seal one message's search fields for one account."""
-    index_key = _require_bytes("index_key", index_key, KEY_LEN)
-    owner = _require_bytes("owner", owner)
-    message_id = _require_bytes("message_id", message_id)
-    data = _require_bytes("data", data)
-    nonce = os.urandom(NONCE_LEN)
-    ct = AESGCM(index_key).encrypt(nonce, data, _enc(_SEARCH_AAD_LABEL, owner, message_id))
-    return bytes([_SEARCH_VERSION]) + nonce + ct
+    return _seal_entry(index_key, _SEARCH_AAD_LABEL, _SEARCH_VERSION, owner, message_id, data)
 
 
 def open_search_entries(
@@ -654,13 +645,37 @@ def open_search_entries(
     """Open ``(message_id, sealed)`` entries of one account, in order; an
     entry that does not open (damaged, moved from another message or
     account, or sealed under another key) is None, and the rest still open."""
-    index_key = _require_bytes("index_key", index_key, KEY_LEN)
+    return _open_entries(index_key, _SEARCH_AAD_LABEL, _SEARCH_VERSION, owner, items)
+
+
+def _account_key(private_key: bytes, label: bytes) -> bytes:
+    """A key of the account's own, HKDF-SHA256 of its private key under ``label``."""
+    private_key = _require_bytes("private_key", private_key, KEY_LEN)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=_enc(label)).derive(private_key)
+
+
+def _seal_entry(key: bytes, aad_label: bytes, version: int, owner: bytes, message_id: bytes, data: bytes) -> bytes:
+    """version || nonce || AES-256-GCM(data), bound to ``aad_label``, the owner and the message id."""
+    key = _require_bytes("key", key, KEY_LEN)
     owner = _require_bytes("owner", owner)
-    aead = AESGCM(index_key)
-    aad_head = _enc(_SEARCH_AAD_LABEL, owner)
+    message_id = _require_bytes("message_id", message_id)
+    data = _require_bytes("data", data)
+    nonce = os.urandom(NONCE_LEN)
+    ct = AESGCM(key).encrypt(nonce, data, _enc(aad_label, owner, message_id))
+    return bytes([version]) + nonce + ct
+
+
+def _open_entries(
+    key: bytes, aad_label: bytes, version: int, owner: bytes, items: Iterable[tuple[bytes, bytes]]
+) -> list[bytes | None]:
+    """``_seal_entry``'s values opened in order; None for one that does not open."""
+    key = _require_bytes("key", key, KEY_LEN)
+    owner = _require_bytes("owner", owner)
+    aead = AESGCM(key)
+    aad_head = _enc(aad_label, owner)
     out: list[bytes | None] = []
     for message_id, sealed in items:
-        if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _SEARCH_VERSION:
+        if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != version:
             out.append(None)
             continue
         try:
@@ -690,21 +705,12 @@ def open_search_entries(
 
 def header_cache_key(private_key: bytes) -> bytes:
     """The account's header-cache key, derived from its private key."""
-    private_key = _require_bytes("private_key", private_key, KEY_LEN)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=_enc(_HEADER_KEY_LABEL)).derive(
-        private_key
-    )
+    return _account_key(private_key, _HEADER_KEY_LABEL)
 
 
 def seal_header_entry(cache_key: bytes, owner: bytes, message_id: bytes, data: bytes) -> bytes:
     """Seal one message's header block for one account."""
-    cache_key = _require_bytes("cache_key", cache_key, KEY_LEN)
-    owner = _require_bytes("owner", owner)
-    message_id = _require_bytes("message_id", message_id)
-    data = _require_bytes("data", data)
-    nonce = os.urandom(NONCE_LEN)
-    ct = AESGCM(cache_key).encrypt(nonce, data, _enc(_HEADER_AAD_LABEL, owner, message_id))
-    return bytes([_HEADER_VERSION]) + nonce + ct
+    return _seal_entry(cache_key, _HEADER_AAD_LABEL, _HEADER_VERSION, owner, message_id, data)
 
 
 def open_header_entries(
@@ -714,21 +720,7 @@ def open_header_entries(
     order; an entry that does not open (damaged, moved from another message
     or account, or sealed under another key) is None, and the rest still
     open."""
-    cache_key = _require_bytes("cache_key", cache_key, KEY_LEN)
-    owner = _require_bytes("owner", owner)
-    aead = AESGCM(cache_key)
-    aad_head = _enc(_HEADER_AAD_LABEL, owner)
-    out: list[bytes | None] = []
-    for message_id, sealed in items:
-        if len(sealed) < 1 + NONCE_LEN + TAG_LEN or sealed[0] != _HEADER_VERSION:
-            out.append(None)
-            continue
-        try:
-            out.append(aead.decrypt(sealed[1 : 1 + NONCE_LEN], sealed[1 + NONCE_LEN :],
-                                    aad_head + _U32(len(message_id)) + message_id))
-        except InvalidTag:
-            out.append(None)
-    return out
+    return _open_entries(cache_key, _HEADER_AAD_LABEL, _HEADER_VERSION, owner, items)
 
 
 # --------------------------------------------------------------------------
