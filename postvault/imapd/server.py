@@ -61,7 +61,6 @@ from email import policy as email_policy
 from email.parser import HeaderParser
 from email.utils import getaddresses
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -836,7 +835,7 @@ class IMAPServer(imap4.IMAP4Server):
         command still answers only after its audit entry is on disk."""
         if event is None:
             return defer.succeed(None)
-        return _settled(self.store.submit_event(event))
+        return self.service.settle(self.store.submit_event(event))
 
     # =====================================================================
     # Commands valid in any state
@@ -1675,22 +1674,6 @@ class IMAPServer(imap4.IMAP4Server):
             pos += n
             left -= n
             await self.transport.drained()
-
-
-def _settled(future: Future[Any]) -> defer.Deferred[Any]:
-    """A Deferred that fires on the reactor thread with ``future``'s
-    outcome (the store's writer thread resolves it)."""
-    d: defer.Deferred[Any] = defer.Deferred()
-
-    def settle(f: Future[Any]) -> None:
-        exc = f.exception()
-        if exc is not None:
-            d.errback(Failure(exc))
-        else:
-            d.callback(f.result())
-
-    future.add_done_callback(lambda f: reactor.callFromThread(settle, f))  # type: ignore[attr-defined]
-    return d
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------

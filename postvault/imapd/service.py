@@ -8,9 +8,10 @@ named in ``[proxy] listeners`` a PROXY protocol header comes first
 (``proxyproto.py``), and ``getPeer`` is the client it names.
 
 Invariants:
-- Store calls, password checks and decryption run on one dedicated
-  ``ThreadPool`` (``[imap] threads``), started in ``start`` and stopped in
-  ``stop`` after the last session is gone; the reactor never blocks.
+- Store calls, password checks and decryption run on the service's own
+  worker threads (``workers.Workers``, at most ``[imap] threads``), started
+  in ``start`` and stopped in ``stop`` after the last session is gone; the
+  reactor never blocks.
 - At most ``[imap] max_connections_per_ip`` connections per client address;
   the next one gets ``* BYE`` and is closed before it can log in.
 - ``stop`` stops listening, tells idle sessions BYE at once, lets running
@@ -23,11 +24,10 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from twisted.internet import defer, reactor
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
 from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
@@ -35,6 +35,7 @@ from .cred import make_portal
 from .mailbox import RecentClaims
 from .server import SWITCHABLE, IMAPServer
 from .transport import Bridge
+from .workers import Workers
 
 log = logging.getLogger("postvault.imapd")
 T = TypeVar("T")
@@ -52,7 +53,7 @@ class IMAPService:
         self.bus = getattr(runtime.store, "bus", None)
         self.recent = RecentClaims()
         self.portal = make_portal(self)
-        self.pool = ThreadPool(minthreads=2, maxthreads=self.limits.threads, name="postvault-imap")
+        self.pool = Workers(self.limits.threads, "postvault-imap")
         self.sessions: set[IMAPServer] = set()
         self._per_ip: Counter[str] = Counter()
         self._servers: list[Listener] = []
@@ -68,7 +69,12 @@ class IMAPService:
         return self.runtime.tls.context
 
     def run(self, f: Callable[..., T], *args: Any, **kw: Any) -> defer.Deferred[T]:
-        return deferToThreadPool(reactor, self.pool, f, *args, **kw)
+        return self.pool.run(f, *args, **kw)
+
+    def settle(self, future: Future[T]) -> defer.Deferred[T]:
+        """A Deferred firing on the reactor thread with ``future``'s outcome
+        (the store's group-commit writer resolves it)."""
+        return self.pool.settle(future)
 
     def disabled_for(self, client: str, account: str) -> set[str]:
         """Capabilities switched off for this client ID name and account."""
