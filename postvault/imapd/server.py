@@ -117,6 +117,9 @@ STREAM_CHUNK = 64 * 1024
 INLINE_MAX = 1024 * 1024
 INLINE_BUDGET = 4 * 1024 * 1024
 FETCH_BATCH = 500
+# FETCH holds up to this much of its responses until its read audit is
+# committed, and sends them with the tagged OK (do_FETCH).
+HOLD_MAX = INLINE_BUDGET
 # Without a change bus IDLE learns everything by polling; with one, the
 # poll ([imap] idle_poll_seconds) only backs the bus up.
 IDLE_POLL_WITHOUT_BUS = 0.5
@@ -555,6 +558,7 @@ class IMAPServer(imap4.IMAP4Server):
         d.addBoth(self._finished)
 
     def _finished(self, result: object) -> None:
+        self._uncork()
         self._in_flight = False
         self._current = ""
         if self._bye_after:
@@ -577,6 +581,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
             return
         except IMAPNo as exc:
+            self._cork()  # untagged updates and the tagged line: one write (_finished uncorks)
             await self._updates(allow_expunge)
             self.sendNegativeResponse(tag, exc.response)
             return
@@ -606,6 +611,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         if result is None:
             return
+        self._cork()  # untagged updates and the tagged line: one write (_finished uncorks)
         await self._updates(allow_expunge)
         self.sendPositiveResponse(tag, result)
 
@@ -769,6 +775,19 @@ class IMAPServer(imap4.IMAP4Server):
         return defer.Deferred.fromCoroutine(poll()).addErrback(lambda f: log.warning("idle poll: %s", f.type))
 
     # -- helpers -------------------------------------------------------------------
+
+    def _cork(self) -> None:
+        """Gather this command's writes into one (the transport's cork; a
+        test transport without one writes as it goes). ``_finished``, which
+        runs after every command, uncorks."""
+        cork = getattr(self.transport, "cork", None)
+        if cork is not None:
+            cork()
+
+    def _uncork(self) -> None:
+        uncork = getattr(self.transport, "uncork", None)
+        if uncork is not None:
+            uncork()
 
     def run(self, f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
         return self.service.run(f, *args, **kw)
@@ -1003,6 +1022,7 @@ class IMAPServer(imap4.IMAP4Server):
             box = await account.open(canonical, writable)
         except MailboxNotFound:
             raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
+        self._cork()  # seven untagged lines and the tagged one: one write (_finished uncorks)
         flags = list(FLAGS) + box.keywords()
         self.sendUntaggedResponse(b"FLAGS (" + " ".join(flags).encode() + b")")
         perm = " ".join(flags + ["\\*"]) if box.writable else ""
@@ -1457,6 +1477,30 @@ class IMAPServer(imap4.IMAP4Server):
         read: list[str] = []
         damaged: list[tuple[str, str]] = []
         missing = False
+        # Responses are held back (up to HOLD_MAX) and written, together
+        # with the tagged OK, once the read audit is committed: one write
+        # instead of two for a small FETCH, and no content reaches the
+        # client before its ``message.read`` event is on disk. A bigger
+        # FETCH writes as it goes, as before (streaming, flow control).
+        pending: list[bytes] | None = []
+        pending_size = 0
+
+        def emit(chunk: bytes) -> bool:
+            """Hold or write ``chunk``; True once the responses go out as
+            they come (the caller then waits for the client to take them)."""
+            nonlocal pending, pending_size
+            if pending is not None:
+                if chunk and pending_size + len(chunk) <= HOLD_MAX:
+                    pending.append(chunk)
+                    pending_size += len(chunk)
+                    return False
+                if pending:
+                    self.transport.write(b"".join(pending))
+                pending = None
+            if chunk:
+                self.transport.write(chunk)
+            return True
+
         self.setTimeout(None)  # a big FETCH to a slow client is not idleness
         try:
             for start in range(0, len(targets), FETCH_BATCH):
@@ -1486,8 +1530,8 @@ class IMAPServer(imap4.IMAP4Server):
                                                                       for i in wanted) + b")\r\n")
                         if content and meta is not None:
                             read.append(meta.message_id)
-                    self.transport.write(b"".join(out))
-                    await self.transport.drained()
+                    if emit(b"".join(out)):
+                        await self.transport.drained()
                     continue
                 plans: list[tuple[int, int, MessageMeta, structure.Structure | None, list[_Want]]] = []
                 for seq, u in live:
@@ -1513,6 +1557,7 @@ class IMAPServer(imap4.IMAP4Server):
                     if not group:
                         seq, u, meta, st, _ = plans[i]
                         i += 1
+                        emit(b"")  # a large message is streamed: what is pending goes first
                         try:
                             ok = await self._fetch_one(box, seq, u, items, st, meta, data.rendered.get(u),
                                                        u in seen_now, (data.copies or {}).get(u))
@@ -1543,12 +1588,17 @@ class IMAPServer(imap4.IMAP4Server):
                                                        wants, parts))
                             if content:
                                 read.append(meta.message_id)
-                    self.transport.write(b"".join(out))
-                    await self.transport.drained()
+                    if emit(b"".join(out)):
+                        await self.transport.drained()
         finally:
             self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         if read:
             await self._audit_read(read)
+        if pending:
+            # After the reads' audit event is committed: the whole answer
+            # (responses, then the tagged line ``_run`` adds) in one write.
+            self._cork()
+            self.transport.write(b"".join(pending))
         if damaged:
             await self._report_damaged(damaged)
         if missing:
