@@ -189,9 +189,21 @@ class SelectedMailbox:
         """Take the store's flags; a message of the view the store no longer
         has was expunged by someone else: it becomes a ghost (the bus
         names it too, or the next catch-up finds it)."""
+        mine = self.uids
+        if loaded.uids == mine:
+            ids: dict[frozenset[str], int] = {}
+            for k, fs in enumerate(loaded.sets):
+                ids.setdefault(fs, k)
+            if len(ids) == len(loaded.sets):
+                # Distinct sets (the usual case): the index is taken as it
+                # is, one C-level copy (SELECT of a cached view is little
+                # more than this).
+                self._flag_sets = list(loaded.sets)
+                self._flag_ids = ids
+                self._flag_index = array("I", loaded.index)
+                return
         self._flag_sets = [NO_FLAGS]
         self._flag_ids = {NO_FLAGS: 0}
-        mine = self.uids
         if loaded.uids == mine:
             # The same UIDs (read with the view, at SELECT): no ghosts, and
             # the index maps over in one C-level pass.

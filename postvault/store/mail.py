@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar
 
@@ -169,6 +170,69 @@ _BOX_INFO = FastSelect(
 )
 
 
+# SELECT: the mailbox row and its message count in one statement (one
+# snapshot on any database), to validate the cached view (``_ViewCache``).
+_BOX_STATE = FastSelect(
+    select(Mailbox.id, Mailbox.name, Mailbox.special_use, Mailbox.uidvalidity, Mailbox.uidnext,
+           Mailbox.highestmodseq, Mailbox.subscribed,
+           select(func.count()).where(MessageCopy.mailbox_id == Mailbox.id).scalar_subquery())
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
+)
+
+# The views a store keeps between sessions: at most this many mailboxes,
+# and this many UIDs over all of them (8 bytes each with their flags).
+VIEW_CACHE_BOXES = 256
+VIEW_CACHE_UIDS = 2_000_000
+
+
+class _ViewCache:
+    """The per-message part of ``mailbox_state`` (UIDs, flags, counts,
+    first unseen, keywords), kept between SELECTs of any session of this
+    process, so a SELECT of an unchanged folder reads one row instead of
+    every message.
+
+    An entry is keyed by what identifies the mailbox's contents: its id
+    and UIDVALIDITY, its UIDNEXT and HIGHESTMODSEQ, its message count and
+    the ``since`` asked for. Every SELECT reads the first five from the
+    database (one statement: ``_BOX_STATE``) and uses an entry only if all
+    match, so a change by any process or node is seen: an append raises
+    UIDNEXT, a flag change or an expunge raises HIGHESTMODSEQ, and a
+    removal that raised neither (an invitation's discarded mail) lowers
+    the count; UIDNEXT and HIGHESTMODSEQ never go back, so a key is never
+    valid again once a change passed it. A deleted and re-made folder has
+    a fresh UIDVALIDITY. Entries are immutable (``MailboxState`` and its
+    arrays are only read by their users); least recently used go first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], MailboxState] = {}
+        self._uids = 0
+
+    def get(self, key: tuple[Any, ...]) -> MailboxState | None:
+        with self._lock:
+            state = self._entries.pop(key, None)
+            if state is not None:
+                self._entries[key] = state  # most recently used: last
+            return state
+
+    def put(self, key: tuple[Any, ...], state: MailboxState) -> None:
+        n = len(state.uids)
+        if n > VIEW_CACHE_UIDS // 4:
+            return  # one huge folder must not push out every other
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._uids -= len(old.uids)
+            # Older contents of the same mailbox are never valid again.
+            for k in [k for k in self._entries if k[0] == key[0]]:
+                self._uids -= len(self._entries.pop(k).uids)
+            self._entries[key] = state
+            self._uids += n
+            while len(self._entries) > VIEW_CACHE_BOXES or self._uids > VIEW_CACHE_UIDS:
+                first = next(iter(self._entries))
+                self._uids -= len(self._entries.pop(first).uids)
+
+
 def _box_info_in(s: Session, account_id: int, name: str) -> MailboxInfo:
     """The mailbox as ``_box_info(_mailbox(...))`` gives it, read in the
     session's transaction without an ORM object (reads only: SELECT,
@@ -252,6 +316,8 @@ class MailStore:
     # Made on first use (class defaults: Store.__init__ is not ours to extend).
     _writer: GroupRunner | None = None
     _writer_lock = threading.Lock()
+    # SELECT's views between sessions (``_ViewCache``), made on first use.
+    _views: _ViewCache | None = None
     _thread_key_value: bytes | None = None
     _account: Callable[[Session, str], Account]  # from AccountStore
     # From EmergencyStore: refuses changes by read-only sessions and reads
@@ -576,8 +642,22 @@ class MailStore:
         about 100 ms where one Python object per row costs twice that.
         ``with_flags``: also every message's flags (``MailboxState.flags``)
         where the UIDs come listed (SQLite, PostgreSQL), at little cost."""
+        views = self._views
+        if views is None:
+            with self._writer_lock:
+                if self._views is None:
+                    self._views = _ViewCache()
+            views = self._views
         with self._sessions() as s:
-            box = _box_info_in(s, session.account_id, mailbox)
+            rows = _BOX_STATE.rows(s.connection(), {"account": session.account_id, "name": _box_key(mailbox)})
+            if not rows:
+                raise MailboxNotFound(f"no mailbox named {mailbox!r}")
+            r = rows[0]
+            box = MailboxInfo(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+            key = (box.id, box.uidvalidity, box.uidnext, box.highestmodseq, int(r[7]), since)
+            cached = views.get(key)
+            if cached is not None and (cached.flags is not None or not with_flags):
+                return replace(cached, mailbox=box, flags=cached.flags if with_flags else None)
             recent = func.min(case((MessageCopy.internal_date >= since, MessageCopy.uid))) if since is not None \
                 else literal(None)
             listing = _uid_list(s.get_bind().dialect.name)
@@ -625,7 +705,13 @@ class MailStore:
                 first_unseen = low if first_unseen is None else min(first_unseen, low)
             if since_low is not None:
                 first_since = since_low if first_since is None else min(first_since, since_low)
-        return MailboxState(info, uids, unseen, first_unseen, frozenset(keywords), first_since, every_flag)
+        state = MailboxState(info, uids, unseen, first_unseen, frozenset(keywords), first_since, every_flag)
+        if len(uids) == key[4]:
+            # Read as of the row (on PostgreSQL the aggregate is a statement
+            # of its own, so a change in between could slip in: then the
+            # count differs, or the key's marks are passed for good).
+            views.put(key, state)
+        return state
 
     def message_flags(self, session: AccountSession, mailbox: str) -> MailboxFlags:
         """The flags of every message, compactly (see ``MailboxFlags``)."""
