@@ -648,20 +648,31 @@ class MailStore:
                 if self._views is None:
                     self._views = _ViewCache()
             views = self._views
-        with self._sessions() as s:
-            rows = _BOX_STATE.rows(s.connection(), {"account": session.account_id, "name": _box_key(mailbox)})
+        params = {"account": session.account_id, "name": _box_key(mailbox)}
+
+        def marks(conn: Any) -> tuple[MailboxInfo, tuple[Any, ...]]:
+            rows = _BOX_STATE.rows(conn, params)
             if not rows:
                 raise MailboxNotFound(f"no mailbox named {mailbox!r}")
             r = rows[0]
             box = MailboxInfo(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
-            key = (box.id, box.uidvalidity, box.uidnext, box.highestmodseq, int(r[7]), since)
+            return box, (box.id, box.uidvalidity, box.uidnext, box.highestmodseq, int(r[7]), since)
+
+        # The kept view, checked in a raw read transaction (fastread): an
+        # ORM session's set-up and close cost more than the rest of it.
+        with fastread.snapshot(self.engine) as conn:
+            box, key = marks(conn)
             cached = views.get(key)
             if cached is not None and (cached.flags is not None or not with_flags):
                 return replace(cached, mailbox=box, flags=cached.flags if with_flags else None)
+        with self._sessions() as s:
+            conn = s.connection()
+            # Again, in the transaction that reads the messages: the state
+            # reported is one snapshot (the mailbox may have changed since).
+            box, key = marks(conn)
             recent = func.min(case((MessageCopy.internal_date >= since, MessageCopy.uid))) if since is not None \
                 else literal(None)
-            listing = _uid_list(s.get_bind().dialect.name)
-            conn = s.connection()
+            listing = _uid_list(conn.dialect.name)
             groups = conn.execute(
                 select(MessageCopy.flags, func.count(), func.min(MessageCopy.uid), recent,
                        listing if listing is not None else literal(None))
