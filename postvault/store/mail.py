@@ -9,6 +9,7 @@ that re-reads the mailbox at once must find the change).
 
 from __future__ import annotations
 
+import bisect
 import gc
 import io
 import json
@@ -16,6 +17,7 @@ import logging
 import secrets
 import threading
 import typing
+from collections import Counter
 from contextlib import contextmanager
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -132,6 +134,14 @@ _CHANGED = FastSelect(
     .where(MessageCopy.mailbox_id == bindparam("box"), MessageCopy.modseq > bindparam("since"))
     .order_by(MessageCopy.uid)
 )
+# SELECT after a change: the flags of the rows changed or added since the
+# kept view's HIGHESTMODSEQ (the (mailbox, modseq) index), to bring it up
+# to date instead of reading every message (``_advance``).
+_FLAGS_SINCE = FastSelect(
+    select(MessageCopy.uid, MessageCopy.flags)
+    .where(MessageCopy.mailbox_id == bindparam("box"), MessageCopy.modseq > bindparam("since"))
+    .order_by(MessageCopy.uid)
+)
 _COUNT = FastSelect(select(func.count()).select_from(MessageCopy).where(MessageCopy.mailbox_id == bindparam("box")))
 _MARKS = FastSelect(
     select(Mailbox.uidnext, Mailbox.highestmodseq)
@@ -215,6 +225,15 @@ class _ViewCache:
                 self._entries[key] = state  # most recently used: last
             return state
 
+    def latest(self, box_id: int, uidvalidity: int) -> tuple[tuple[Any, ...], MailboxState] | None:
+        """The kept view of this mailbox (at most one: ``put`` drops older
+        ones) read without ``since``, whatever its marks."""
+        with self._lock:
+            for key, state in self._entries.items():
+                if key[0] == box_id and key[1] == uidvalidity and key[5] is None:
+                    return key, state
+        return None
+
     def put(self, key: tuple[Any, ...], state: MailboxState) -> None:
         n = len(state.uids)
         if n > VIEW_CACHE_UIDS // 4:
@@ -231,6 +250,61 @@ class _ViewCache:
             while len(self._entries) > VIEW_CACHE_BOXES or self._uids > VIEW_CACHE_UIDS:
                 first = next(iter(self._entries))
                 self._uids -= len(self._entries.pop(first).uids)
+
+
+def _advance(old: MailboxState, box: MailboxInfo, rows: Sequence[Any], count: int) -> MailboxState | None:
+    """``old`` (a kept view with flags, read without ``since``) brought up
+    to ``box``: ``rows`` are (uid, flags) of every message changed or added
+    since ``old``'s HIGHESTMODSEQ, ``count`` the messages the mailbox holds
+    now (read with ``box``). None when that is not enough: something was
+    removed (the count does not add up), and the caller reads it all."""
+    flags = old.flags
+    assert flags is not None
+    uids = old.uids
+    last = uids[-1] if uids else 0
+    added = sum(1 for r in rows if r[0] > last)
+    if len(uids) + added != count:
+        return None
+    sets = list(flags.sets)
+    ids: dict[frozenset[str], int] = {}
+    for k, fs in enumerate(sets):
+        ids.setdefault(fs, k)
+    index = array("I", flags.index)
+    out_uids = array(UID_TYPECODE, uids)
+    for uid, text in rows:
+        fs = flags_set(text)
+        k = ids.get(fs)
+        if k is None:
+            k = ids[fs] = len(sets)
+            sets.append(fs)
+        if uid > last:
+            out_uids.append(uid)  # rows ascend by UID
+            index.append(k)
+            continue
+        i = bisect.bisect_left(uids, uid)
+        if i == len(uids) or uids[i] != uid:
+            return None
+        index[i] = k
+    counts = Counter(index)
+    unseen = 0
+    first_at: int | None = None
+    keywords: set[str] = set()
+    data = index.tobytes()
+    size = index.itemsize
+    for k, n in counts.items():
+        fs = sets[k]
+        keywords.update(f for f in fs if not f.startswith("\\"))
+        if "\\Seen" not in fs:
+            unseen += n
+            pattern = array("I", [k]).tobytes()
+            at = data.find(pattern)
+            while at != -1 and at % size:  # only a whole entry counts
+                at = data.find(pattern, at + 1)
+            if at != -1 and (first_at is None or at // size < first_at):
+                first_at = at // size
+    first_unseen = None if first_at is None else out_uids[first_at]
+    return MailboxState(box, out_uids, unseen, first_unseen, frozenset(keywords), None,
+                        MailboxFlags(out_uids, index, tuple(sets)))
 
 
 def _box_info_in(s: Session, account_id: int, name: str) -> MailboxInfo:
@@ -665,6 +739,15 @@ class MailStore:
             cached = views.get(key)
             if cached is not None and (cached.flags is not None or not with_flags):
                 return replace(cached, mailbox=box, flags=cached.flags if with_flags else None)
+            base = views.latest(box.id, box.uidvalidity) if since is None else None
+            if base is not None and base[1].flags is not None and base[0][2] <= key[2] and base[0][3] <= key[3]:
+                # Changed since the kept view (a STORE, new mail): only the
+                # rows above its HIGHESTMODSEQ are read.
+                state = _advance(base[1], box, _FLAGS_SINCE.rows(conn, {"box": box.id, "since": base[0][3]}),
+                                 key[4])
+                if state is not None:
+                    views.put(key, state)
+                    return state if with_flags else replace(state, flags=None)
         with self._sessions() as s:
             conn = s.connection()
             # Again, in the transaction that reads the messages: the state
