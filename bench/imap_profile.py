@@ -111,6 +111,33 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
                 await asyncio.gather(*(c.logout() for c in many))
             elif name == "select":
                 await one("SELECT INBOX", [b"SELECT INBOX"] * max(1, reps // 10), 1, "")
+            elif name == "select-store":
+                # SELECT after another session's STORE (the mixed load):
+                # the CPU per pair, less a STORE's, is the SELECT's.
+                other = await il.Client.connect(server.port, ctx)
+                await other.login(il.READER, il.PASSWORD)
+                await other.command(b"SELECT INBOX", keep=False)
+                pairs = max(1, reps // 10)
+                sel = [b"SELECT INBOX"] * pairs
+                sto = [b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
+                       for k in range(pairs)]
+
+                async def after_store(k: int) -> None:
+                    await other.command(sto[k], keep=False)
+                    await cl.command(sel[k], keep=False)
+
+                cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+                for k in range(pairs):
+                    await after_store(k)
+                cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
+                rows.append(f"| STORE (other session) + SELECT INBOX | {pairs} | {cpu / pairs * 1000:.2f} | "
+                            f"per pair | {wall / pairs * 1000:.1f} | {pairs / wall:.0f} |")
+                il.log(rows[-1])
+                await other.logout()
+            elif name == "store":
+                await one("UID STORE +/-FLAGS (\\Flagged), one message", [
+                    b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
+                    for k in range(reps)], 1, "")
             elif name == "noop":
                 await one("NOOP", [b"NOOP"] * reps, 1, "")
             else:
@@ -150,7 +177,8 @@ def main() -> int:
     ap.add_argument("--gil", action="store_true", help="py-spy samples only the thread holding the GIL "
                     "(CPU in Python; a worker waiting for the GIL is not counted as busy)")
     ap.add_argument("--only", help="comma-separated phases, each --reps commands (SELECT a tenth): "
-                    "body (C = 1), body10 (UID FETCH n BODY.PEEK[] from 10 clients at once), select, noop")
+                    "body (C = 1), body10 (UID FETCH n BODY.PEEK[] from 10 clients at once), select, "
+                    "select-store (another session's STORE, then SELECT), store, noop")
     args = ap.parse_args()
     home = Path(args.home).absolute()
     marker = home / "bench.json"
