@@ -122,13 +122,10 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
                 sto = [b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
                        for k in range(pairs)]
 
-                async def after_store(k: int) -> None:
-                    await other.command(sto[k], keep=False)
-                    await cl.command(sel[k], keep=False)
-
                 cpu0, t0 = server.cpu_seconds(), time.perf_counter()
                 for k in range(pairs):
-                    await after_store(k)
+                    await other.command(sto[k], keep=False)
+                    await cl.command(sel[k], keep=False)
                 cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
                 rows.append(f"| STORE (other session) + SELECT INBOX | {pairs} | {cpu / pairs * 1000:.2f} | "
                             f"per pair | {wall / pairs * 1000:.1f} | {pairs / wall:.0f} |")

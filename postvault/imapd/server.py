@@ -991,8 +991,11 @@ class IMAPServer(imap4.IMAP4Server):
                 self._absolute = reactor.callLater(left, self._session_expired)  # type: ignore[attr-defined]
         self._disabled = self.service.disabled_for(client=self.client_name, account=avatar.email)
         if self.service.bus is not None:
+            # In order with the worker threads' results: a change a command
+            # made (and published) is seen before the command goes on.
+            hop = getattr(self.service, "call_from_thread", None) or reactor.callFromThread  # type: ignore[attr-defined]
             self._unsubscribe = self.service.bus.subscribe(
-                avatar.session.account_id, lambda change: reactor.callFromThread(self.on_change, change))  # type: ignore[attr-defined]
+                avatar.session.account_id, lambda change: hop(self.on_change, change))
         return self.cap_text() + b" Logged in"
 
     # =====================================================================

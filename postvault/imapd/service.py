@@ -71,6 +71,11 @@ class IMAPService:
     def run(self, f: Callable[..., T], *args: Any, **kw: Any) -> defer.Deferred[T]:
         return self.pool.run(f, *args, **kw)
 
+    def call_from_thread(self, f: Callable[..., Any], *args: Any) -> None:
+        """``f(*args)`` on the reactor thread, in order with the worker
+        threads' results (the change bus's notifications)."""
+        self.pool.call_from_thread(f, *args)
+
     def settle(self, future: Future[T]) -> defer.Deferred[T]:
         """A Deferred firing on the reactor thread with ``future``'s outcome
         (the store's group-commit writer resolves it)."""

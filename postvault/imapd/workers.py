@@ -12,11 +12,16 @@ are appended to one queue and the loop is woken once per burst (a result
 that finds a wake-up already pending rides on it), and the Deferreds fire
 straight from that one loop callback. The group-commit writer's futures
 (``settle``) come back the same way: the audit events of many sessions
-committed together cost one wake-up, not one each.
+committed together cost one wake-up, not one each. The change bus's
+notifications come the same way (``call_from_thread``), so that a change a
+job published before it returned reaches the session before the job's
+result does (RENAME INBOX announces its own EXPUNGEs), as it did when both
+went through ``callFromThread``.
 
 Invariants:
 - ``run`` and ``settle`` are called on the reactor thread, and every
-  Deferred they return fires on it, in the order the results arrived.
+  Deferred they return fires on it; results, settled futures and
+  ``call_from_thread`` calls are handled in the order they arrived.
 - At most ``threads`` worker threads; they start when work needs them.
   ``stop`` lets queued jobs finish, then ends every thread.
 - A job's exception reaches its Deferred as a ``Failure`` with the
@@ -60,9 +65,10 @@ class Workers:
         # on the reactor thread only): a new thread starts only when every
         # thread may be busy.
         self._outstanding = 0
-        # (Deferred, succeeded, value, counts_as_job), appended by any
+        # (Deferred, succeeded, value, counts_as_job) - or (None, _,
+        # (function, args), _) for ``call_from_thread`` - appended by any
         # thread, emptied by ``_drain`` on the reactor thread.
-        self._done: deque[tuple[defer.Deferred[Any], bool, Any, bool]] = deque()
+        self._done: deque[tuple[defer.Deferred[Any] | None, bool, Any, bool]] = deque()
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
@@ -104,6 +110,11 @@ class Workers:
         future.add_done_callback(done)
         return d
 
+    def call_from_thread(self, f: Callable[..., Any], *args: Any) -> None:
+        """``f(*args)`` on the reactor thread, in order with the results
+        (callable from any thread)."""
+        self._deliver(None, True, (f, args), False)
+
     def stop(self) -> None:
         """Let queued jobs finish, then end the threads (blocks: call it off
         the reactor thread)."""
@@ -134,7 +145,7 @@ class Workers:
                 del result
             del d, f, args, kw
 
-    def _deliver(self, d: defer.Deferred[Any], ok: bool, value: Any, job: bool) -> None:
+    def _deliver(self, d: defer.Deferred[Any] | None, ok: bool, value: Any, job: bool) -> None:
         self._done.append((d, ok, value, job))
         # Set only here and reset first thing in ``_drain``: a result
         # appended after the drain's last look finds the flag clear and
@@ -160,7 +171,10 @@ class Workers:
             if job:
                 self._outstanding -= 1
             try:
-                if ok:
+                if d is None:
+                    f, args = value
+                    f(*args)
+                elif ok:
                     d.callback(value)
                 else:
                     d.errback(value)
