@@ -267,8 +267,8 @@ def _advance(old: MailboxState, box: MailboxInfo, rows: Sequence[Any], count: in
         return None
     sets = list(flags.sets)
     ids: dict[frozenset[str], int] = {}
-    for k, fs in enumerate(sets):
-        ids.setdefault(fs, k)
+    for n, fs in enumerate(sets):
+        ids.setdefault(fs, n)
     index = array("I", flags.index)
     out_uids = array(UID_TYPECODE, uids)
     for uid, text in rows:
