@@ -40,7 +40,7 @@ HEADER_FIELDS = b"(From To Cc Subject Date Message-ID References In-Reply-To Con
 
 
 async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only_search: bool = False,
-                  quick: bool = False) -> list[str]:
+                  quick: bool = False, only: set[str] | None = None, gil: bool = False) -> list[str]:
     ctx = il.client_context(server.home)
     cl = await il.Client.connect(server.port, ctx)
     await cl.login(il.READER, il.PASSWORD)
@@ -49,16 +49,22 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
     rows: list[str] = []
 
     async def one(label: str, commands: list[bytes], per: int, unit: str,
-                  timeout: float = 600.0) -> None:
+                  timeout: float = 600.0, clients: list[il.Client] | None = None) -> None:
         spy = None
         if py_spy:
-            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-o",
+            spy = subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", *(["--gil"] if gil else []), "-o",
                                     f"{py_spy}-{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.txt", "--pid", str(server.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
+
+        async def send(c: il.Client, mine: list[bytes]) -> None:
+            for text in mine:
+                await c.command(text, timeout=timeout, keep=False)
+
+        group = clients or [cl]
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
-        for c in commands:
-            await cl.command(c, timeout=timeout, keep=False)
+        # C clients at once, each with its share of the commands.
+        await asyncio.gather(*(send(c, commands[k::len(group)]) for k, c in enumerate(group)))
         cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
         if spy is not None:
             spy.send_signal(2)
@@ -67,8 +73,8 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
             except subprocess.TimeoutExpired:
                 spy.kill()
         k = len(commands)
-        rows.append(f"| {label} | {k} | {cpu / k * 1000:.1f} | {cpu / k / per * 1000:.2f} {unit} "
-                    f"| {wall / k * 1000:.0f} |")
+        rows.append(f"| {label} | {k} | {cpu / k * 1000:.2f} | {cpu / k / per * 1000:.2f} {unit} "
+                    f"| {wall / k * 1000:.1f} | {k / wall:.0f} |")
         il.log(rows[-1])
 
     if only_search:
@@ -87,6 +93,54 @@ async def measure(server: il.Server, n: int, reps: int, py_spy: str | None, only
         await cl.logout()
         return rows
     windows = [rng.randrange(1, max(2, n - 50)) for _ in range(reps)]
+    if only:
+        # Chosen phases only, each with ``reps`` commands (the CPU figure
+        # needs many: /proc counts in 10 ms ticks).
+        for name in sorted(only):
+            if name == "body":
+                await one("FETCH BODY.PEEK[], one message, C = 1", [
+                    b"UID FETCH %d BODY.PEEK[]" % rng.randrange(1, n) for _ in range(reps)], 1, "ms/message")
+            elif name == "body10":
+                many = [await il.Client.connect(server.port, ctx) for _ in range(10)]
+                for c in many:
+                    await c.login(il.READER, il.PASSWORD)
+                    await c.command(b"EXAMINE INBOX", keep=False)
+                await one("FETCH BODY.PEEK[], one message, C = 10", [
+                    b"UID FETCH %d BODY.PEEK[]" % rng.randrange(1, n) for _ in range(reps)], 1, "ms/message",
+                    clients=many)
+                await asyncio.gather(*(c.logout() for c in many))
+            elif name == "select":
+                await one("SELECT INBOX", [b"SELECT INBOX"] * max(1, reps // 10), 1, "")
+            elif name == "select-store":
+                # SELECT after another session's STORE (the mixed load):
+                # the CPU per pair, less a STORE's, is the SELECT's.
+                other = await il.Client.connect(server.port, ctx)
+                await other.login(il.READER, il.PASSWORD)
+                await other.command(b"SELECT INBOX", keep=False)
+                pairs = max(1, reps // 10)
+                sel = [b"SELECT INBOX"] * pairs
+                sto = [b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
+                       for k in range(pairs)]
+
+                cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+                for k in range(pairs):
+                    await other.command(sto[k], keep=False)
+                    await cl.command(sel[k], keep=False)
+                cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - t0
+                rows.append(f"| STORE (other session) + SELECT INBOX | {pairs} | {cpu / pairs * 1000:.2f} | "
+                            f"per pair | {wall / pairs * 1000:.1f} | {pairs / wall:.0f} |")
+                il.log(rows[-1])
+                await other.logout()
+            elif name == "store":
+                await one("UID STORE +/-FLAGS (\\Flagged), one message", [
+                    b"UID STORE %d %sFLAGS (\\Flagged)" % (rng.randrange(1, n), b"+-"[k % 2:k % 2 + 1])
+                    for k in range(reps)], 1, "")
+            elif name == "noop":
+                await one("NOOP", [b"NOOP"] * reps, 1, "")
+            else:
+                raise SystemExit(f"unknown phase {name}")
+        await cl.logout()
+        return rows
     await one("FETCH headers, 50-message window", [
         b"UID FETCH %d:%d (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS %s])" % (lo, lo + 49, HEADER_FIELDS)
         for lo in windows], 50, "ms/message")
@@ -117,6 +171,11 @@ def main() -> int:
     ap.add_argument("--search", action="store_true",
                     help="SEARCH only: flags/date, SUBJECT twice (the first fills the search index), FROM")
     ap.add_argument("--quick", action="store_true", help="leave out the whole-folder SUBJECT search")
+    ap.add_argument("--gil", action="store_true", help="py-spy samples only the thread holding the GIL "
+                    "(CPU in Python; a worker waiting for the GIL is not counted as busy)")
+    ap.add_argument("--only", help="comma-separated phases, each --reps commands (SELECT a tenth): "
+                    "body (C = 1), body10 (UID FETCH n BODY.PEEK[] from 10 clients at once), select, "
+                    "select-store (another session's STORE, then SELECT), store, noop")
     args = ap.parse_args()
     home = Path(args.home).absolute()
     marker = home / "bench.json"
@@ -129,14 +188,15 @@ def main() -> int:
     load = os.getloadavg()
     server = il.Server(home)
     try:
-        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy, args.search, args.quick))
+        rows = asyncio.run(measure(server, args.messages, args.reps, args.py_spy, args.search, args.quick,
+                                  set(args.only.split(",")) if args.only else None, args.gil))
     finally:
         server.stop()
     print(f"Machine: {il.machine_line()}. Server code: {il.source_version()}. "
           f"Load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}. "
           f"{args.messages:,} messages.\n")
-    print("| command | n | server CPU ms per command | per message | wall ms per command |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| command | n | server CPU ms per command | per message | wall ms per command | commands/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return 0
 

@@ -61,7 +61,6 @@ from email import policy as email_policy
 from email.parser import HeaderParser
 from email.utils import getaddresses
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -119,6 +118,9 @@ STREAM_CHUNK = 64 * 1024
 INLINE_MAX = 1024 * 1024
 INLINE_BUDGET = 4 * 1024 * 1024
 FETCH_BATCH = 500
+# FETCH holds up to this much of its responses until its read audit is
+# committed, and sends them with the tagged OK (do_FETCH).
+HOLD_MAX = INLINE_BUDGET
 # Without a change bus IDLE learns everything by polling; with one, the
 # poll ([imap] idle_poll_seconds) only backs the bus up.
 IDLE_POLL_WITHOUT_BUS = 0.5
@@ -558,6 +560,7 @@ class IMAPServer(imap4.IMAP4Server):
         d.addBoth(self._finished)
 
     def _finished(self, result: object) -> None:
+        self._uncork()
         self._in_flight = False
         self._current = ""
         if self._bye_after:
@@ -580,6 +583,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendBadResponse(tag, str(exc).encode("utf-8", "replace"))
             return
         except IMAPNo as exc:
+            self._cork()  # untagged updates and the tagged line: one write (_finished uncorks)
             await self._updates(allow_expunge)
             self.sendNegativeResponse(tag, exc.response)
             return
@@ -609,6 +613,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         if result is None:
             return
+        self._cork()  # untagged updates and the tagged line: one write (_finished uncorks)
         await self._updates(allow_expunge)
         self.sendPositiveResponse(tag, result)
 
@@ -773,6 +778,19 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- helpers -------------------------------------------------------------------
 
+    def _cork(self) -> None:
+        """Gather this command's writes into one (the transport's cork; a
+        test transport without one writes as it goes). ``_finished``, which
+        runs after every command, uncorks."""
+        cork = getattr(self.transport, "cork", None)
+        if cork is not None:
+            cork()
+
+    def _uncork(self) -> None:
+        uncork = getattr(self.transport, "uncork", None)
+        if uncork is not None:
+            uncork()
+
     def run(self, f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred[Any]:
         return self.service.run(f, *args, **kw)
 
@@ -838,7 +856,7 @@ class IMAPServer(imap4.IMAP4Server):
         command still answers only after its audit entry is on disk."""
         if event is None:
             return defer.succeed(None)
-        return _settled(self.store.submit_event(event))
+        return self.service.settle(self.store.submit_event(event))
 
     # =====================================================================
     # Commands valid in any state
@@ -975,8 +993,11 @@ class IMAPServer(imap4.IMAP4Server):
                 self._absolute = reactor.callLater(left, self._session_expired)  # type: ignore[attr-defined]
         self._disabled = self.service.disabled_for(client=self.client_name, account=avatar.email)
         if self.service.bus is not None:
+            # In order with the worker threads' results: a change a command
+            # made (and published) is seen before the command goes on.
+            hop = getattr(self.service, "call_from_thread", None) or reactor.callFromThread  # type: ignore[attr-defined]
             self._unsubscribe = self.service.bus.subscribe(
-                avatar.session.account_id, lambda change: reactor.callFromThread(self.on_change, change))  # type: ignore[attr-defined]
+                avatar.session.account_id, lambda change: hop(self.on_change, change))
         # The account's index and header cache, filled in the background
         # so that its first header SEARCH need not decrypt every message.
         self.service.indexer.logged_in(avatar.session)
@@ -1009,6 +1030,7 @@ class IMAPServer(imap4.IMAP4Server):
             box = await account.open(canonical, writable)
         except MailboxNotFound:
             raise IMAPNo(f'There is no folder "{name}".', "NONEXISTENT") from None
+        self._cork()  # seven untagged lines and the tagged one: one write (_finished uncorks)
         flags = list(FLAGS) + box.keywords()
         self.sendUntaggedResponse(b"FLAGS (" + " ".join(flags).encode() + b")")
         perm = " ".join(flags + ["\\*"]) if box.writable else ""
@@ -1463,7 +1485,45 @@ class IMAPServer(imap4.IMAP4Server):
         read: list[str] = []
         damaged: list[tuple[str, str]] = []
         missing = False
-        self.setTimeout(None)  # a big FETCH to a slow client is not idleness
+        # Responses are held back (up to HOLD_MAX) and written, together
+        # with the tagged OK, once the read audit is committed: one write
+        # instead of two for a small FETCH, and no content reaches the
+        # client before its ``message.read`` event is on disk. A bigger
+        # FETCH writes as it goes, as before (streaming, flow control).
+        pending: list[bytes] | None = []
+        pending_size = 0
+        # A big FETCH to a slow client is not idleness: the idle timer is
+        # off while one runs (several batches, a streamed message, or
+        # responses written as they come). A one-batch FETCH held in memory
+        # ends in the time of its reads, and leaves the timer alone (taking
+        # it off and setting it again was 7 % of a small FETCH's time).
+        idle_off = False
+
+        def stop_idle_timer() -> None:
+            nonlocal idle_off
+            if not idle_off:
+                idle_off = True
+                self.setTimeout(None)
+
+        def emit(chunk: bytes) -> bool:
+            """Hold or write ``chunk``; True once the responses go out as
+            they come (the caller then waits for the client to take them)."""
+            nonlocal pending, pending_size
+            if pending is not None:
+                if chunk and pending_size + len(chunk) <= HOLD_MAX:
+                    pending.append(chunk)
+                    pending_size += len(chunk)
+                    return False
+                stop_idle_timer()
+                if pending:
+                    self.transport.write(b"".join(pending))
+                pending = None
+            if chunk:
+                self.transport.write(chunk)
+            return True
+
+        if len(targets) > FETCH_BATCH:
+            stop_idle_timer()
         try:
             for start in range(0, len(targets), FETCH_BATCH):
                 batch = targets[start:start + FETCH_BATCH]
@@ -1492,8 +1552,8 @@ class IMAPServer(imap4.IMAP4Server):
                                                                       for i in wanted) + b")\r\n")
                         if content and meta is not None:
                             read.append(meta.message_id)
-                    self.transport.write(b"".join(out))
-                    await self.transport.drained()
+                    if emit(b"".join(out)):
+                        await self.transport.drained()
                     continue
                 plans: list[tuple[int, int, MessageMeta, structure.Structure | None, list[_Want]]] = []
                 for seq, u in live:
@@ -1519,6 +1579,7 @@ class IMAPServer(imap4.IMAP4Server):
                     if not group:
                         seq, u, meta, st, _ = plans[i]
                         i += 1
+                        emit(b"")  # a large message is streamed: what is pending goes first
                         try:
                             ok = await self._fetch_one(box, seq, u, items, st, meta, data.rendered.get(u),
                                                        u in seen_now, (data.copies or {}).get(u))
@@ -1550,12 +1611,18 @@ class IMAPServer(imap4.IMAP4Server):
                                                        wants, parts))
                             if content:
                                 read.append(meta.message_id)
-                    self.transport.write(b"".join(out))
-                    await self.transport.drained()
+                    if emit(b"".join(out)):
+                        await self.transport.drained()
         finally:
-            self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
+            if idle_off:
+                self.setTimeout(self.service.policy.sessions.imap_idle_minutes * 60)
         if read:
             await self._audit_read(read)
+        if pending:
+            # After the reads' audit event is committed: the whole answer
+            # (responses, then the tagged line ``_run`` adds) in one write.
+            self._cork()
+            self.transport.write(b"".join(pending))
         if damaged:
             await self._report_damaged(damaged)
         if missing:
@@ -1681,22 +1748,6 @@ class IMAPServer(imap4.IMAP4Server):
             pos += n
             left -= n
             await self.transport.drained()
-
-
-def _settled(future: Future[Any]) -> defer.Deferred[Any]:
-    """A Deferred that fires on the reactor thread with ``future``'s
-    outcome (the store's writer thread resolves it)."""
-    d: defer.Deferred[Any] = defer.Deferred()
-
-    def settle(f: Future[Any]) -> None:
-        exc = f.exception()
-        if exc is not None:
-            d.errback(Failure(exc))
-        else:
-            d.callback(f.result())
-
-    future.add_done_callback(lambda f: reactor.callFromThread(settle, f))  # type: ignore[attr-defined]
-    return d
 
 
 # -- FETCH helpers (pure, or run on worker threads) ----------------------------------

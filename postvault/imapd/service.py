@@ -8,9 +8,10 @@ named in ``[proxy] listeners`` a PROXY protocol header comes first
 (``proxyproto.py``), and ``getPeer`` is the client it names.
 
 Invariants:
-- Store calls, password checks and decryption run on one dedicated
-  ``ThreadPool`` (``[imap] threads``), started in ``start`` and stopped in
-  ``stop`` after the last session is gone; the reactor never blocks.
+- Store calls, password checks and decryption run on the service's own
+  worker threads (``workers.Workers``, at most ``[imap] threads``), started
+  in ``start`` and stopped in ``stop`` after the last session is gone; the
+  reactor never blocks.
 - At most ``[imap] max_connections_per_ip`` connections per client address;
   the next one gets ``* BYE`` and is closed before it can log in.
 - ``stop`` stops listening, tells idle sessions BYE at once, lets running
@@ -26,11 +27,10 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from twisted.internet import defer, reactor
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
 from ..proxyproto import Listener, start_listener
 from ..runtime import Runtime
@@ -39,6 +39,7 @@ from .indexfill import IndexFiller
 from .mailbox import RecentClaims
 from .server import SWITCHABLE, IMAPServer
 from .transport import Bridge
+from .workers import Workers
 
 log = logging.getLogger("postvault.imapd")
 T = TypeVar("T")
@@ -60,7 +61,7 @@ class IMAPService:
         self.bus = getattr(runtime.store, "bus", None)
         self.recent = RecentClaims()
         self.portal = make_portal(self)
-        self.pool = ThreadPool(minthreads=2, maxthreads=self.limits.threads, name="postvault-imap")
+        self.pool = Workers(self.limits.threads, "postvault-imap")
         self.indexer = IndexFiller(self.store, self.limits.index_on_login, self.limits.index_round_messages)
         self.sessions: set[IMAPServer] = set()
         self._per_ip: Counter[str] = Counter()
@@ -77,7 +78,17 @@ class IMAPService:
         return self.runtime.tls.context
 
     def run(self, f: Callable[..., T], *args: Any, **kw: Any) -> defer.Deferred[T]:
-        return deferToThreadPool(reactor, self.pool, f, *args, **kw)
+        return self.pool.run(f, *args, **kw)
+
+    def call_from_thread(self, f: Callable[..., Any], *args: Any) -> None:
+        """``f(*args)`` on the reactor thread, in order with the worker
+        threads' results (the change bus's notifications)."""
+        self.pool.call_from_thread(f, *args)
+
+    def settle(self, future: Future[T]) -> defer.Deferred[T]:
+        """A Deferred firing on the reactor thread with ``future``'s outcome
+        (the store's group-commit writer resolves it)."""
+        return self.pool.settle(future)
 
     def disabled_for(self, client: str, account: str) -> set[str]:
         """Capabilities switched off for this client ID name and account."""

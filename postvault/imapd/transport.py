@@ -24,6 +24,11 @@ Invariants:
 - Write flow control: asyncio's ``pause_writing``/``resume_writing`` are
   forwarded to a registered producer and to ``drained()`` waiters, so a
   50 MB FETCH is read from the store only as fast as the client takes it.
+- ``cork``/``uncork``: while corked, writes are gathered and go out as one
+  write (one TLS record, one send) at ``uncork``; ``drained`` and
+  ``loseConnection`` send what was gathered first, so nothing waits on
+  bytes that were never written. The IMAP server corks a command's
+  response from its first untagged line to its tagged one.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class StreamTransport:
         self._socket_held = False  # pause_reading applied (see pauseProducing)
         self._on_secure: Callable[[], None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._corked: list[bytes] | None = None
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
 
     # -- ITransport -----------------------------------------------------------
@@ -91,6 +97,9 @@ class StreamTransport:
 
     def write(self, data: bytes) -> None:
         if self.disconnecting or not data:
+            return
+        if self._corked is not None:
+            self._corked.append(bytes(data))
             return
         tls = self._tls
         if tls is None:
@@ -111,15 +120,38 @@ class StreamTransport:
     def writeSequence(self, data: list[bytes]) -> None:
         if self.disconnecting:
             return
+        if self._corked is not None:
+            self._corked.extend(bytes(d) for d in data if d)
+            return
         if self._tls is None:
             self._t.writelines(data)
         else:
             self.write(b"".join(data))
 
+    def cork(self) -> None:
+        """Gather what is written from now on until ``uncork``."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Write what was gathered since ``cork``, as one write."""
+        held, self._corked = self._corked, None
+        if held:
+            self.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _flush_corked(self) -> None:
+        held = self._corked
+        if held:
+            self._corked = None
+            self.write(b"".join(held))
+            self._corked = []
+
     def loseConnection(self) -> None:
         """Close after what was written has been sent."""
         if self.disconnecting:
             return
+        if self._corked is not None:
+            self.uncork()
         if self._tls is not None and self._tls.handshaken:
             self._t.write(self._tls.close())
         self._closed = True
@@ -180,6 +212,7 @@ class StreamTransport:
 
     def drained(self) -> defer.Deferred[None]:
         """Fires when the client has taken enough of what we wrote."""
+        self._flush_corked()
         if not self._write_paused or self.disconnecting:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()

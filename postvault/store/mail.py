@@ -9,6 +9,7 @@ that re-reads the mailbox at once must find the change).
 
 from __future__ import annotations
 
+import bisect
 import gc
 import io
 import json
@@ -16,10 +17,12 @@ import logging
 import secrets
 import threading
 import typing
+from collections import Counter
 from contextlib import contextmanager
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar
 
@@ -145,6 +148,14 @@ _CHANGED = FastSelect(
     .where(MessageCopy.mailbox_id == bindparam("box"), MessageCopy.modseq > bindparam("since"))
     .order_by(MessageCopy.uid)
 )
+# SELECT after a change: the flags of the rows changed or added since the
+# kept view's HIGHESTMODSEQ (the (mailbox, modseq) index), to bring it up
+# to date instead of reading every message (``_advance``).
+_FLAGS_SINCE = FastSelect(
+    select(MessageCopy.uid, MessageCopy.flags)
+    .where(MessageCopy.mailbox_id == bindparam("box"), MessageCopy.modseq > bindparam("since"))
+    .order_by(MessageCopy.uid)
+)
 _COUNT = FastSelect(select(func.count()).select_from(MessageCopy).where(MessageCopy.mailbox_id == bindparam("box")))
 _MARKS = FastSelect(
     select(Mailbox.uidnext, Mailbox.highestmodseq)
@@ -181,6 +192,133 @@ _BOX_INFO = FastSelect(
            Mailbox.highestmodseq, Mailbox.subscribed)
     .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
 )
+
+
+# SELECT: the mailbox row and its message count in one statement (one
+# snapshot on any database), to validate the cached view (``_ViewCache``).
+_BOX_STATE = FastSelect(
+    select(Mailbox.id, Mailbox.name, Mailbox.special_use, Mailbox.uidvalidity, Mailbox.uidnext,
+           Mailbox.highestmodseq, Mailbox.subscribed,
+           select(func.count()).where(MessageCopy.mailbox_id == Mailbox.id).scalar_subquery())
+    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"))
+)
+
+# The views a store keeps between sessions: at most this many mailboxes,
+# and this many UIDs over all of them (8 bytes each with their flags).
+VIEW_CACHE_BOXES = 256
+VIEW_CACHE_UIDS = 2_000_000
+
+
+class _ViewCache:
+    """The per-message part of ``mailbox_state`` (UIDs, flags, counts,
+    first unseen, keywords), kept between SELECTs of any session of this
+    process, so a SELECT of an unchanged folder reads one row instead of
+    every message.
+
+    An entry is keyed by what identifies the mailbox's contents: its id
+    and UIDVALIDITY, its UIDNEXT and HIGHESTMODSEQ, its message count and
+    the ``since`` asked for. Every SELECT reads the first five from the
+    database (one statement: ``_BOX_STATE``) and uses an entry only if all
+    match, so a change by any process or node is seen: an append raises
+    UIDNEXT, a flag change or an expunge raises HIGHESTMODSEQ, and a
+    removal that raised neither (an invitation's discarded mail) lowers
+    the count; UIDNEXT and HIGHESTMODSEQ never go back, so a key is never
+    valid again once a change passed it. A deleted and re-made folder has
+    a fresh UIDVALIDITY. Entries are immutable (``MailboxState`` and its
+    arrays are only read by their users); least recently used go first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, ...], MailboxState] = {}
+        self._uids = 0
+
+    def get(self, key: tuple[Any, ...]) -> MailboxState | None:
+        with self._lock:
+            state = self._entries.pop(key, None)
+            if state is not None:
+                self._entries[key] = state  # most recently used: last
+            return state
+
+    def latest(self, box_id: int, uidvalidity: int) -> tuple[tuple[Any, ...], MailboxState] | None:
+        """The kept view of this mailbox (at most one: ``put`` drops older
+        ones) read without ``since``, whatever its marks."""
+        with self._lock:
+            for key, state in self._entries.items():
+                if key[0] == box_id and key[1] == uidvalidity and key[5] is None:
+                    return key, state
+        return None
+
+    def put(self, key: tuple[Any, ...], state: MailboxState) -> None:
+        n = len(state.uids)
+        if n > VIEW_CACHE_UIDS // 4:
+            return  # one huge folder must not push out every other
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._uids -= len(old.uids)
+            # Older contents of the same mailbox are never valid again.
+            for k in [k for k in self._entries if k[0] == key[0]]:
+                self._uids -= len(self._entries.pop(k).uids)
+            self._entries[key] = state
+            self._uids += n
+            while len(self._entries) > VIEW_CACHE_BOXES or self._uids > VIEW_CACHE_UIDS:
+                first = next(iter(self._entries))
+                self._uids -= len(self._entries.pop(first).uids)
+
+
+def _advance(old: MailboxState, box: MailboxInfo, rows: Sequence[Any], count: int) -> MailboxState | None:
+    """``old`` (a kept view with flags, read without ``since``) brought up
+    to ``box``: ``rows`` are (uid, flags) of every message changed or added
+    since ``old``'s HIGHESTMODSEQ, ``count`` the messages the mailbox holds
+    now (read with ``box``). None when that is not enough: something was
+    removed (the count does not add up), and the caller reads it all."""
+    flags = old.flags
+    assert flags is not None
+    uids = old.uids
+    last = uids[-1] if uids else 0
+    added = sum(1 for r in rows if r[0] > last)
+    if len(uids) + added != count:
+        return None
+    sets = list(flags.sets)
+    ids: dict[frozenset[str], int] = {}
+    for n, fs in enumerate(sets):
+        ids.setdefault(fs, n)
+    index = array("I", flags.index)
+    out_uids = array(UID_TYPECODE, uids)
+    for uid, text in rows:
+        fs = flags_set(text)
+        k = ids.get(fs)
+        if k is None:
+            k = ids[fs] = len(sets)
+            sets.append(fs)
+        if uid > last:
+            out_uids.append(uid)  # rows ascend by UID
+            index.append(k)
+            continue
+        i = bisect.bisect_left(uids, uid)
+        if i == len(uids) or uids[i] != uid:
+            return None
+        index[i] = k
+    counts = Counter(index)
+    unseen = 0
+    first_at: int | None = None
+    keywords: set[str] = set()
+    data = index.tobytes()
+    size = index.itemsize
+    for k, n in counts.items():
+        fs = sets[k]
+        keywords.update(f for f in fs if not f.startswith("\\"))
+        if "\\Seen" not in fs:
+            unseen += n
+            pattern = array("I", [k]).tobytes()
+            at = data.find(pattern)
+            while at != -1 and at % size:  # only a whole entry counts
+                at = data.find(pattern, at + 1)
+            if at != -1 and (first_at is None or at // size < first_at):
+                first_at = at // size
+    first_unseen = None if first_at is None else out_uids[first_at]
+    return MailboxState(box, out_uids, unseen, first_unseen, frozenset(keywords), None,
+                        MailboxFlags(out_uids, index, tuple(sets)))
 
 
 def _box_info_in(s: Session, account_id: int, name: str) -> MailboxInfo:
@@ -266,6 +404,8 @@ class MailStore:
     # Made on first use (class defaults: Store.__init__ is not ours to extend).
     _writer: GroupRunner | None = None
     _writer_lock = threading.Lock()
+    # SELECT's views between sessions (``_ViewCache``), made on first use.
+    _views: _ViewCache | None = None
     _thread_key_value: bytes | None = None
     _account: Callable[[Session, str], Account]  # from AccountStore
     # From EmergencyStore: refuses changes by read-only sessions and reads
@@ -594,12 +734,46 @@ class MailStore:
         about 100 ms where one Python object per row costs twice that.
         ``with_flags``: also every message's flags (``MailboxState.flags``)
         where the UIDs come listed (SQLite, PostgreSQL), at little cost."""
+        views = self._views
+        if views is None:
+            with self._writer_lock:
+                if self._views is None:
+                    self._views = _ViewCache()
+            views = self._views
+        params = {"account": session.account_id, "name": _box_key(mailbox)}
+
+        def marks(conn: Any) -> tuple[MailboxInfo, tuple[Any, ...]]:
+            rows = _BOX_STATE.rows(conn, params)
+            if not rows:
+                raise MailboxNotFound(f"no mailbox named {mailbox!r}")
+            r = rows[0]
+            box = MailboxInfo(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+            return box, (box.id, box.uidvalidity, box.uidnext, box.highestmodseq, int(r[7]), since)
+
+        # The kept view, checked in a raw read transaction (fastread): an
+        # ORM session's set-up and close cost more than the rest of it.
+        with fastread.snapshot(self.engine) as conn:
+            box, key = marks(conn)
+            cached = views.get(key)
+            if cached is not None and (cached.flags is not None or not with_flags):
+                return replace(cached, mailbox=box, flags=cached.flags if with_flags else None)
+            base = views.latest(box.id, box.uidvalidity) if since is None else None
+            if base is not None and base[1].flags is not None and base[0][2] <= key[2] and base[0][3] <= key[3]:
+                # Changed since the kept view (a STORE, new mail): only the
+                # rows above its HIGHESTMODSEQ are read.
+                state = _advance(base[1], box, _FLAGS_SINCE.rows(conn, {"box": box.id, "since": base[0][3]}),
+                                 key[4])
+                if state is not None:
+                    views.put(key, state)
+                    return state if with_flags else replace(state, flags=None)
         with self._sessions() as s:
-            box = _box_info_in(s, session.account_id, mailbox)
+            conn = s.connection()
+            # Again, in the transaction that reads the messages: the state
+            # reported is one snapshot (the mailbox may have changed since).
+            box, key = marks(conn)
             recent = func.min(case((MessageCopy.internal_date >= since, MessageCopy.uid))) if since is not None \
                 else literal(None)
-            listing = _uid_list(s.get_bind().dialect.name)
-            conn = s.connection()
+            listing = _uid_list(conn.dialect.name)
             groups = conn.execute(
                 select(MessageCopy.flags, func.count(), func.min(MessageCopy.uid), recent,
                        listing if listing is not None else literal(None))
@@ -643,7 +817,13 @@ class MailStore:
                 first_unseen = low if first_unseen is None else min(first_unseen, low)
             if since_low is not None:
                 first_since = since_low if first_since is None else min(first_since, since_low)
-        return MailboxState(info, uids, unseen, first_unseen, frozenset(keywords), first_since, every_flag)
+        state = MailboxState(info, uids, unseen, first_unseen, frozenset(keywords), first_since, every_flag)
+        if len(uids) == key[4]:
+            # Read as of the row (on PostgreSQL the aggregate is a statement
+            # of its own, so a change in between could slip in: then the
+            # count differs, or the key's marks are passed for good).
+            views.put(key, state)
+        return state
 
     def message_flags(self, session: AccountSession, mailbox: str) -> MailboxFlags:
         """The flags of every message, compactly (see ``MailboxFlags``)."""

@@ -9,7 +9,8 @@ The store publishes after a unit of work has committed, never before: a
 listener that reacts at once (re-reads the mailbox) must find the change
 there. Publishing happens on the thread that made the change, which is a
 worker thread for the servers; callbacks must be quick and must not block
-(the IMAP side hops to the reactor with ``reactor.callFromThread``).
+(the IMAP side hops to the reactor with its worker pool's
+``call_from_thread``, in order with the workers' results).
 
 This bus is in-process only. On PostgreSQL, ``pgnotify.PgChangeBus``
 extends it across processes (LISTEN/NOTIFY): its ``publish`` also sends a

@@ -2,10 +2,12 @@
 FETCH's ``message.read`` goes through the store's group-commit writer and
 STORE's ``message.flags`` into the transaction that changes the flags; every
 command is still audited once, and its event is committed before its tagged
-OK (a reader of the database right after the OK finds it)."""
+OK (a reader of the database right after the OK finds it). A small FETCH
+sends nothing of the message before its read is committed."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -85,3 +87,39 @@ def test_concurrent_fetches_and_stores_are_each_audited_before_their_ok(server: 
         assert all(e.actor == m and e.protocol == "imap" and e.client_ip == "127.0.0.1" for e in reads)
         session = server.store.login(m, PASSWORD)
         assert not any("\\Flagged" in c.flags for c in server.store.snapshot(session, "INBOX").messages)
+
+
+def test_a_small_fetch_sends_nothing_before_its_read_is_committed(server: Server) -> None:
+    member = server.account("member")
+    server.store.deliver(b"Subject: held\r\n\r\nthe held body\r\n", server.sender, [member])
+    c = raw_session(server, member)
+    try:
+        assert c.command("s", "SELECT INBOX")[-1].startswith(b"s OK")
+        # Hold the database's write lock from here (the server is another
+        # process): the read's audit event can't commit until it is let go.
+        engine = server.store.engine
+        if engine.dialect.name == "sqlite":
+            lock = sqlite3.connect(str(engine.url.database), isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+        else:
+            lock = engine.raw_connection()
+            lock.cursor().execute("LOCK TABLE audit_events IN EXCLUSIVE MODE")
+        try:
+            c.send(b"f UID FETCH 1 BODY.PEEK[]\r\n")
+            c.sock.settimeout(1.5)
+            try:
+                early = c.sock.recv(65536)
+            except TimeoutError:
+                early = b""
+            assert early == b"", "FETCH content went out before its audit event was committed"
+        finally:
+            lock.rollback()
+            lock.close()
+        c.sock.settimeout(15)
+        lines = [c.response()]
+        while not lines[-1].startswith(b"f "):
+            lines.append(c.response())
+        assert lines[-1].startswith(b"f OK") and b"the held body" in lines[0]
+        assert len(_events(server, member, "message.read")) == 1
+    finally:
+        c.close()

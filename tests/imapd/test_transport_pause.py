@@ -1,7 +1,8 @@
 """Read flow control of the asyncio bridge (imapd/transport.py): a paused
 protocol holds the socket only once bytes arrive while it is paused, so a
 client that sends one command at a time costs no selector changes, and a
-pipelining client is still held after one read."""
+pipelining client is still held after one read. And the write side's cork:
+a command's writes gathered into one socket write."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class LoopTransport(asyncio.Transport):
         super().__init__()
         self.calls: list[str] = []
         self.written = b""
+        self.writes = 0
         self.closing = False
 
     def pause_reading(self) -> None:
@@ -31,6 +33,7 @@ class LoopTransport(asyncio.Transport):
 
     def write(self, data: Any) -> None:
         self.written += bytes(data)
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return self.closing
@@ -92,3 +95,34 @@ def test_a_pause_holds_the_socket_only_when_bytes_arrive_meanwhile() -> None:
     bridge.data_received(b"d NOOP\r\n")
     transport.resumeProducing()
     assert sock.calls == ["pause", "resume"]
+
+
+def test_a_cork_gathers_writes_into_one_and_never_holds_bytes_back_from_a_wait() -> None:
+    bridge = Bridge(Recorder, secure=True)
+    sock = LoopTransport()
+    bridge.connection_made(sock)
+    transport = bridge.transport
+    assert transport is not None
+
+    transport.cork()
+    transport.write(b"* 1 FETCH (UID 1)\r\n")
+    transport.writeSequence([b"* 2 FETCH ", b"(UID 2)\r\n"])
+    assert sock.written == b"" and sock.writes == 0
+    transport.write(b"a OK done\r\n")
+    transport.uncork()
+    assert sock.written == b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\na OK done\r\n"
+    assert sock.writes == 1
+    transport.uncork()  # nothing gathered: nothing written
+    assert sock.writes == 1
+
+    # Waiting for the client to take what was written sends what was
+    # gathered first (and keeps gathering).
+    transport.cork()
+    transport.write(b"x")
+    transport.drained()
+    assert sock.written.endswith(b"x") and sock.writes == 2
+    transport.write(b"y")
+    assert sock.writes == 2
+    # Closing sends it too, before the close.
+    transport.loseConnection()
+    assert sock.written.endswith(b"xy") and sock.writes == 3 and sock.closing

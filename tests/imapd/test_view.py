@@ -154,3 +154,27 @@ def test_flags_read_late_still_announce_changes_heard_meanwhile(store: Store, pe
     lines = catch_up(store, me, view, heard, True)
     assert lines == [b"2 FETCH (UID 2 FLAGS (\\Seen))"]
     assert view.first_unseen() == 1 and view.unseen_count() == 2
+
+
+def test_first_unseen_finds_whole_index_entries_only() -> None:
+    """``first_unseen`` searches the flag index's bytes: with many flag sets
+    an entry's bytes, read across two entries, can look like another's
+    (65792 then 0 hold the bytes of 257 one byte in)."""
+    from array import array
+
+    from postvault.store.types import MailboxFlags, MailboxInfo, MailboxState
+
+    seen = frozenset({"\\Seen"})
+    sets = tuple(frozenset({"k257"}) if k == 257 else frozenset({"\\Seen", f"k{k}"}) for k in range(70000))
+    uids = array("I", range(1, 3001))
+    index = array("I", [1] * len(uids))
+    index[10], index[11] = 65792, 0
+    assert index.tobytes().find(array("I", [257]).tobytes()) == 4 * 10 + 1
+    index[2500] = 257
+    state = MailboxState(MailboxInfo(1, "INBOX", None, 1, 3001, 1, True), uids, 1, 2501, frozenset(),
+                         None, MailboxFlags(uids, index, sets))
+    view = SelectedMailbox(state, True, 10**9)
+    view.load_flags(state.flags)  # type: ignore[arg-type]
+    assert view.first_unseen() == 2501
+    view.set_flags({2501: seen})
+    assert view.first_unseen() is None

@@ -222,3 +222,73 @@ def test_select_reads_every_flag_with_the_uids(store: Store, people: dict[str, s
         assert box.first_unseen() == unseen[0] and box.unseen_count() == len(unseen) and not box.ghosts
         assert box.keywords() == ["$Work"]
         assert [box.flags_at(n) for n in range(1, len(uids) + 1)] == [per_uid(apart)[u] for u in uids]
+
+
+def test_select_reuses_a_view_only_while_the_mailbox_is_unchanged(store: Store, people: dict[str, str]) -> None:
+    """SELECT's view is kept between sessions (``_ViewCache``) and used only
+    while the mailbox's UIDNEXT, HIGHESTMODSEQ and message count are those
+    it was read at: every kind of change, by this process or another (a
+    row removed behind the store's back), gives a fresh read."""
+    from postvault.store.models import MessageCopy
+
+    session = store.login(people["member"], PASSWORD)
+    uids = _fill(store, session, 16)
+
+    View = tuple[list[int], dict[int, frozenset[str]], int, int | None, frozenset[str]]
+
+    def view() -> View:
+        st = store.mailbox_state(session, "Drafts", with_flags=True)
+        assert st.flags is not None and len(st.uids) == st.exists
+        assert list(st.flags.uids) == list(st.uids)
+        flags = {u: st.flags.sets[k] for u, k in zip(st.flags.uids, st.flags.index)}
+        return list(st.uids), flags, st.unseen, st.first_unseen, st.keywords
+
+    def truth() -> View:
+        metas = store.snapshot(session, "Drafts").messages
+        unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
+        keywords = frozenset(f for m in metas for f in m.flags if not f.startswith("\\"))
+        return ([m.uid for m in metas], {m.uid: m.flags for m in metas}, len(unseen), min(unseen, default=None),
+                keywords)
+
+    first = store.mailbox_state(session, "Drafts", with_flags=True)
+    again = store.mailbox_state(session, "Drafts", with_flags=True)
+    assert again.uids is first.uids and again.flags is first.flags  # the kept view
+    assert store.mailbox_state(session, "Drafts").flags is None  # as asked, from the same view
+    assert view() == truth()
+
+    store.set_flags(session, "Drafts", uids[:5], ["\\Seen", "$Later"], "add")
+    changed = store.mailbox_state(session, "Drafts", with_flags=True)
+    assert changed.uids is not first.uids and "$Later" in changed.keywords
+    assert view() == truth()
+
+    store.append(session, "Drafts", raw(99), [])
+    assert view() == truth() and len(view()[0]) == len(uids) + 1
+    # Brought up to date from the kept view (rows above its modseq only):
+    # the same as a read of every message, keywords gone when unused.
+    store.set_flags(session, "Drafts", uids[:5], ["$Later"], "remove")
+    store.set_flags(session, "Drafts", uids[3:9], ["\\Seen"], "remove")
+    store.append(session, "Drafts", raw(100), ["\\Seen", "$New"])
+    advanced = view()
+    store._views = None  # type: ignore[attr-defined]
+    assert advanced == view() == truth() and "$Later" not in advanced[4] and "$New" in advanced[4]
+
+    store.set_flags(session, "Drafts", uids[-2:], ["\\Deleted"], "add")
+    store.expunge(session, "Drafts")
+    assert view() == truth() and len(view()[0]) == len(uids)  # two appended, two expunged
+
+    # A removal that moves neither UIDNEXT nor HIGHESTMODSEQ (as an
+    # invitation's discarded mail, or another node's work the bus missed).
+    with store._sessions() as s:
+        box_id = store.mailbox_state(session, "Drafts").mailbox.id
+        s.execute(MessageCopy.__table__.delete().where(MessageCopy.mailbox_id == box_id,
+                                                      MessageCopy.uid == uids[0]))
+        s.commit()
+    assert uids[0] not in view()[0]
+    assert view() == truth()
+
+    # Another account's folder of the same name is never this one's view.
+    other = store.login(people["member2"], PASSWORD)
+    with pytest.raises(MailboxNotFound):
+        store.mailbox_state(other, "NoSuchFolder", with_flags=True)
+    theirs = store.mailbox_state(other, "INBOX", with_flags=True)
+    assert theirs.mailbox.id != box_id
