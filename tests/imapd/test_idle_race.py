@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from postvault.conf.schema import ImapConfig
 from postvault.imapd.account import Account
+from postvault.imapd.indexfill import IndexFiller
 from postvault.imapd.mailbox import RecentClaims
 from postvault.policy.schema import Policy
 from postvault.store.api import Store
@@ -36,6 +37,7 @@ class HeldService:
         self.bus = store.bus
         self.recent = RecentClaims()
         self.portal = None
+        self.indexer = IndexFiller(store, enabled=False, round_messages=250)
         self.hold = ""
         self.held: list[tuple[defer.Deferred[Any], Any]] = []
 
