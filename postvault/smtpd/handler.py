@@ -50,7 +50,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.parser import HeaderParser
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import AuthResult
 from sqlalchemy import Connection
@@ -366,9 +366,7 @@ def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
     try:
         # UTF-8 headers (RFC 6532) decode as text; anything else survives
         # as surrogates and simply matches no account.
-        msg = HeaderParser(policy=email.policy.default).parsestr(head.decode("utf-8", "surrogateescape"))
-        froms = msg.get_all("From") or []
-        senders = msg.get_all("Sender") or []
+        froms, senders = _from_fields(head.decode("utf-8", "surrogateescape"))
         if not froms:
             return "header.from-missing", replies.NO_FROM.format(account=account)
         if len(froms) != 1 or len(senders) > 1:
@@ -398,6 +396,31 @@ def _check_from(head: bytes, account: str) -> tuple[str, str] | None:
     except _HEADER_ERRORS:
         return "header.from-unreadable", replies.FROM_UNREADABLE.format(account=account)
     return None
+
+
+def _from_fields(head: str) -> tuple[list[Any], list[Any]]:
+    """The From and Sender fields of a header section, as
+    ``email.policy.default`` gives them (``get_all``).
+
+    The header section is split into fields with compat32, which stores
+    each field's raw value exactly as the default policy does (both
+    ``header_source_parse`` are the same code), and only the From and
+    Sender fields are then turned into the default policy's header objects
+    (``header_fetch_parse``, what ``get_all`` calls). The same objects as a
+    default-policy parse, without that parse building a Content-Type header
+    object that this check never reads (about a fifth of its cost).
+    """
+    msg = HeaderParser(policy=email.policy.compat32).parsestr(head, headersonly=True)
+    fetch = email.policy.default.header_fetch_parse
+    froms: list[Any] = []  # AddressHeader objects
+    senders: list[Any] = []
+    for name, value in msg.raw_items():
+        key = name.lower()
+        if key == "from":
+            froms.append(fetch(name, value))
+        elif key == "sender":
+            senders.append(fetch(name, value))
+    return froms, senders
 
 
 def _invalid(header: object) -> bool:
