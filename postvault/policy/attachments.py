@@ -68,6 +68,7 @@ from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.parser import BytesParser
 
+from postvault.mime import headercache
 from postvault.policy.archives import Finding, Limits, Problem, scan_archive
 from postvault.policy.decision import ALLOW, Decision, refuse
 from postvault.policy.schema import AttachmentPolicy, MiB
@@ -780,7 +781,13 @@ class _MemoHeaderFactory:
         key = (name, value)
         header = self._headers.get(key)
         if header is None:
-            header = self._headers[key] = self[name](name, value)
+            if name.lower() in headercache.SHARED_FIELDS:
+                # Made once for the messages that repeat a value (see
+                # mime/headercache.py; never one that may hold a file name).
+                header = headercache.header(name, value)
+            else:
+                header = self[name](name, value)
+            self._headers[key] = header
         return header
 
 
