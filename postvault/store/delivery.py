@@ -89,6 +89,7 @@ _NEW_MESSAGE_W = FastWrite(_NEW_MESSAGE, ["public_id", "blob_id", "size", "mid_h
                                           "origin", "sealed_summary"])
 _ADD_COPIES_W = FastWrite(_ADD_COPIES, ["mailbox_id", "uid", "message_id", "flags", "internal_date", "size",
                                         "modseq", "wrapped_key"])
+_NEXT_UIDS_W = FastWrite(_NEXT_UIDS, ["owner", "box", "n"])
 _ADD_PARTICIPANTS_SQLITE = FastWrite(insert_ignoring_duplicates(_PARTICIPANTS, "sqlite"), ["thread_id", "email"])
 
 
@@ -201,9 +202,10 @@ def _allocate(conn: Connection, wanted: dict[tuple[int, str], int]) -> dict[tupl
     out = {}
     for owner, box in sorted(wanted):
         n = wanted[(owner, box)]
-        row = conn.execute(_NEXT_UIDS, {"owner": owner, "box": _mailbox_key(box), "n": n}).one_or_none()
-        if row is None:
+        rows = _NEXT_UIDS_W.returning(conn, {"owner": owner, "box": _mailbox_key(box), "n": n})
+        if not rows:
             raise MailboxNotFound(f"no mailbox named {box!r}")
+        row = rows[0]  # (account, name) is unique
         out[(owner, box)] = (int(row[0]), int(row[1]) - n, int(row[2]) - n)
     return out
 

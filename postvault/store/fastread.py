@@ -184,6 +184,21 @@ class FastWrite:
             raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
         return int(cursor.lastrowid) if self._insert else None
 
+    def returning(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of the statement's RETURNING clause (plain values: the
+        returned columns must be ones sqlite3 gives as Core does, such as
+        integers)."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.stmt, dict(params))]
+        values = self._values(conn, params)
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        base = conn.dialect.loaded_dbapi.Error
+        try:
+            return raw.execute(self._sql, values).fetchall()  # type: ignore[no-any-return]
+        except base as exc:
+            raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
+
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return

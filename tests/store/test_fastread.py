@@ -141,6 +141,17 @@ def test_every_fast_write_stores_what_its_core_statement_stores(store: Store, pe
         rows = {uid: stored(conn, "message_copies", uid, "uid", ("id",)) for uid in (901, 902, 903)}
         assert rows[902] == rows[903] != []
         assert [v for v in rows[902][0]] == [v for v in rows[901][0]]
+        # The UID allocation: the same rows returned and the same counters left.
+        other = int(conn.scalar(text("SELECT id FROM mailboxes WHERE account_id = :a AND name = 'INBOX'"),
+                                {"a": ids[people["member"]]}))
+        before = {b: tuple(conn.execute(text("SELECT uidnext, highestmodseq FROM mailboxes WHERE id = :b"),
+                                        {"b": b}).one()) for b in (box, other)}
+        core = [tuple(r) for r in conn.execute(delivery._NEXT_UIDS,
+                                               {"owner": ids[people["colleague"]], "box": "INBOX", "n": 3})]
+        fast = delivery._NEXT_UIDS_W.returning(conn, {"owner": ids[people["member"]], "box": "INBOX", "n": 3})
+        assert [(box, before[box][0] + 3, before[box][1] + 3)] == core
+        assert [(other, before[other][0] + 3, before[other][1] + 3)] == [tuple(r) for r in fast]
+        assert delivery._NEXT_UIDS_W.returning(conn, {"owner": ids[people["member"]], "box": "Nope", "n": 1}) == []
         part = {"thread_id": thread, "email": people["member"]}
         delivery._ADD_PARTICIPANTS_SQLITE.run_many(conn, [part, part])  # the duplicate is skipped
         assert conn.scalar(text("SELECT count(*) FROM thread_participants WHERE thread_id = :t"), {"t": thread}) == 1
