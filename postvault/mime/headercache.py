@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from email.headerregistry import BaseHeader, HeaderRegistry
-from email.policy import linesep_splitter
+from email.policy import linesep_splitter  # type: ignore[attr-defined]
 
 MAX_ENTRIES = 256
 # Fields whose values are worth keeping: they repeat from message to message.

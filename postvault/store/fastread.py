@@ -173,7 +173,11 @@ class FastWrite:
     def run(self, conn: Connection, params: Mapping[str, Any]) -> int | None:
         if conn.dialect.name != "sqlite":
             result = conn.execute(self.stmt, dict(params))
-            return int(result.inserted_primary_key[0]) if self._insert else None
+            if not self._insert:
+                return None
+            key = result.inserted_primary_key
+            assert key is not None
+            return int(key[0])
         values = self._values(conn, params)
         raw = conn.connection.driver_connection
         assert raw is not None
