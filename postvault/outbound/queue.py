@@ -81,7 +81,7 @@ def _own_lines_removed(body: bytes) -> bytes:
     """A notification without its Date and Message-ID fields (the header
     section only): what two notifications must share to say the same."""
     end = body.find(b"\r\n\r\n")
-    end = len(body) if end < 0 else end
+    end = len(body) if end < 0 else end + 2  # the last field's line end too
     return _OWN_LINES.sub(b"", body[:end]) + body[end:]
 
 
