@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import smtp_load as load  # noqa: E402
+import smtp_load as load
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def test_from_fields_are_the_default_policys() -> None:
 
 def _reference_check(head: bytes) -> tuple[str, str] | None:
     """``_check_from`` as it read the fields before (a default-policy parse)."""
-    import postvault.smtpd.handler as handler
+    from postvault.smtpd import handler
 
     def whole_parse(text: str) -> tuple[list[object], list[object]]:
         msg = HeaderParser(policy=email.policy.default).parsestr(text)
