@@ -35,13 +35,16 @@ class Serve:
     """``postvault serve --home HOME`` with the given listeners only.
 
     ``listen`` maps a listener name (``LISTENERS``) to "host:port"; the
-    others are switched off. The server's standard error (its log) goes to
+    others are switched off. ``root``: run the ``postvault`` of another
+    checkout (its folder is the child's working directory, which
+    ``python -m`` puts first on the path; give its PYTHONPATH too). The server's standard error (its log) goes to
     ``log_path``; its standard output is read on a thread so that it can
     never block on a full pipe.
     """
 
     def __init__(self, home: Path, listen: dict[str, str], log_path: Path,
-                 extra_env: dict[str, str] | None = None, ready_seconds: float = 120.0) -> None:
+                 extra_env: dict[str, str] | None = None, ready_seconds: float = 120.0,
+                 root: Path | None = None) -> None:
         unknown = set(listen) - set(LISTENERS)
         if unknown:
             raise ValueError(f"unknown listeners: {sorted(unknown)}")
@@ -54,7 +57,7 @@ class Serve:
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postvault.cli.main", "serve", "--home", str(home)],
-            env=env, stdout=subprocess.PIPE, stderr=self._log, cwd=str(ROOT))
+            env=env, stdout=subprocess.PIPE, stderr=self._log, cwd=str(root or ROOT))
         if not self._wait_ready(ready_seconds):
             self.stop()
             raise RuntimeError("postvault serve did not start:\n"

@@ -24,7 +24,9 @@ of bare MB/s at 10 MB.
 ``--processes 1,2,3`` starts one Postvault server per value of ``[smtp]
 processes`` (each on a home folder of its own) and measures each against
 the same bare server in the same run; the server CPU column then counts
-the submission worker processes too.
+the submission worker processes too. ``--baseline DIR`` adds one more
+Postvault, run from the checkout in DIR (an older commit), measured first
+in each round: before and after a change in the same run.
 
 Everything stays on 127.0.0.1; every loop is bounded by N and timeouts.
 ``--profile-out FILE`` also records a py-spy profile of the Postvault
@@ -142,6 +144,9 @@ def wait_ready(proc: subprocess.Popen[bytes], word: bytes, seconds: float = 120)
         raise SystemExit(f"server did not start: {seen!r}")
 
 
+BASELINE = " (baseline)"
+
+
 def postvault_name(processes: int) -> str:
     """The report's name of Postvault with ``[smtp] processes`` = N."""
     return "Postvault" if processes == 1 else f"Postvault, {processes} processes"
@@ -158,30 +163,36 @@ class Servers:
 
     @property
     def postvault_pid(self) -> int:
-        return next(iter(self.postvault.values()))[1]
+        return next(pid for name, (_, pid) in self.postvault.items() if not name.endswith(BASELINE))
 
-    def start(self, concurrency: int, processes: list[int] | None = None) -> None:
+    def start(self, concurrency: int, processes: list[int] | None = None, baseline: Path | None = None) -> None:
         from postvault.conf.load import load_config
         from postvault.home import init_home, open_store
 
         home = self.work
-        for n in processes or [1]:
+        runs: list[tuple[int, Path | None]] = [(n, None) for n in processes or [1]]
+        if baseline is not None:
+            runs.insert(0, ((processes or [1])[0], baseline))
+        for n, root in runs:
             # A home folder each, so every server starts with empty mailboxes.
-            home = self.work / f"home-{n}"
+            home = self.work / (f"home-{n}" if root is None else f"baseline-{n}")
             init_home(home, "mail.example.test")
             store = open_store(load_config(home, environ={}))
             store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
             store.create_account(RECIPIENT, "member", "Bench Clinic", PASSWORD)
             store.close()
             port = free_port()
+            env = {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5)),
+                   "POSTVAULT_SMTP_PROCESSES": str(n)}
+            if root is not None:
+                env["PYTHONPATH"] = str(root)
             try:
-                pv = Serve(home, {"submissions": f"127.0.0.1:{port}"}, self.work / f"postvault-{n}.log",
-                           {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5)),
-                            "POSTVAULT_SMTP_PROCESSES": str(n)})
+                pv = Serve(home, {"submissions": f"127.0.0.1:{port}"}, self.work / f"{home.name}.log", env,
+                           root=root)
             except RuntimeError as e:
                 raise SystemExit(str(e)) from None
             self.procs.append(pv.proc)
-            self.postvault[postvault_name(n)] = (port, pv.pid)
+            self.postvault[postvault_name(n) + (BASELINE if root is not None else "")] = (port, pv.pid)
         self.bare_port = free_port()
         out = self.work / "bare-out"
         out.mkdir()
@@ -345,6 +356,10 @@ def main() -> None:
     parser.add_argument("--processes", default="1",
                         help="comma-separated [smtp] processes values: one Postvault server each, all measured "
                              "in the same run against the one bare server (default: 1)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run Postvault from the checkout in DIR (e.g. `git worktree add DIR <commit>`) "
+                             "in the same interleaved rounds, with the first --processes value: before and "
+                             "after a change, measured against the same bare server in the same run")
     parser.add_argument("--bare-server", nargs=4, metavar=("PORT", "CERT", "KEY", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -359,9 +374,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pv-smtp-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         servers = Servers(Path(tmp))
         processes = [int(n) for n in args.processes.split(",")]
-        servers.start(args.concurrency, processes)
+        baseline = args.baseline.resolve() if args.baseline else None
+        servers.start(args.concurrency, processes, baseline)
         # One development CA per home folder: a context per server.
         ctxs = {postvault_name(n): client_context(Path(tmp) / f"home-{n}/certs/ca.pem") for n in processes}
+        if baseline is not None:
+            ctxs[postvault_name(processes[0]) + BASELINE] = client_context(
+                Path(tmp) / f"baseline-{processes[0]}/certs/ca.pem")
         ctxs["bare aiosmtpd"] = ctxs[postvault_name(processes[-1])]
         targets = [(name, port, pid) for name, (port, pid) in servers.postvault.items()]
         targets.append(("bare aiosmtpd", servers.bare_port, servers.bare_pid))

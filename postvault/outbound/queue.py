@@ -20,6 +20,7 @@ emptied the moment a row is final, and rows are only as long-lived as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..conf.schema import NotifyConfig
 from ..store import audit
 from ..store.db import sessions, unit_of_work
+from ..store.fastread import FastSelect
 from ..store.models import OutboundMail
 
 Kind = Literal["invitation", "notification", "notice"]
@@ -61,8 +63,26 @@ _FINISH = (
     update(_Q).where(_Q.c.id == bindparam("row"))
     .values(state=bindparam("state"), body=b"", finished_at=bindparam("finished"), last_error=bindparam("error"))
 )
+# Notifications still waiting for their first attempt, per address and
+# account (see add_notifications); on the writer's sqlite3 connection.
+_UNTRIED = FastSelect(
+    select(_Q.c.body).where(_Q.c.state == "queued", _Q.c.kind == "notification", _Q.c.attempts == 0,
+                            _Q.c.recipient == bindparam("recipient"), _Q.c.account == bindparam("account"),
+                            _Q.c.mail_from == bindparam("mail_from"))
+)
+# A notification's own lines: the rest is the same for every notification
+# of one sender practice to one address (outbound.message.notification_bytes).
+_OWN_LINES = re.compile(rb"^(?:Date|Message-ID):[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*", re.IGNORECASE | re.MULTILINE)
 _RETRY = update(_Q).where(_Q.c.id == bindparam("row")).values(next_attempt_at=bindparam("next"),
                                                               last_error=bindparam("error"))
+
+
+def _own_lines_removed(body: bytes) -> bytes:
+    """A notification without its Date and Message-ID fields (the header
+    section only): what two notifications must share to say the same."""
+    end = body.find(b"\r\n\r\n")
+    end = len(body) if end < 0 else end + 2  # the last field's line end too
+    return _OWN_LINES.sub(b"", body[:end]) + body[end:]
 
 
 def utc_now() -> datetime:
@@ -169,6 +189,30 @@ class OutboundQueue:
             "state": "queued", "attempts": 0, "created_at": stamp, "next_attempt_at": stamp, "give_up_at": give_up,
             "finished_at": None, "last_error": "",
         } for recipient, body, account in rows])
+
+    def add_notifications(self, conn: Connection, mail_from: str,
+                          rows: Sequence[tuple[str, bytes, str | None]]) -> int:
+        """``add_rows`` for new-mail notifications, without those that would
+        repeat one still waiting in the queue: a notification to the same
+        address about the same account, not tried yet, that says the same
+        (the same bytes but for its Date and Message-ID, i.e. the same
+        sender practice). That one goes out with the first attempt anyway
+        and tells the same thing, "a secure message waits"; a second copy
+        only costs a send (and a reader's attention). Once the waiting one
+        has been tried (leased for sending, or failed and waiting to retry),
+        the next delivery queues a notification of its own again, so a
+        notification still always follows each delivery's commit. Returns
+        how many were queued."""
+        fresh: list[tuple[str, bytes, str | None]] = []
+        for recipient, body, account in rows:
+            if account is not None:
+                key = _own_lines_removed(body)
+                waiting = _UNTRIED.rows(conn, {"recipient": recipient, "account": account, "mail_from": mail_from})
+                if any(_own_lines_removed(bytes(w.body)) == key for w in waiting):
+                    continue
+            fresh.append((recipient, body, account))
+        self.add_rows(conn, "notification", mail_from, fresh)
+        return len(fresh)
 
     def claim_due(self, limit: int = 20) -> list[QueuedMail]:
         """Rows due now, each leased to the caller (see module docstring)."""

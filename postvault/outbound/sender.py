@@ -158,7 +158,11 @@ class Sender:
             hosts = mail_hosts(domain, self._resolver)
         except MailHostError as exc:
             return Outcome("permanent" if exc.permanent else "temporary", None, str(exc))
-        context = self._mx_context or verifying_context(None)
+        if self._mx_context is None:
+            # Made once, as the relay's is: loading the system's trust store
+            # for every notification cost more CPU than the send itself.
+            self._mx_context = verifying_context(None)
+        context = self._mx_context
         last = Outcome("temporary", None, f"no mail host for {domain} answered")
         for host in hosts:
             # RFC 5321 §5.1: try the next host after a temporary failure;

@@ -49,6 +49,12 @@ check this against a full parse).  Bodies are then read straight from the
 original bytes: the size of a base64 body is counted from its length and
 only the first few kilobytes are decoded for sniffing, unless the file is an
 archive and must be opened.
+
+A message that is neither multipart nor message/* and carries no file
+(plain text, most mail) is decided from its header section alone: the
+parser makes the rest of such a message its payload without looking at it,
+so parsing it line by line changes nothing (``_single_part_without_file``;
+the tests compare every decision with the whole message's).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.parser import BytesParser
 
+from postvault.mime import headercache
 from postvault.policy.archives import Finding, Limits, Problem, scan_archive
 from postvault.policy.decision import ALLOW, Decision, refuse
 from postvault.policy.schema import AttachmentPolicy, MiB
@@ -780,7 +787,13 @@ class _MemoHeaderFactory:
         key = (name, value)
         header = self._headers.get(key)
         if header is None:
-            header = self._headers[key] = self[name](name, value)
+            if name.lower() in headercache.SHARED_FIELDS:
+                # Made once for the messages that repeat a value (see
+                # mime/headercache.py; never one that may hold a file name).
+                header = headercache.header(name, value)
+            else:
+                header = self[name](name, value)
+            self._headers[key] = header
         return header
 
 
@@ -1014,13 +1027,20 @@ def _raw_headers(part: Message) -> list[tuple[str, str]]:
     return [(k.strip().lower(), v) for k, v in part.raw_items() if isinstance(k, str) and isinstance(v, str)]
 
 
+class _NeedsBody(Exception):
+    """A header-only walk met a file: its body must be read (full parse)."""
+
+
 class _Walker:
-    def __init__(self, parsed: _Parsed, policy: AttachmentPolicy, allowed: frozenset[str]) -> None:
+    def __init__(self, parsed: _Parsed, policy: AttachmentPolicy, allowed: frozenset[str],
+                 header_only: bool = False) -> None:
         self.parsed = parsed
         self.policy = policy
         self.blocked = _normalise_extensions(frozenset(policy.blocked_extensions))
         self.allowed = allowed
         self.parts = 0
+        # The parse holds the header section only (see _header_section).
+        self.header_only = header_only
 
     def walk(self, part: Message, depth: int) -> None:
         policy = self.policy
@@ -1070,6 +1090,8 @@ class _Walker:
         is_file = bool(names) or disposition == "attachment" or not ctype.startswith("text/")
         if not is_file:
             return
+        if self.header_only:
+            raise _NeedsBody
         label = _label(names[0] if names else None, ctype)
         self.check_names(names)
         cte = _cte(part)
@@ -1164,6 +1186,52 @@ _DEFECT_TEXT: dict[type, str] = {
 # --------------------------------------------------------------------------
 
 
+# Two line ends in a row: the end of the first blank line. Atomic groups,
+# so that a CR LF is never taken for two line ends (the parser splits lines
+# at CR LF, CR or LF alike).
+_BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+# Set False by tests, to compare with the whole-message path.
+_HEADER_FAST_PATH = True
+
+
+def _header_section(raw: bytes) -> bytes | None:
+    """``raw`` up to and including its first blank line, or None if it has
+    none. The parser's header section ends there or before (at the first
+    line that is not a header field), so it parses these bytes' headers
+    exactly as the whole message's."""
+    m = _BLANK_LINE.search(raw)
+    return None if m is None else raw[: m.end()]
+
+
+def _single_part_without_file(raw: bytes, policy: AttachmentPolicy, allowed: frozenset[str]) -> bool:
+    """Whether ``raw`` passes the checks from its header section alone: a
+    message that is not multipart or message/* and carries no file (the
+    plain-text message of most mail), decided with the same parse and the
+    same walk as the whole message. For such a message the parser makes
+    the rest of the bytes the payload, line by line, without looking at
+    them (no defect, no part, no header can come from there), and the walk
+    reads no body of a part that is not a file; so the whole message's
+    check gives the same answer, at the cost of parsing every body line.
+    Raises ``_Refuse`` for that part's headers as the whole check would.
+    False: check the whole message (multipart, message/*, a file, no blank
+    line, or a header section the parser refuses: its own words then)."""
+    head = _header_section(raw) if _HEADER_FAST_PATH else None
+    if head is None or len(head) == len(raw):
+        return False
+    try:
+        parsed = _parse(head, policy)
+    except (_Refuse, RecursionError):
+        return False  # the whole message's parse decides, and says why
+    root = parsed.message
+    if root.is_multipart() or root.get_content_maintype() in ("multipart", "message"):
+        return False
+    try:
+        _Walker(parsed, policy, allowed, header_only=True).walk(root, 0)
+    except _NeedsBody:
+        return False
+    return True
+
+
 def check_attachments(
     raw: bytes,
     policy: AttachmentPolicy,
@@ -1186,9 +1254,12 @@ def check_attachments(
                 "Send the attachments in several messages.",
                 "message.size",
             )
-        parsed = _parse(bytes(raw), policy)
-        walker = _Walker(parsed, policy, _normalise_extensions(frozenset(allow_extensions)))
-        walker.walk(parsed.message, 0)
+        raw = bytes(raw)
+        allowed = _normalise_extensions(frozenset(allow_extensions))
+        if not _single_part_without_file(raw, policy, allowed):
+            parsed = _parse(raw, policy)
+            walker = _Walker(parsed, policy, allowed)
+            walker.walk(parsed.message, 0)
     except _Refuse as stop:
         return stop.decision
     except RecursionError:

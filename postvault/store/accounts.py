@@ -34,7 +34,7 @@ from ..errors import AccountExists, AuthenticationFailed, IntegrityError, Invali
 from . import audit, crypto, passwords, serverkeys
 from .contacts import ContactsStore
 from .db import WRITE_OPTION, unit_of_work
-from .fastread import FastSelect
+from .fastread import FastSelect, FastWrite
 from .models import Account, AuthFailure, Invitation, InvitationEscrow, Mailbox, MessageCopy, NotificationPrefs
 from .types import (
     DEFAULT_MAILBOXES,
@@ -845,6 +845,9 @@ _PREFS_SET = (
     update(_PREFS).where(_PREFS.c.account_id == bindparam("account"))
     .values(last_sent_at=bindparam("sent"), held_since=bindparam("held"))
 )
+# The claim's writes in the writer's transaction, on the sqlite3 connection.
+_PREFS_NEW_W = FastWrite(_PREFS_NEW, ["account_id", "mode", "interval_minutes", "last_sent_at", "held_since"])
+_PREFS_SET_W = FastWrite(_PREFS_SET, ["account", "sent", "held"])
 
 
 def claim_notifications_in(
@@ -885,9 +888,9 @@ def claim_notifications_in(
         else:
             new_held = None
         if row.has_prefs is None:
-            conn.execute(_PREFS_NEW, {"account_id": row.id, "mode": mode, "interval_minutes": interval,
-                                      "last_sent_at": new_last, "held_since": new_held})
+            _PREFS_NEW_W.run(conn, {"account_id": row.id, "mode": mode, "interval_minutes": interval,
+                                    "last_sent_at": new_last, "held_since": new_held})
         elif (new_last, new_held) != (last, held):
-            conn.execute(_PREFS_SET, {"account": row.id, "sent": new_last, "held": new_held})
+            _PREFS_SET_W.run(conn, {"account": row.id, "sent": new_last, "held": new_held})
         out.append(target)
     return out

@@ -133,6 +133,92 @@ class FastInsert:
             raise DBAPIError.instance(self._sql, values[0], exc, base, dialect=conn.dialect) from exc
 
 
+class FastWrite:
+    """One INSERT or UPDATE with a fixed set of parameters, compiled once
+    for SQLite, run on the sqlite3 connection inside the caller's write
+    transaction; on any other database the Core statement runs unchanged.
+    Each parameter goes through the bind processor of its type for this
+    dialect, as Core's would (``datetime`` to SQLAlchemy's DATETIME text),
+    and literal values in the statement are bound from its compiled form.
+    A statement whose columns take defaults computed in Python is refused
+    (Core would compute them; this does not). Errors are wrapped as
+    SQLAlchemy wraps them. ``run`` returns the new row's id (an INSERT's
+    ``lastrowid``, Core's ``inserted_primary_key``), ``run_many`` runs it
+    for several parameter sets (``executemany``)."""
+
+    def __init__(self, stmt: Any, keys: Sequence[str]) -> None:
+        self.stmt = stmt
+        self._insert = bool(getattr(stmt, "is_insert", False))
+        compiled = stmt.compile(dialect=_SQLITE, column_keys=list(keys))
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            raise ValueError("a column default computed in Python: run this statement through Core")
+        self._sql = compiled.string
+        self._names = list(compiled.positiontup or ())
+        self._binds = [compiled.binds[n] for n in self._names]
+        self._fixed = {k: b.effective_value for k, b in compiled.binds.items() if not b.required}
+        self._procs: list[Any] | None = None
+
+    def _values(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        procs = self._procs
+        if procs is None:
+            dialect = conn.dialect
+            procs = self._procs = [b.type.dialect_impl(dialect).bind_processor(dialect) for b in self._binds]
+        fixed = self._fixed
+        out = []
+        for name, proc in zip(self._names, procs):
+            v = params[name] if name in params else fixed[name]
+            out.append(v if proc is None or v is None else proc(v))
+        return out
+
+    def run(self, conn: Connection, params: Mapping[str, Any]) -> int | None:
+        if conn.dialect.name != "sqlite":
+            result = conn.execute(self.stmt, dict(params))
+            if not self._insert:
+                return None
+            key = result.inserted_primary_key
+            assert key is not None
+            return int(key[0])
+        values = self._values(conn, params)
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        base = conn.dialect.loaded_dbapi.Error
+        try:
+            cursor = raw.execute(self._sql, values)
+        except base as exc:
+            raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
+        return int(cursor.lastrowid) if self._insert else None
+
+    def returning(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of the statement's RETURNING clause (plain values: the
+        returned columns must be ones sqlite3 gives as Core does, such as
+        integers)."""
+        if conn.dialect.name != "sqlite":
+            return [tuple(r) for r in conn.execute(self.stmt, dict(params))]
+        values = self._values(conn, params)
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        base = conn.dialect.loaded_dbapi.Error
+        try:
+            return raw.execute(self._sql, values).fetchall()  # type: ignore[no-any-return]
+        except base as exc:
+            raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
+
+    def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        if conn.dialect.name != "sqlite":
+            conn.execute(self.stmt, [dict(r) for r in rows])
+            return
+        values = [self._values(conn, r) for r in rows]
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        base = conn.dialect.loaded_dbapi.Error
+        try:
+            raw.executemany(self._sql, values)
+        except base as exc:
+            raise DBAPIError.instance(self._sql, values[0], exc, base, dialect=conn.dialect) from exc
+
+
 @contextmanager
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """A connection in a read transaction (one snapshot) for ``rows``."""

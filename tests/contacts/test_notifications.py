@@ -125,10 +125,16 @@ def test_notifications_claimed_in_the_filing_transaction(store: Store, config: C
 
     deliver(1)
     deliver(2)
-    assert counts == [1, 1]
+    # The second says what the first, still untried in the queue, says
+    # (add_notifications); once the worker has tried it, a new one is queued.
+    assert counts == [1, 0]
+    queue.claim_due()
+    deliver(2)
+    assert counts == [1, 0, 1]
     bodies = queued_bodies(store, config)
     assert len(bodies) == 2 and all(scan(b) == [] for b in bodies)
     assert b"Subject: New secure message from Smile Dental" in bodies[0] and b"To: dr@ortho.test" in bodies[0]
+    queue.claim_due()
 
     store.set_notification_settings(colleague, mode="batched", interval_minutes=15)
     clock.advance(minutes=1)
@@ -148,3 +154,36 @@ def test_notifications_claimed_in_the_filing_transaction(store: Store, config: C
     entry = [e for e in queue.entries() if e.kind == "notification"][-1]
     assert entry.recipient == "front-desk@ortho.test" and entry.account == colleague
     assert len(queued_bodies(store, config)) == 4
+
+
+def test_a_notification_waiting_untried_is_not_repeated(store: Store, config: Config, people: dict[str, str]) -> None:
+    """Mode "every": while a notification to the same address, saying the
+    same (same sender practice), waits untried in the queue, another
+    delivery queues none; a different practice, a different address, or
+    the first one having been tried (leased by the worker) queues one."""
+    member, member2, colleague = people["member"], people["member2"], people["colleague"]
+    clock = Clock()
+    queue = outbound_queue(store, config, clock)
+
+    def deliver(sender: str, to: str = colleague) -> int:
+        prepared = store.prepare_delivery(phi_mail(f"<c{len(queue.entries())}-{clock()}@dental.test>"), sender, [to])
+        counts: list[int] = []
+
+        def then(conn, p, result) -> None:  # type: ignore[no-untyped-def]
+            counts.append(notify_filed(conn, config, queue, result, p.sender.practice_name, clock=clock))
+
+        store.submit_delivery(prepared, then=then).result(30)
+        return counts[0]
+
+    assert [deliver(member) for _ in range(4)] == [1, 0, 0, 0]
+    clock.advance(minutes=30)  # later, same words but for Date: still nothing new to say
+    assert deliver(member) == 0
+    assert deliver(member2) == 1  # "from Family Clinic": another notification
+    assert deliver(member, member2) == 1  # another account and address
+    store.set_notification_settings(colleague, address="front-desk@ortho.test")
+    assert deliver(member) == 1  # another address
+    assert len(queue.claim_due()) == 4  # the worker takes them all (attempts 1)
+    assert [deliver(member), deliver(member)] == [1, 0]  # tried ones do not count
+    bodies = queued_bodies(store, config)
+    assert len(bodies) == 5 and all(scan(b) == [] for b in bodies)
+    assert sum(b"Subject: New secure message from Family Clinic" in b for b in bodies) == 1

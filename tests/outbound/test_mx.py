@@ -71,3 +71,83 @@ def test_mx_route_permanent_for_null_mx(config) -> None:  # type: ignore[no-unty
     sender = Sender(config.notify, "mail.example.test", resolver=StubResolver({"ortho.test": [(0, ".")]}))
     outcome = sender.send("no-reply@mail.example.test", "dr@ortho.test", b"Subject: x\r\n\r\nhi\r\n")
     assert outcome.status == "permanent" and "null MX" in outcome.text
+
+
+class _LoopbackDns:
+    """A DNS server on 127.0.0.1 (UDP) that answers from a table and counts
+    the questions it gets: the real dnspython resolver against real packets."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+        from collections import Counter
+
+        self.asked: Counter[str] = Counter()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        soa = "ns.test. admin.test. 1 3600 600 86400 300"
+        while not self._stop.is_set():
+            try:
+                data, peer = self._sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            name = query.question[0].name.to_text(omit_final_dot=True)
+            self.asked[name] += 1
+            reply = dns.message.make_response(query)
+            if name == "nx.test":
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+                reply.authority.append(dns.rrset.from_text("test.", 300, "IN", "SOA", soa))
+            elif name == "nomx.test":
+                reply.authority.append(dns.rrset.from_text("test.", 300, "IN", "SOA", soa))
+            elif name == "fail.test":
+                reply.set_rcode(dns.rcode.SERVFAIL)
+            else:  # mx.test for 300 s, zero.test for no time at all
+                ttl = 0 if name == "zero.test" else 300
+                reply.answer.append(dns.rrset.from_text(name + ".", ttl, "IN", "MX", f"10 mail.{name}."))
+            self._sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+def test_dns_answers_are_cached_for_their_ttl_failures_are_not() -> None:
+    """The outbound worker asks for the same domain once per notification:
+    positive answers and NXDOMAIN / no-MX (RFC 2308, the SOA's negative
+    TTL) come from the cache while they last; SERVFAIL and a TTL of 0 are
+    asked again each time."""
+    from postvault.outbound.mx import DnsResolver
+
+    server = _LoopbackDns()
+    try:
+        resolver = DnsResolver(lifetime=2.0, nameservers=["127.0.0.1"], port=server.port)
+        for _ in range(3):
+            assert resolver.mx("mx.test") == [(10, "mail.mx.test")]
+            assert resolver.mx("zero.test") == [(10, "mail.zero.test")]
+            with pytest.raises(NoSuchDomain):
+                resolver.mx("nx.test")
+            with pytest.raises(NoMxRecords):
+                resolver.mx("nomx.test")
+            with pytest.raises(DnsTemporaryError):
+                resolver.mx("fail.test")
+        assert server.asked["mx.test"] == 1 and server.asked["nx.test"] == 1 and server.asked["nomx.test"] == 1
+        assert server.asked["zero.test"] == 3 and server.asked["fail.test"] == 3
+        # Through the selection logic, the cached NXDOMAIN is still permanent.
+        with pytest.raises(MailHostError) as err:
+            mail_hosts("nx.test", resolver)
+        assert err.value.permanent and server.asked["nx.test"] == 1
+    finally:
+        server.close()

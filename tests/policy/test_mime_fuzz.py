@@ -352,3 +352,69 @@ def test_delivery_status_is_parsed_whole() -> None:
     raw = b"From: a@b.test\r\nMIME-Version: 1.0\r\n" + report
     assert attachments._parse(raw, P, elide_min=1).ranges == []
     assert_same_parse(raw)
+
+
+# --- 3. The header-only path (attachments._single_part_without_file) --------------
+#
+# A message that is not multipart or message/* and carries no file is decided
+# from its header section alone; every decision must be the whole message's.
+
+
+def _decide(raw: bytes, fast: bool, allowed: frozenset[str] = frozenset()) -> tuple[object, ...]:
+    saved = attachments._HEADER_FAST_PATH
+    attachments._HEADER_FAST_PATH = fast
+    try:
+        d = check_attachments(raw, P, allowed)
+    finally:
+        attachments._HEADER_FAST_PATH = saved
+    return (d.allowed, d.rule, d.code, d.smtp_reply)
+
+
+@st.composite
+def single_part_messages(draw: st.DrawFn) -> bytes:
+    """Leaf-only messages, with headers and bodies from the lines above
+    (bodies holding boundaries, header lines and blank lines)."""
+    eol = draw(st.sampled_from(["\r\n", "\n", "\r", "mixed"]))
+    out = ["From: a@b.test"] + draw(entity(depth=3))
+    ends = (draw(st.lists(st.sampled_from(["\r\n", "\n", "\r"]), min_size=len(out), max_size=len(out)))
+            if eol == "mixed" else [eol] * len(out))
+    return "".join(line + end for line, end in zip(out, ends)).encode("utf-8", "surrogatepass")
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.one_of(single_part_messages(), mime_messages()))
+def test_header_only_path_decides_as_the_whole_message(raw: bytes) -> None:
+    assert _decide(raw, True) == _decide(raw, False)
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.binary(max_size=2048))
+def test_header_only_path_on_arbitrary_bytes(raw: bytes) -> None:
+    assert _decide(raw, True) == _decide(raw, False)
+
+
+@pytest.mark.parametrize("raw", [
+    b"From: a@b.test\r\nSubject: x\r\n\r\nhello\r\n--b0\r\nContent-Type: application/x-msdownload\r\n\r\nMZ\r\n",
+    b"From: a@b.test\r\nContent-Type: application/pdf; name=a.exe\r\n\r\n%PDF-1.4\r\n",
+    b"From: a@b.test\r\nContent-Disposition: attachment; filename=\"x.exe\"\r\n\r\nhello\r\n",
+    b"From: a@b.test\r\nContent-Type: text/plain\r\nContent-Type: text/html\r\n\r\nhello\r\n",
+    b"From: a@b.test\r\nnot a header\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n--b0\r\n\r\nx\r\n--b0--\r\n",
+    b"From: a@b.test\r\n\r\n",
+    b"\r\n\r\nFrom: a@b.test\r\n",
+    b"From: a@b.test\r\r\nX: y\r\n\r\nbody\r\n",
+    b"From: a@b.test\rContent-Type: image/png\r\rbody",
+    b"From: a@b.test\r\nContent-Type: message/rfc822\r\n\r\nContent-Type: application/x-msdownload\r\n\r\nMZ",
+])
+def test_header_only_path_examples(raw: bytes) -> None:
+    assert _decide(raw, True) == _decide(raw, False)
+
+
+def test_header_only_path_is_taken_for_plain_text() -> None:
+    """The property above would hold trivially if the path were never
+    taken: it is, for a plain-text message and not for one with a file."""
+    text = b"From: a@b.test\r\nContent-Type: text/plain\r\n\r\n" + b"line\r\n" * 500
+    assert attachments._single_part_without_file(text, P, frozenset())
+    pdf = b"From: a@b.test\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4\r\n"
+    assert not attachments._single_part_without_file(pdf, P, frozenset())
+    multi = message(attachment(PDF, "b.pdf"))
+    assert not attachments._single_part_without_file(multi, P, frozenset())
