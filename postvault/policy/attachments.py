@@ -74,7 +74,7 @@ from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.parser import BytesParser
 
-from postvault.mime import headercache
+from postvault.mime import headerobjects
 from postvault.policy.archives import Finding, Limits, Problem, scan_archive
 from postvault.policy.decision import ALLOW, Decision, refuse
 from postvault.policy.schema import AttachmentPolicy, MiB
@@ -787,10 +787,10 @@ class _MemoHeaderFactory:
         key = (name, value)
         header = self._headers.get(key)
         if header is None:
-            if name.lower() in headercache.SHARED_FIELDS:
+            if name.lower() in headerobjects.SHARED_FIELDS:
                 # Made once for the messages that repeat a value (see
-                # mime/headercache.py; never one that may hold a file name).
-                header = headercache.header(name, value)
+                # mime/headerobjects.py; never one that may hold a file name).
+                header = headerobjects.header(name, value)
             else:
                 header = self[name](name, value)
             self._headers[key] = header

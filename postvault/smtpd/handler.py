@@ -58,7 +58,7 @@ from sqlalchemy import Connection
 
 from ..errors import AuthenticationFailed, LoginLimited
 from ..login import authenticate
-from ..mime import headercache
+from ..mime import headerobjects
 from ..notices.hooks import invite_and_send, notify_filed, outbound_queue
 from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
@@ -422,13 +422,13 @@ def _from_fields(head: str) -> tuple[list[Any], list[Any]]:
     each field's raw value exactly as the default policy does (both
     ``header_source_parse`` are the same code), and only the From and
     Sender fields are then turned into the default policy's header objects
-    (``header_fetch_parse``, what ``get_all`` calls; ``mime.headercache``
+    (``header_fetch_parse``, what ``get_all`` calls; ``mime.headerobjects``
     keeps the objects of recent values, such as the account's own From
     line). The same objects as a default-policy parse, without that parse
     building a Content-Type header object that this check never reads.
     """
     msg = HeaderParser(policy=email.policy.compat32).parsestr(head, headersonly=True)
-    fetch = headercache.fetched  # header_fetch_parse, with objects shared between messages
+    fetch = headerobjects.fetched  # header_fetch_parse, with objects shared between messages
     froms: list[Any] = []  # AddressHeader objects
     senders: list[Any] = []
     for name, value in msg.raw_items():
