@@ -142,11 +142,9 @@ def wait_ready(proc: subprocess.Popen[bytes], word: bytes, seconds: float = 120)
         raise SystemExit(f"server did not start: {seen!r}")
 
 
-def postvault_name(processes: int, loop: str = "") -> str:
-    """The report's name of Postvault with ``[smtp] processes`` = N (and,
-    when several loops are compared, ``[server] event_loop`` = ``loop``)."""
-    name = "Postvault" if processes == 1 else f"Postvault, {processes} processes"
-    return f"{name}, {loop}" if loop else name
+def postvault_name(processes: int) -> str:
+    """The report's name of Postvault with ``[smtp] processes`` = N."""
+    return "Postvault" if processes == 1 else f"Postvault, {processes} processes"
 
 
 @dataclass
@@ -162,15 +160,14 @@ class Servers:
     def postvault_pid(self) -> int:
         return next(iter(self.postvault.values()))[1]
 
-    def start(self, concurrency: int, processes: list[int] | None = None, loops: list[str] | None = None) -> None:
+    def start(self, concurrency: int, processes: list[int] | None = None) -> None:
         from postvault.conf.load import load_config
         from postvault.home import init_home, open_store
 
         home = self.work
-        variants = [(n, loop) for n in processes or [1] for loop in loops or [""]]
-        for n, loop in variants:
+        for n in processes or [1]:
             # A home folder each, so every server starts with empty mailboxes.
-            home = self.work / f"home-{n}{loop}"
+            home = self.work / f"home-{n}"
             init_home(home, "mail.example.test")
             store = open_store(load_config(home, environ={}))
             store.create_account(SENDER, "member", "Bench Dental", PASSWORD)
@@ -178,15 +175,13 @@ class Servers:
             store.close()
             port = free_port()
             try:
-                env = {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5)),
-                       "POSTVAULT_SMTP_PROCESSES": str(n)}
-                if loop:
-                    env["POSTVAULT_SERVER_EVENT_LOOP"] = loop
-                pv = Serve(home, {"submissions": f"127.0.0.1:{port}"}, self.work / f"postvault-{n}{loop}.log", env)
+                pv = Serve(home, {"submissions": f"127.0.0.1:{port}"}, self.work / f"postvault-{n}.log",
+                           {"POSTVAULT_SMTP_MAX_CONNECTIONS_PER_IP": str(max(50, concurrency + 5)),
+                            "POSTVAULT_SMTP_PROCESSES": str(n)})
             except RuntimeError as e:
                 raise SystemExit(str(e)) from None
             self.procs.append(pv.proc)
-            self.postvault[postvault_name(n, loop)] = (port, pv.pid)
+            self.postvault[postvault_name(n)] = (port, pv.pid)
         self.bare_port = free_port()
         out = self.work / "bare-out"
         out.mkdir()
@@ -350,9 +345,6 @@ def main() -> None:
     parser.add_argument("--processes", default="1",
                         help="comma-separated [smtp] processes values: one Postvault server each, all measured "
                              "in the same run against the one bare server (default: 1)")
-    parser.add_argument("--event-loops", default="",
-                        help='comma-separated [server] event_loop values ("uvloop", "asyncio"): one Postvault '
-                             "server per loop and process count, in the same run (default: the configured one)")
     parser.add_argument("--bare-server", nargs=4, metavar=("PORT", "CERT", "KEY", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -367,12 +359,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pv-smtp-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         servers = Servers(Path(tmp))
         processes = [int(n) for n in args.processes.split(",")]
-        loops = [loop.strip() for loop in args.event_loops.split(",") if loop.strip()]
-        servers.start(args.concurrency, processes, loops)
+        servers.start(args.concurrency, processes)
         # One development CA per home folder: a context per server.
-        ctxs = {postvault_name(n, loop): client_context(Path(tmp) / f"home-{n}{loop}/certs/ca.pem")
-                for n in processes for loop in loops or [""]}
-        ctxs["bare aiosmtpd"] = ctxs[postvault_name(processes[-1], (loops or [""])[-1])]
+        ctxs = {postvault_name(n): client_context(Path(tmp) / f"home-{n}/certs/ca.pem") for n in processes}
+        ctxs["bare aiosmtpd"] = ctxs[postvault_name(processes[-1])]
         targets = [(name, port, pid) for name, (port, pid) in servers.postvault.items()]
         targets.append(("bare aiosmtpd", servers.bare_port, servers.bare_pid))
         results: dict[str, dict[str, dict[str, float]]] = {}

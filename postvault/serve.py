@@ -41,7 +41,6 @@ import tracemalloc
 from pathlib import Path
 from typing import Protocol
 
-from .eventloop import loop_factory, loop_name
 from .logs import configure_logging
 from .runtime import Runtime
 
@@ -194,10 +193,8 @@ def serve(home: Path, drain_seconds: float = DRAIN_SECONDS) -> int:
     configure_logging(runtime.config.log,
                       tag=f"[main pid {os.getpid()}]" if runtime.config.smtp.processes > 1 else None)
     log.info("open file limit %d (each connection takes one)", raise_open_file_limit())
-    new_loop = loop_factory(runtime.config.server.event_loop)
-    loop = new_loop()
+    loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    log.info("event loop: %s", loop_name(loop))
     # Twisted (IMAP, HTTPS) runs on this same asyncio loop: the reactor must
     # be installed before anything imports twisted.internet.reactor.
     from twisted.internet import asyncioreactor

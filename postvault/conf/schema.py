@@ -690,30 +690,6 @@ def _default_proxy() -> ProxyConfig:
     return ProxyConfig()
 
 
-EVENT_LOOPS = ("uvloop", "asyncio")
-
-
-def parse_event_loop(raw: str, home: Path) -> str:
-    if raw not in EVENT_LOOPS:
-        raise Expected(" or ".join(f'"{name}"' for name in EVENT_LOOPS))
-    return raw
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """The ``postvault serve`` process as a whole."""
-
-    event_loop: str = text_key(
-        'The asyncio event loop that serve and its SMTP worker processes run on: "uvloop" (libuv; '
-        "less CPU per connection and message, docs/benchmarks.md) or \"asyncio\" (the standard "
-        "library's). uvloop falls back to asyncio, with a warning, where it is not installed.",
-        "uvloop", parse_event_loop, value="uvloop")
-
-
-def _default_server() -> ServerConfig:
-    return ServerConfig()
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole of ``conf/postvault.toml``, validated and typed."""
@@ -741,8 +717,6 @@ class Config:
     proxy: ProxyConfig = field(default_factory=_default_proxy, metadata={
         "doc": "PROXY protocol from a load balancer such as HAProxy (see docs/scaling.md).",
         "section": ProxyConfig})
-    server: ServerConfig = field(default_factory=_default_server, metadata={
-        "doc": "The serve process as a whole.", "section": ServerConfig})
 
 
 # --- the flattened view the loader and renderer use ------------------------

@@ -78,7 +78,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PostvaultError
-from ..eventloop import loop_factory, loop_name
 from ..store.notify import Change, ChangeBus
 from ..store.pgnotify import PgChangeBus, decode, encode, encode_resync_all
 
@@ -268,10 +267,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     if not isinstance(runtime.store.bus, PgChangeBus):
         runtime.store.bus = RelayBus(channel, f"pid{os.getpid()}")
     try:
-        new_loop = loop_factory(runtime.config.server.event_loop)
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            log.info("event loop: %s", loop_name(runner.get_loop()))
-            runner.run(_serve_worker(runtime, inherited, channel, args.drain_seconds))
+        asyncio.run(_serve_worker(runtime, inherited, channel, args.drain_seconds))
     finally:
         runtime.close()
         channel.close()
