@@ -124,13 +124,7 @@ class FastInsert:
         names = self._names
         values = [[v if f is None or v is None else f(v) for f, v in zip(procs, (r[n] for n in names))]
                   for r in rows]
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        base = conn.dialect.loaded_dbapi.Error
-        try:
-            raw.executemany(self._sql, values)
-        except base as exc:
-            raise DBAPIError.instance(self._sql, values[0], exc, base, dialect=conn.dialect) from exc
+        _driver(conn, self._sql, values, many=True)
 
 
 class FastWrite:
@@ -179,13 +173,7 @@ class FastWrite:
             assert key is not None
             return int(key[0])
         values = self._values(conn, params)
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        base = conn.dialect.loaded_dbapi.Error
-        try:
-            cursor = raw.execute(self._sql, values)
-        except base as exc:
-            raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
+        cursor = _driver(conn, self._sql, values)
         return int(cursor.lastrowid) if self._insert else None
 
     def returning(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
@@ -195,13 +183,7 @@ class FastWrite:
         if conn.dialect.name != "sqlite":
             return [tuple(r) for r in conn.execute(self.stmt, dict(params))]
         values = self._values(conn, params)
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        base = conn.dialect.loaded_dbapi.Error
-        try:
-            return raw.execute(self._sql, values).fetchall()  # type: ignore[no-any-return]
-        except base as exc:
-            raise DBAPIError.instance(self._sql, values, exc, base, dialect=conn.dialect) from exc
+        return _driver(conn, self._sql, values).fetchall()  # type: ignore[no-any-return]
 
     def run_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -210,13 +192,7 @@ class FastWrite:
             conn.execute(self.stmt, [dict(r) for r in rows])
             return
         values = [self._values(conn, r) for r in rows]
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        base = conn.dialect.loaded_dbapi.Error
-        try:
-            raw.executemany(self._sql, values)
-        except base as exc:
-            raise DBAPIError.instance(self._sql, values[0], exc, base, dialect=conn.dialect) from exc
+        _driver(conn, self._sql, values, many=True)
 
 
 @contextmanager
@@ -239,10 +215,17 @@ def _raw(conn: Connection, sql: str, values: Sequence[Any]) -> list[Any]:
     """``sql`` on the sqlite3 connection; its errors wrapped as SQLAlchemy
     wraps them (``sqlalchemy.exc.OperationalError`` and so on), so callers
     see the same exceptions as from ``Connection.execute``."""
+    return _driver(conn, sql, values).fetchall()  # type: ignore[no-any-return]
+
+
+def _driver(conn: Connection, sql: str, values: Any, many: bool = False) -> Any:
+    """``sql`` run on the sqlite3 connection under ``conn`` (``executemany``
+    with ``many``), returning its cursor; errors wrapped as SQLAlchemy wraps
+    them."""
     raw = conn.connection.driver_connection
     assert raw is not None
     base = conn.dialect.loaded_dbapi.Error
     try:
-        return raw.execute(sql, values).fetchall()
+        return raw.executemany(sql, values) if many else raw.execute(sql, values)
     except base as exc:
-        raise DBAPIError.instance(sql, values, exc, base, dialect=conn.dialect) from exc
+        raise DBAPIError.instance(sql, values[0] if many else values, exc, base, dialect=conn.dialect) from exc
