@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from ..store.types import UID_TYPECODE, MailboxChanges, MailboxFlags, MailboxState
+from ..store.types import UID_TYPECODE, MailboxChanges, MailboxFlags, MailboxState, first_position
 from .parse import SeqSet
 
 # Flags a client may set (RFC 3501 §2.3.2); \* says keywords may be made.
@@ -167,12 +167,9 @@ class SelectedMailbox:
         first: int | None = None
         for k, fs in enumerate(self._flag_sets):
             if "\\Seen" not in fs:
-                pattern = array("I", [k]).tobytes()
-                at = data.find(pattern)
-                while at != -1 and at % size:  # only a whole entry counts
-                    at = data.find(pattern, at + 1)
-                if at != -1 and (first is None or at // size < first):
-                    first = at // size
+                at = first_position(data, size, k)
+                if at is not None and (first is None or at < first):
+                    first = at
         return None if first is None else first + 1
 
     def unseen_count(self) -> int:

@@ -72,6 +72,7 @@ from .types import (
     MailboxState,
     MessageMeta,
     check_flags,
+    first_position,
     flags_set,
     flags_text,
     new_uidvalidity,
@@ -110,27 +111,25 @@ class StoredCopy(NamedTuple):
 # Hot IMAP reads, built once and run on the sqlite3 connection (fastread):
 # through the ORM a FETCH of one message cost two mailbox lookups and two
 # row queries, most of its CPU (docs/benchmarks.md, "IMAP per command").
-_COPIES = FastSelect(
-    select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
-           Message.public_id, MessageCopy.wrapped_key, Message.blob_id)
-    .join(Message, Message.id == MessageCopy.message_id)
-    .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
-           MessageCopy.uid.in_(bindparam("uids", expanding=True)))
-    .order_by(MessageCopy.uid)
-)
+def _copies_read(*extra: Any) -> FastSelect:
+    """FETCH's read of a mailbox's copies by UID: metadata, wrapped key and
+    blob, and ``extra`` columns."""
+    return FastSelect(
+        select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
+               Message.public_id, MessageCopy.wrapped_key, Message.blob_id, *extra)
+        .join(Message, Message.id == MessageCopy.message_id)
+        .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+        .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
+               MessageCopy.uid.in_(bindparam("uids", expanding=True)))
+        .order_by(MessageCopy.uid)
+    )
+
+
+_COPIES = _copies_read()
 # The same with each copy's header cache entry, for FETCH of header
 # sections (headercache.py); a separate statement so that other FETCHes do
 # not read the entries.
-_COPIES_HEADERS = FastSelect(
-    select(MessageCopy.uid, MessageCopy.flags, MessageCopy.size, MessageCopy.internal_date, MessageCopy.modseq,
-           Message.public_id, MessageCopy.wrapped_key, Message.blob_id, MessageCopy.sealed_header)
-    .join(Message, Message.id == MessageCopy.message_id)
-    .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-    .where(Mailbox.account_id == bindparam("account"), Mailbox.name == bindparam("name"),
-           MessageCopy.uid.in_(bindparam("uids", expanding=True)))
-    .order_by(MessageCopy.uid)
-)
+_COPIES_HEADERS = _copies_read(MessageCopy.sealed_header)
 _SUMMARY_ROWS = FastSelect(
     select(MessageCopy.uid, MessageCopy.wrapped_key, Message.id, Message.public_id, Message.blob_id,
            Message.sealed_summary)
@@ -310,12 +309,9 @@ def _advance(old: MailboxState, box: MailboxInfo, rows: Sequence[Any], count: in
         keywords.update(f for f in fs if not f.startswith("\\"))
         if "\\Seen" not in fs:
             unseen += n
-            pattern = array("I", [k]).tobytes()
-            at = data.find(pattern)
-            while at != -1 and at % size:  # only a whole entry counts
-                at = data.find(pattern, at + 1)
-            if at != -1 and (first_at is None or at // size < first_at):
-                first_at = at // size
+            at = first_position(data, size, k)
+            if at is not None and (first_at is None or at < first_at):
+                first_at = at
     first_unseen = None if first_at is None else out_uids[first_at]
     return MailboxState(box, out_uids, unseen, first_unseen, frozenset(keywords), None,
                         MailboxFlags(out_uids, index, tuple(sets)))

@@ -159,6 +159,17 @@ UID_TYPECODE = "I"
 assert array(UID_TYPECODE).itemsize >= 4
 
 
+def first_position(index: bytes, itemsize: int, value: int) -> int | None:
+    """The position of the first entry equal to ``value`` in the bytes of
+    an ``array("I")`` (a flag-set index: one entry per message), found by
+    a C-level byte search; None if there is none."""
+    pattern = array("I", [value]).tobytes()
+    at = index.find(pattern)
+    while at != -1 and at % itemsize:  # only a whole entry counts
+        at = index.find(pattern, at + 1)
+    return None if at == -1 else at // itemsize
+
+
 @dataclass(frozen=True)
 class MailboxState:
     """What SELECT reports about a mailbox, read without building an object
