@@ -102,6 +102,7 @@ __all__ = [
     "wrap_content_key",
     "unwrap_content_key",
     "unwrap_content_keys",
+    "load_private_key",
     "seal_small",
     "open_small",
     "open_small_many",
@@ -452,12 +453,29 @@ def wrap_content_key(
     return eph_pub + nonce + ct
 
 
+def load_private_key(private: bytes) -> X25519PrivateKey:
+    """The key object for a raw X25519 private key.
+
+    Loading one costs a scalar multiplication (OpenSSL derives the public
+    key on import), as much as an exchange: a logged-in session loads its
+    key once (``AccountSession.private_key_object``) and passes the object
+    to the unwrapping functions below instead of the bytes.
+    """
+    return X25519PrivateKey.from_private_bytes(_require_bytes("private", private, KEY_LEN))
+
+
+def _private_key(name: str, value: bytes | X25519PrivateKey) -> X25519PrivateKey:
+    return value if isinstance(value, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(
+        _require_bytes(name, value, KEY_LEN))
+
+
 def unwrap_content_key(
-    wrapped: bytes, recipient_private: bytes, owner: bytes, message_id: bytes
+    wrapped: bytes, recipient_private: bytes | X25519PrivateKey, owner: bytes, message_id: bytes
 ) -> bytes:
-    """Open ``wrap_content_key`` output; raise ``IntegrityError`` if it does not open."""
+    """Open ``wrap_content_key`` output; raise ``IntegrityError`` if it does not open.
+    ``recipient_private``: the raw key or its loaded object (``load_private_key``)."""
     wrapped = _require_bytes("wrapped", wrapped)
-    recipient_private = _require_bytes("recipient_private", recipient_private, KEY_LEN)
+    private = _private_key("recipient_private", recipient_private)
     owner = _require_bytes("owner", owner)
     message_id = _require_bytes("message_id", message_id)
     if len(wrapped) != KEY_LEN + NONCE_LEN + KEY_LEN + TAG_LEN:
@@ -465,7 +483,6 @@ def unwrap_content_key(
     eph_pub = wrapped[:KEY_LEN]
     nonce = wrapped[KEY_LEN : KEY_LEN + NONCE_LEN]
     ct = wrapped[KEY_LEN + NONCE_LEN :]
-    private = X25519PrivateKey.from_private_bytes(recipient_private)
     recipient_pub = private.public_key().public_bytes_raw()
     try:
         shared = private.exchange(X25519PublicKey.from_public_bytes(eph_pub))
@@ -481,7 +498,7 @@ def unwrap_content_key(
 
 
 def unwrap_content_keys(
-    items: Iterable[tuple[bytes, bytes]], recipient_private: bytes, owner: bytes
+    items: Iterable[tuple[bytes, bytes]], recipient_private: bytes | X25519PrivateKey, owner: bytes
 ) -> list[bytes]:
     """``unwrap_content_key`` for many ``(wrapped, message_id)`` pairs of one
     owner, in order; raises ``IntegrityError`` on the first that does not open.
@@ -490,10 +507,11 @@ def unwrap_content_keys(
     folder's summaries pays: the private key object and its public key (a
     scalar multiplication) are made once, and the constant parts of the KDF
     info and AAD are encoded once. The X25519 exchange per message remains.
+    Given the loaded key object (``load_private_key``), not even the one
+    load: what a session fetching one message at a time saves.
     """
-    recipient_private = _require_bytes("recipient_private", recipient_private, KEY_LEN)
+    private = _private_key("recipient_private", recipient_private)
     owner = _require_bytes("owner", owner)
-    private = X25519PrivateKey.from_private_bytes(recipient_private)
     recipient_pub = private.public_key().public_bytes_raw()
     # _enc(LABEL, eph_pub, recipient_pub, owner, message_id), in pieces.
     info_head = _enc(_CONTENT_KEY_KDF_LABEL) + _U32(KEY_LEN)

@@ -1254,7 +1254,7 @@ class MailStore:
             fresh: list[bytes | IntegrityError]
             try:
                 fresh = list(crypto.unwrap_content_keys(
-                    ((rows[i][0], rows[i][1].encode()) for i in todo), session.private_key, session.key_owner
+                    ((rows[i][0], rows[i][1].encode()) for i in todo), session.private_key_object, session.key_owner
                 ))
             except IntegrityError:
                 # The batch stops at the first key that does not open; find
@@ -1263,7 +1263,7 @@ class MailStore:
                 for i in todo:
                     try:
                         fresh.append(crypto.unwrap_content_key(
-                            rows[i][0], session.private_key, session.key_owner, rows[i][1].encode()))
+                            rows[i][0], session.private_key_object, session.key_owner, rows[i][1].encode()))
                     except IntegrityError as exc:
                         fresh.append(exc)
             for i, key in zip(todo, fresh):

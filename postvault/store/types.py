@@ -12,10 +12,15 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
-from typing import BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 from ..errors import InvalidInput
+from . import crypto
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 Role = Literal["member", "colleague"]
 # RFC 6154 special-use attributes of the four folders every account has.
@@ -123,6 +128,13 @@ class AccountSession:
     actor: str | None = None
     expires_at: datetime | None = None
     grant_id: str | None = None
+
+    @cached_property
+    def private_key_object(self) -> X25519PrivateKey:
+        """``private_key`` loaded once for the session's lifetime (each load
+        is a scalar multiplication; ``crypto.load_private_key``). Not a
+        field: not compared, not in repr."""
+        return crypto.load_private_key(self.private_key)
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,41 @@ def test_content_key_tampered_or_garbage_refused() -> None:
         unwrap_content_key(bytes(32) + wrapped[32:], kp.private, b"acct", MID)
 
 
+def test_loaded_private_key_opens_exactly_what_the_bytes_open() -> None:
+    """A session passes its key loaded once (``load_private_key``): the
+    object must open the same keys as the raw bytes and refuse the same."""
+    a, b = generate_keypair(), generate_keypair()
+    keys = [new_content_key() for _ in range(3)]
+    mids = [b"<%d@postvault.test>" % i for i in range(3)]
+    wrapped = [wrap_content_key(k, a.public, b"acct-a", m) for k, m in zip(keys, mids)]
+    obj = crypto.load_private_key(a.private)
+    assert crypto.unwrap_content_keys(zip(wrapped, mids), obj, b"acct-a") == keys
+    assert crypto.unwrap_content_keys(zip(wrapped, mids), a.private, b"acct-a") == keys
+    assert [unwrap_content_key(w, obj, b"acct-a", m) for w, m in zip(wrapped, mids)] == keys
+    other = crypto.load_private_key(b.private)
+    with pytest.raises(IntegrityError):
+        crypto.unwrap_content_keys(zip(wrapped, mids), other, b"acct-a")
+    with pytest.raises(IntegrityError):
+        unwrap_content_key(wrapped[0], other, b"acct-a", mids[0])
+    with pytest.raises(IntegrityError):
+        unwrap_content_key(wrapped[0], obj, b"acct-b", mids[0])
+    with pytest.raises(ValueError):
+        crypto.load_private_key(a.private[:-1])
+
+
+def test_session_loads_its_private_key_once() -> None:
+    from postvault.store.types import AccountSession
+
+    kp = generate_keypair()
+    session = AccountSession(1, "a@postvault.test", "member", b"acct-a", kp.public, kp.private)
+    first = session.private_key_object
+    assert session.private_key_object is first
+    assert first.public_key().public_bytes_raw() == kp.public
+    # Not a field: equality and repr are the dataclass's own, without the key.
+    assert session == AccountSession(1, "a@postvault.test", "member", b"acct-a", kp.public, kp.private)
+    assert "X25519" not in repr(session) and kp.private.hex() not in repr(session)
+
+
 def test_wrap_to_invalid_public_key_refused() -> None:
     with pytest.raises(CryptoError):
         wrap_content_key(new_content_key(), bytes(32), b"acct", MID)
