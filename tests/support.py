@@ -61,3 +61,40 @@ def set_policy(home: Path, **values: int) -> None:
         text, n = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
         assert n == 1, key
     path.write_text(text, "utf-8")
+
+
+def copy_column(store: "Store", account: str, mailbox: str, column: str) -> dict[int, bytes | None]:
+    """One column of ``message_copies`` (e.g. ``"sealed_search"``,
+    ``"sealed_header"``) for each copy in the account's mailbox, by UID,
+    read straight from the database."""
+    from sqlalchemy import select
+
+    from postvault.store.db import sessions
+    from postvault.store.models import Mailbox, MessageCopy
+
+    acct_id = store.accounts([account])[account].id
+    with sessions(store.engine)() as s:
+        rows = s.execute(
+            select(MessageCopy.uid, getattr(MessageCopy, column))
+            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
+            .where(Mailbox.account_id == acct_id, Mailbox.name == mailbox)
+        ).all()
+    return {uid: value for uid, value in rows}
+
+
+def set_copy_column(store: "Store", account: str, mailbox: str, column: str, value: bytes | None,
+                    uid: int | None = None) -> None:
+    """Write one column of ``message_copies`` straight into the database:
+    for the copy with ``uid`` in the account's mailbox, or, with no
+    ``uid``, for every copy in it. At least one row must change."""
+    from sqlalchemy import select, update
+
+    from postvault.store.db import sessions, unit_of_work
+    from postvault.store.models import Mailbox, MessageCopy
+
+    acct_id = store.accounts([account])[account].id
+    with unit_of_work(sessions(store.engine)) as s:
+        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == mailbox))
+        where = [MessageCopy.mailbox_id == box_id] + ([] if uid is None else [MessageCopy.uid == uid])
+        changed = s.execute(update(MessageCopy).where(*where).values({getattr(MessageCopy, column): value}))
+        assert changed.rowcount, (mailbox, uid, column)

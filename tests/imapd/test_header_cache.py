@@ -15,12 +15,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select, update
-
-from postvault.store.db import sessions, unit_of_work
-from postvault.store.models import Mailbox, MessageCopy
 
 from tests.searchcorpus import CORPUS
+from tests.support import copy_column, set_copy_column
 
 from .conftest import PASSWORD, Server
 
@@ -76,24 +73,6 @@ def filled(server: Server) -> Iterator[tuple[str, imaplib.IMAP4_SSL]]:
     client.logout()
 
 
-def _column(server: Server, who: str, box: str = "INBOX") -> dict[int, bytes | None]:
-    acct_id = server.store.accounts([who])[who].id
-    with sessions(server.store.engine)() as s:
-        rows = s.execute(
-            select(MessageCopy.uid, MessageCopy.sealed_header)
-            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-            .where(Mailbox.account_id == acct_id, Mailbox.name == box)
-        ).all()
-    return {uid: entry for uid, entry in rows}
-
-
-def _update(server: Server, who: str, box: str = "INBOX", **values: object) -> None:
-    acct_id = server.store.accounts([who])[who].id
-    with unit_of_work(sessions(server.store.engine)) as s:
-        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == box))
-        s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id).values(**values))
-
-
 def _fetch(client: imaplib.IMAP4_SSL, form: str, uids: str = "1:*") -> list[object]:
     """The untagged FETCH data of one UID FETCH, as imaplib parsed it:
     each response's text and literals, byte for byte."""
@@ -121,10 +100,10 @@ def test_every_header_form_answers_the_same_from_the_cache(server: Server,
     assert len(stored) == n
     before: dict[str, list[object]] = {}
     for form in FORMS:
-        _update(server, member, sealed_header=None)  # each form read the long way
+        set_copy_column(server.store, member, "INBOX", "sealed_header", None)  # each form read the long way
         _unseen(client)
         before[form] = _fetch(client, form)
-        assert all(_column(server, member).values())  # and its entries written
+        assert all(copy_column(server.store, member, "INBOX", "sealed_header").values())  # and its entries written
     # The plain header forms are the stored message's first octets.
     header = _literals(before["BODY.PEEK[HEADER]"])
     assert [raw[:len(h)] for raw, h in zip(stored, header)] == header
@@ -132,7 +111,7 @@ def test_every_header_form_answers_the_same_from_the_cache(server: Server,
     assert _literals(before[f"BODY.PEEK[HEADER.FIELDS {FIELDS}]"])[1].startswith(b"From: =?utf-8?q?Dr=2E_J=C3=BCrgen")
     # Every content key damaged: a new connection (no key cache) can open
     # no message, so what it answers comes from the entries.
-    _update(server, member, wrapped_key=bytes(92))
+    set_copy_column(server.store, member, "INBOX", "wrapped_key", bytes(92))
     other = _imaps(server, member)
     try:
         other.select("INBOX")
@@ -165,7 +144,7 @@ def test_a_header_above_the_cap_is_read_from_its_message(server: Server) -> None
         first = _fetch(client, "(BODY.PEEK[HEADER.FIELDS (Subject X-Filler-01000)] BODY.PEEK[HEADER])")
         assert first[0][1] == b"Subject: long\r\nX-Filler-01000: " + b"y" * 60 + b"\r\n\r\n"  # type: ignore[index]
         assert first[1][0] == b" BODY[HEADER] {%d}" % (len(big) - 6)  # type: ignore[index]
-        entries = _column(server, member)
+        entries = copy_column(server.store, member, "INBOX", "sealed_header")
         assert entries[1] is None and entries[2] is not None
         assert _fetch(client, "(BODY.PEEK[HEADER.FIELDS (Subject X-Filler-01000)] BODY.PEEK[HEADER])") == first
     finally:
@@ -182,7 +161,7 @@ def test_the_database_holds_no_header_in_plaintext(server: Server, filled: tuple
     client.noop()  # the session learns of it
     got = _fetch(client, "BODY.PEEK[HEADER]", str(uid))
     assert subject.encode() in got[0][1]  # type: ignore[index]
-    assert _column(server, member)[uid]
+    assert copy_column(server.store, member, "INBOX", "sealed_header")[uid]
     data = b"".join(p.read_bytes() for p in (server.home / "data").rglob("*") if p.is_file())
     assert data  # the SQLite file and its WAL are there to search
     for needle in (subject, "Capybara", "Pangolin Okapi"):
@@ -210,10 +189,10 @@ def test_a_window_of_large_headers_is_filled_in_parts(server: Server) -> None:
                 for i, raw in enumerate(raws)]
         first = _literals(_fetch(client, form))
         assert [first[k:k + 2] for k in range(0, len(first), 2)] == want
-        filled = sum(1 for e in _column(server, member).values() if e)
+        filled = sum(1 for e in copy_column(server.store, member, "INBOX", "sealed_header").values() if e)
         assert 40 < filled < 80
         second = _literals(_fetch(client, form))
         assert second == first
-        assert all(_column(server, member).values())
+        assert all(copy_column(server.store, member, "INBOX", "sealed_header").values())
     finally:
         client.logout()

@@ -13,14 +13,11 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select, update
-
-from postvault.store.db import sessions, unit_of_work
-from postvault.store.models import Mailbox, MessageCopy
 
 from tests.imapd.client import Client
 from tests.imapd.conftest import PASSWORD, Server
 from tests.searchcorpus import CORPUS, SEARCHES, expected
+from tests.support import copy_column, set_copy_column
 
 
 @pytest.fixture
@@ -52,40 +49,19 @@ def search(c: Client, criteria: str, uid: bool = True) -> list[int]:
     return [int(n) for n in found[0].split()[2:]]
 
 
-def _account_id(server: Server, who: str) -> int:
-    return server.store.accounts([who])[who].id
-
-
-def _entries(server: Server, who: str, box: str) -> dict[int, bytes | None]:
-    with sessions(server.store.engine)() as s:
-        rows = s.execute(
-            select(MessageCopy.uid, MessageCopy.sealed_search)
-            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-            .where(Mailbox.account_id == _account_id(server, who), Mailbox.name == box)
-        ).all()
-    return {uid: entry for uid, entry in rows}
-
-
-def _update(server: Server, who: str, box: str, uid: int, **values: object) -> None:
-    with unit_of_work(sessions(server.store.engine)) as s:
-        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == _account_id(server, who),
-                                                   Mailbox.name == box))
-        s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == uid)
-                  .values(**values))
-
-
 def test_header_search_answers_as_before_and_reuses_the_index(server: Server, client: Client) -> None:
     member = server.account("member")
     for raw in CORPUS:
         server.store.deliver(raw, server.sender, [member], save_sent=False)
     login(client, member)
-    assert set(_entries(server, member, "INBOX").values()) == {None}
+    assert set(copy_column(server.store, member, "INBOX", "sealed_search").values()) == {None}
     first = {text: search(client, text) for text, _ in SEARCHES}
-    assert all(_entries(server, member, "INBOX").values())  # the first search filled the index
+    # The first search filled the index.
+    assert all(copy_column(server.store, member, "INBOX", "sealed_search").values())
     # Every copy's key damaged: a search that decrypted messages would fail
     # now (on a new connection: this one's key cache still has the keys).
     for uid in range(1, len(CORPUS) + 1):
-        _update(server, member, "INBOX", uid, wrapped_key=bytes(92))
+        set_copy_column(server.store, member, "INBOX", "wrapped_key", bytes(92), uid=uid)
     again = Client("127.0.0.1", server.imaps, server.context())
     try:
         again.response()
@@ -113,17 +89,17 @@ def test_expunge_and_move_take_entries_with_them(server: Server, client: Client)
         server.store.deliver(raw, server.sender, [member], save_sent=False)
     login(client, member)
     assert search(client, 'SUBJECT "x-ray"') == [1]
-    entry = _entries(server, member, "INBOX")[1]
+    entry = copy_column(server.store, member, "INBOX", "sealed_search")[1]
     assert entry is not None
     assert client.command("m", "UID MOVE 1 Trash")[-1].startswith(b"m OK")
-    assert 1 not in _entries(server, member, "INBOX")
-    assert list(_entries(server, member, "Trash").values()) == [entry]
+    assert 1 not in copy_column(server.store, member, "INBOX", "sealed_search")
+    assert list(copy_column(server.store, member, "Trash", "sealed_search").values()) == [entry]
     assert client.command("d", "UID STORE 2 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"d OK")
     assert client.command("e", "EXPUNGE")[-1].startswith(b"e OK")
-    assert sorted(_entries(server, member, "INBOX")) == [3, 4]
+    assert sorted(copy_column(server.store, member, "INBOX", "sealed_search")) == [3, 4]
     # In Trash, the moved entry answers without the message (a new
     # connection: this one's key cache could still open it).
-    _update(server, member, "Trash", 1, wrapped_key=bytes(92))
+    set_copy_column(server.store, member, "Trash", "wrapped_key", bytes(92), uid=1)
     other = Client("127.0.0.1", server.imaps, server.context())
     try:
         other.response()
@@ -140,11 +116,13 @@ def test_a_swapped_entry_is_not_trusted(server: Server, client: Client) -> None:
     server.store.deliver(CORPUS[7], server.sender, [member], save_sent=False)  # "... PANORAMIC review"
     login(client, member)
     assert search(client, 'SUBJECT "x-ray"') == [1]
-    entries = _entries(server, member, "INBOX")
-    _update(server, member, "INBOX", 2, sealed_search=entries[1])  # message 1's entry in message 2's row
+    entries = copy_column(server.store, member, "INBOX", "sealed_search")
+    # Message 1's entry in message 2's row.
+    set_copy_column(server.store, member, "INBOX", "sealed_search", entries[1], uid=2)
     assert search(client, 'SUBJECT "x-ray"') == [1]
     assert search(client, 'SUBJECT "panoramic"') == [2]
-    assert _entries(server, member, "INBOX")[2] not in (entries[1], None)  # re-sealed from the message
+    # Re-sealed from the message.
+    assert copy_column(server.store, member, "INBOX", "sealed_search")[2] not in (entries[1], None)
 
 
 def test_another_account_cannot_use_an_entry(server: Server, client: Client) -> None:
@@ -154,7 +132,8 @@ def test_another_account_cannot_use_an_entry(server: Server, client: Client) -> 
     login(client, one)
     assert search(client, 'SUBJECT "panoramic"') == [1]
     # Account one's entry planted in account two's row.
-    _update(server, two, "INBOX", 1, sealed_search=_entries(server, one, "INBOX")[1])
+    planted = copy_column(server.store, one, "INBOX", "sealed_search")[1]
+    set_copy_column(server.store, two, "INBOX", "sealed_search", planted, uid=1)
     other = Client("127.0.0.1", server.imaps, server.context())
     try:
         other.response()
@@ -174,7 +153,7 @@ def test_the_database_holds_no_subject_in_plaintext(server: Server, client: Clie
     login(client, member)
     assert search(client, 'SUBJECT "quokka"') == [1]
     assert search(client, 'CC "wombat"') == [1]
-    assert _entries(server, member, "INBOX")[1]
+    assert copy_column(server.store, member, "INBOX", "sealed_search")[1]
     data = b"".join(p.read_bytes() for p in (server.home / "data").rglob("*") if p.is_file())
     assert data  # the SQLite file and its WAL are there to search
     for needle in (subject, subject.casefold(), "quokka", "marmoset wombat"):

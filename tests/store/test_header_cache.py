@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, update
 
 from postvault.errors import IntegrityError
 from postvault.imapd.parse import FetchItem, Section
@@ -23,12 +22,11 @@ from postvault.imapd.server import _batch_data, _filter_headers, _needs_structur
 from postvault.mime.summary import header_size
 from postvault.store import crypto
 from postvault.store.api import Store
-from postvault.store.db import sessions, unit_of_work
 from postvault.store.headercache import HEADER_CACHE_MAX, header_block
-from postvault.store.models import Mailbox, MessageCopy
 
 from tests.conftest import PASSWORD
 from tests.searchcorpus import CORPUS
+from tests.support import copy_column, set_copy_column
 
 pytestmark = pytest.mark.databases
 
@@ -61,29 +59,11 @@ def _fetch(store: Store, session: Any, box: str, uids: list[int], items: list[Fe
     return data.parts
 
 
-def _column(store: Store, account: str, box: str, name: str = "sealed_header") -> dict[int, bytes | None]:
-    acct_id = store.accounts([account])[account].id
-    with sessions(store.engine)() as s:
-        rows = s.execute(
-            select(MessageCopy.uid, getattr(MessageCopy, name))
-            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-            .where(Mailbox.account_id == acct_id, Mailbox.name == box)
-        ).all()
-    return {uid: value for uid, value in rows}
-
-
-def _set(store: Store, account: str, box: str, uid: int, **values: Any) -> None:
-    acct_id = store.accounts([account])[account].id
-    with unit_of_work(sessions(store.engine)) as s:
-        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == box))
-        s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == uid).values(**values))
-
-
 def _break_keys(store: Store, account: str, box: str, uids: list[int]) -> None:
     """Damage the copies' wrapped content keys: nothing that opens the
     message (its summary, its blob) works for them any more."""
     for uid in uids:
-        _set(store, account, box, uid, wrapped_key=bytes(92))
+        set_copy_column(store, account, box, "wrapped_key", bytes(92), uid=uid)
 
 
 def test_first_header_fetch_writes_entries_and_later_ones_use_them(store: Store, people: dict[str, str]) -> None:
@@ -92,10 +72,10 @@ def test_first_header_fetch_writes_entries_and_later_ones_use_them(store: Store,
         store.deliver(raw, colleague, [member], save_sent=False)
     s = store.login(member, PASSWORD)
     uids = list(range(1, len(CORPUS) + 1))
-    assert set(_column(store, member, "INBOX").values()) == {None}
+    assert set(copy_column(store, member, "INBOX", "sealed_header").values()) == {None}
     first = _fetch(store, s, "INBOX", uids)
     assert first == {u: _expected(CORPUS[u - 1]) for u in uids}
-    stored = _column(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_header")
     assert all(stored[u] for u in uids)
     # Each entry is the header block, sealed for this account and message.
     key = crypto.header_cache_key(s.private_key)
@@ -107,7 +87,7 @@ def test_first_header_fetch_writes_entries_and_later_ones_use_them(store: Store,
     _break_keys(store, member, "INBOX", uids)
     assert all(isinstance(v, IntegrityError) for v in _fetch(store, s, "INBOX", uids, WHOLE).values())
     assert _fetch(store, s, "INBOX", uids) == first
-    assert _column(store, member, "INBOX") == stored  # and nothing was rewritten
+    assert copy_column(store, member, "INBOX", "sealed_header") == stored  # and nothing was rewritten
 
 
 def test_a_damaged_or_swapped_entry_is_not_trusted(store: Store, people: dict[str, str],
@@ -117,29 +97,29 @@ def test_a_damaged_or_swapped_entry_is_not_trusted(store: Store, people: dict[st
     store.deliver(CORPUS[7], colleague, [member], save_sent=False)  # "Quarterly PANORAMIC review"
     s = store.login(member, PASSWORD)
     _fetch(store, s, "INBOX", [1, 2])
-    stored = _column(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_header")
     entry1, entry2 = stored[1], stored[2]
     assert entry1 is not None and entry2 is not None
     # Message 1's entry in message 2's row, and message 1's own with one bit flipped.
-    _set(store, member, "INBOX", 2, sealed_header=entry1)
-    _set(store, member, "INBOX", 1, sealed_header=entry1[:-1] + bytes([entry1[-1] ^ 1]))
+    set_copy_column(store, member, "INBOX", "sealed_header", entry1, uid=2)
+    set_copy_column(store, member, "INBOX", "sealed_header", entry1[:-1] + bytes([entry1[-1] ^ 1]), uid=1)
     with caplog.at_level(logging.WARNING, logger="postvault.store.headercache"):
         got = _fetch(store, s, "INBOX", [1, 2])
     assert got == {1: _expected(CORPUS[0]), 2: _expected(CORPUS[7])}
     warnings = [r.getMessage() for r in caplog.records if r.name == "postvault.store.headercache"]
     assert warnings and "2 header cache entries" in warnings[0]
     assert not any(word in w.lower() for w in warnings for word in ("x-ray", "panoramic", "referral"))
-    again = _column(store, member, "INBOX")
+    again = copy_column(store, member, "INBOX", "sealed_header")
     assert again[1] not in (None, entry1) and again[2] not in (None, entry1, entry2)  # re-sealed
     # A search-index entry (another key and label) in the header column: refused the same way.
     list(store.search_fields(s, "INBOX", [1]))
-    search_entry = _column(store, member, "INBOX", "sealed_search")[1]
+    search_entry = copy_column(store, member, "INBOX", "sealed_search")[1]
     assert search_entry is not None
-    _set(store, member, "INBOX", 1, sealed_header=search_entry)
+    set_copy_column(store, member, "INBOX", "sealed_header", search_entry, uid=1)
     assert _fetch(store, s, "INBOX", [1]) == {1: _expected(CORPUS[0])}
     # A damaged entry of a message that does not open either: refused as
     # before the cache (its summary does not open), never answered.
-    _set(store, member, "INBOX", 2, sealed_header=b"\x01" + bytes(40))
+    set_copy_column(store, member, "INBOX", "sealed_header", b"\x01" + bytes(40), uid=2)
     _break_keys(store, member, "INBOX", [2])
     with pytest.raises(IntegrityError):
         _fetch(store, s, "INBOX", [2])
@@ -150,13 +130,13 @@ def test_another_accounts_entry_does_not_open(store: Store, people: dict[str, st
     store.deliver(CORPUS[0], colleague, [member, member2], save_sent=False)  # one message, two copies
     one, two = store.login(member, PASSWORD), store.login(member2, PASSWORD)
     _fetch(store, one, "INBOX", [1])
-    mine = _column(store, member, "INBOX")[1]
+    mine = copy_column(store, member, "INBOX", "sealed_header")[1]
     assert mine is not None
     pid = store.snapshot(two, "INBOX", [1]).messages[0].message_id.encode()
     assert crypto.open_header_entries(crypto.header_cache_key(two.private_key), two.key_owner, [(pid, mine)]) == [None]
-    _set(store, member2, "INBOX", 1, sealed_header=mine)
+    set_copy_column(store, member2, "INBOX", "sealed_header", mine, uid=1)
     assert _fetch(store, two, "INBOX", [1]) == {1: _expected(CORPUS[0])}
-    assert _column(store, member2, "INBOX")[1] not in (mine, None)
+    assert copy_column(store, member2, "INBOX", "sealed_header")[1] not in (mine, None)
 
 
 def test_a_read_only_session_uses_entries_but_writes_none(store: Store, people: dict[str, str]) -> None:
@@ -166,16 +146,17 @@ def test_a_read_only_session_uses_entries_but_writes_none(store: Store, people: 
     s = store.login(member, PASSWORD)
     reader = dataclasses.replace(s, read_only=True)  # as an emergency access session is
     assert _fetch(store, reader, "INBOX", [1, 2, 3]) == {u: _expected(CORPUS[u - 1]) for u in (1, 2, 3)}
-    assert set(_column(store, member, "INBOX").values()) == {None}
+    assert set(copy_column(store, member, "INBOX", "sealed_header").values()) == {None}
     _fetch(store, s, "INBOX", [1])  # the account's own session writes
-    entry = _column(store, member, "INBOX")[1]
+    entry = copy_column(store, member, "INBOX", "sealed_header")[1]
     assert entry is not None
     _break_keys(store, member, "INBOX", [1])
     assert _fetch(store, reader, "INBOX", [1]) == {1: _expected(CORPUS[0])}  # read from the entry
-    _set(store, member, "INBOX", 1, sealed_header=entry[:-1] + bytes([entry[-1] ^ 1]))
+    flipped = entry[:-1] + bytes([entry[-1] ^ 1])
+    set_copy_column(store, member, "INBOX", "sealed_header", flipped, uid=1)
     with pytest.raises(IntegrityError):
         _fetch(store, reader, "INBOX", [1])
-    assert _column(store, member, "INBOX")[1] == entry[:-1] + bytes([entry[-1] ^ 1])  # not rewritten
+    assert copy_column(store, member, "INBOX", "sealed_header")[1] == flipped  # not rewritten
 
 
 def test_append_copy_move_and_expunge(store: Store, people: dict[str, str]) -> None:
@@ -183,13 +164,13 @@ def test_append_copy_move_and_expunge(store: Store, people: dict[str, str]) -> N
     s = store.login(member, PASSWORD)
     for raw in CORPUS[:3]:
         store.append(s, "Drafts", raw)
-    stored = _column(store, member, "Drafts")
+    stored = copy_column(store, member, "Drafts", "sealed_header")
     assert all(stored.values()) and len(stored) == 3  # APPEND wrote them
     moved = store.move(s, "Drafts", [1], "Trash")
     copied = store.copy(s, "Drafts", [2], "Sent")
-    assert sorted(_column(store, member, "Drafts")) == [2, 3]
-    assert _column(store, member, "Trash") == {moved.uids[0][1]: stored[1]}
-    assert _column(store, member, "Sent") == {copied.uids[0][1]: stored[2]}
+    assert sorted(copy_column(store, member, "Drafts", "sealed_header")) == [2, 3]
+    assert copy_column(store, member, "Trash", "sealed_header") == {moved.uids[0][1]: stored[1]}
+    assert copy_column(store, member, "Sent", "sealed_header") == {copied.uids[0][1]: stored[2]}
     # The carried entries answer in their new folders, without the message.
     _break_keys(store, member, "Trash", [moved.uids[0][1]])
     _break_keys(store, member, "Sent", [copied.uids[0][1]])
@@ -197,7 +178,7 @@ def test_append_copy_move_and_expunge(store: Store, people: dict[str, str]) -> N
     assert _fetch(store, s, "Sent", [copied.uids[0][1]]) == {copied.uids[0][1]: _expected(CORPUS[1])}
     store.set_flags(s, "Drafts", [3], {"\\Deleted"}, "add")
     assert store.expunge(s, "Drafts") == [3]
-    assert sorted(_column(store, member, "Drafts")) == [2]
+    assert sorted(copy_column(store, member, "Drafts", "sealed_header")) == [2]
 
 
 def test_the_search_index_fill_writes_header_entries(store: Store, people: dict[str, str]) -> None:
@@ -207,7 +188,7 @@ def test_the_search_index_fill_writes_header_entries(store: Store, people: dict[
     s = store.login(member, PASSWORD)
     uids = list(range(1, len(CORPUS) + 1))
     assert len(dict(store.search_fields(s, "INBOX", uids))) == len(uids)
-    assert all(_column(store, member, "INBOX").values())
+    assert all(copy_column(store, member, "INBOX", "sealed_header").values())
     _break_keys(store, member, "INBOX", uids)
     assert _fetch(store, s, "INBOX", uids) == {u: _expected(CORPUS[u - 1]) for u in uids}
 
@@ -223,7 +204,7 @@ def test_headers_above_the_cap_are_read_from_the_message(store: Store, people: d
     data = _batch_data(store, s, "INBOX", [1, 2], True, True, (), None, HEADER_ITEMS)
     assert data.parts is not None and 1 not in data.tried  # left to FETCH's usual path
     assert data.parts[2] == _expected(CORPUS[0])
-    stored = _column(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_header")
     assert stored[1] is None and stored[2] is not None
 
 

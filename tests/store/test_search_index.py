@@ -8,38 +8,20 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from postvault.errors import IntegrityError
 from postvault.mime.searchfields import Fields
 from postvault.store import crypto
 from postvault.store.api import Store
-from postvault.store.db import sessions, unit_of_work
-from postvault.store.models import Mailbox, MessageCopy
+from postvault.store.db import sessions
+from postvault.store.models import Mailbox
 
 from tests.conftest import PASSWORD
 from tests.searchcorpus import CORPUS, SEARCHES, matches
+from tests.support import copy_column, set_copy_column
 
 pytestmark = pytest.mark.databases
-
-
-def _entries(store: Store, account: str, mailbox: str) -> dict[int, bytes | None]:
-    acct_id = store.accounts([account])[account].id
-    with sessions(store.engine)() as s:
-        rows = s.execute(
-            select(MessageCopy.uid, MessageCopy.sealed_search)
-            .join(Mailbox, Mailbox.id == MessageCopy.mailbox_id)
-            .where(Mailbox.account_id == acct_id, Mailbox.name == mailbox)
-        ).all()
-    return {uid: entry for uid, entry in rows}
-
-
-def _set_entry(store: Store, account: str, mailbox: str, uid: int, entry: bytes | None) -> None:
-    acct_id = store.accounts([account])[account].id
-    with unit_of_work(sessions(store.engine)) as s:
-        box_id = s.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == mailbox))
-        s.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == uid)
-                  .values(sealed_search=entry))
 
 
 class _CountingOpens:
@@ -69,14 +51,14 @@ def test_fields_answer_like_the_decrypted_header_and_are_reused(store: Store, pe
     s = store.login(member, PASSWORD)
     uids = list(range(1, len(CORPUS) + 1))
     counter = _CountingOpens(store)
-    assert set(_entries(store, member, "INBOX").values()) == {None}
+    assert set(copy_column(store, member, "INBOX", "sealed_search").values()) == {None}
     first = _fields(store, s, "INBOX", uids)
     assert counter.opened == len(CORPUS)  # built from the messages once
-    stored = _entries(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_search")
     assert all(stored[u] is not None for u in uids)
     second = _fields(store, s, "INBOX", uids)
     assert counter.opened == len(CORPUS)  # the second pass decrypts no message
-    assert _entries(store, member, "INBOX") == stored  # and rewrites nothing
+    assert copy_column(store, member, "INBOX", "sealed_search") == stored  # and rewrites nothing
     for got in (first, second):
         assert sorted(got) == uids
         for _, key in SEARCHES:
@@ -103,7 +85,7 @@ def test_only_asked_uids_are_indexed_and_gone_ones_left_out(store: Store, people
     s = store.login(member, PASSWORD)
     got = _fields(store, s, "INBOX", [2, 3, 99])
     assert sorted(got) == [2, 3]
-    stored = _entries(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_search")
     assert stored[1] is None and stored[4] is None and stored[2] and stored[3]
 
 
@@ -113,29 +95,25 @@ def test_a_swapped_or_damaged_entry_is_not_trusted(store: Store, people: dict[st
     store.deliver(CORPUS[7], colleague, [member], save_sent=False)  # "Quarterly PANORAMIC review"
     s = store.login(member, PASSWORD)
     _fields(store, s, "INBOX", [1, 2])
-    stored = _entries(store, member, "INBOX")
+    stored = copy_column(store, member, "INBOX", "sealed_search")
     # Message 1's entry put in message 2's row: it names another message.
-    _set_entry(store, member, "INBOX", 2, stored[1])
+    set_copy_column(store, member, "INBOX", "sealed_search", stored[1], uid=2)
     counter = _CountingOpens(store)
     got = _fields(store, s, "INBOX", [1, 2])
     assert isinstance(got[2], Fields) and got[2].has("subject", "panoramic") and not got[2].has("subject", "x-ray")
     assert counter.opened == 1  # message 2 read from its content
-    rebuilt = _entries(store, member, "INBOX")[2]
+    rebuilt = copy_column(store, member, "INBOX", "sealed_search")[2]
     assert rebuilt not in (stored[1], None)
     # One flipped octet: refused the same way, and replaced.
     assert rebuilt is not None
-    _set_entry(store, member, "INBOX", 1, stored[1][:-1] + bytes([stored[1][-1] ^ 1]))
+    set_copy_column(store, member, "INBOX", "sealed_search", stored[1][:-1] + bytes([stored[1][-1] ^ 1]), uid=1)
     got = _fields(store, s, "INBOX", [1])
     assert isinstance(got[1], Fields) and got[1].has("subject", "x-ray")
     assert counter.opened == 2
     # A damaged entry of a message whose content does not open either: the
     # message's IntegrityError, not the entry's word.
-    _set_entry(store, member, "INBOX", 2, b"\x01" + bytes(40))
-    acct_id = store.accounts([member])[member].id
-    with unit_of_work(sessions(store.engine)) as db:
-        box_id = db.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == "INBOX"))
-        db.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == 2)
-                   .values(wrapped_key=bytes(92)))
+    set_copy_column(store, member, "INBOX", "sealed_search", b"\x01" + bytes(40), uid=2)
+    set_copy_column(store, member, "INBOX", "wrapped_key", bytes(92), uid=2)
     assert isinstance(_fields(store, s, "INBOX", [2])[2], IntegrityError)
 
 
@@ -146,20 +124,20 @@ def test_another_accounts_entry_does_not_open(store: Store, people: dict[str, st
     one, two = store.login(member, PASSWORD), store.login(member2, PASSWORD)
     _fields(store, one, "INBOX", [1])
     _fields(store, two, "INBOX", [1, 2])
-    mine = _entries(store, member, "INBOX")[1]
-    theirs = _entries(store, member2, "INBOX")
+    mine = copy_column(store, member, "INBOX", "sealed_search")[1]
+    theirs = copy_column(store, member2, "INBOX", "sealed_search")
     assert mine is not None and mine != theirs[1]
     # The other account's key does not open it, even for the same message...
     key2 = crypto.search_index_key(two.private_key)
     pid = store.snapshot(two, "INBOX", [1]).messages[0].message_id.encode()
     assert crypto.open_search_entries(key2, two.key_owner, [(pid, mine)]) == [None]
     # ...and copied into the other account's row, it is replaced, not used.
-    _set_entry(store, member2, "INBOX", 1, mine)
+    set_copy_column(store, member2, "INBOX", "sealed_search", mine, uid=1)
     counter = _CountingOpens(store)
     got = _fields(store, two, "INBOX", [1, 2])
     assert counter.opened == 1
     assert isinstance(got[1], Fields) and got[1].has("subject", "x-ray")
-    assert _entries(store, member2, "INBOX")[1] not in (mine, None)
+    assert copy_column(store, member2, "INBOX", "sealed_search")[1] not in (mine, None)
 
 
 def test_entries_go_with_move_and_copy_and_away_with_expunge(store: Store, people: dict[str, str]) -> None:
@@ -168,19 +146,19 @@ def test_entries_go_with_move_and_copy_and_away_with_expunge(store: Store, peopl
         store.deliver(raw, colleague, [member], save_sent=False)
     s = store.login(member, PASSWORD)
     _fields(store, s, "INBOX", [1, 2, 3])
-    before = _entries(store, member, "INBOX")
+    before = copy_column(store, member, "INBOX", "sealed_search")
     moved = store.move(s, "INBOX", [1], "Trash")
     copied = store.copy(s, "INBOX", [2], "Drafts")
-    assert sorted(_entries(store, member, "INBOX")) == [2, 3]
-    assert _entries(store, member, "Trash") == {moved.uids[0][1]: before[1]}
-    assert _entries(store, member, "Drafts") == {copied.uids[0][1]: before[2]}
+    assert sorted(copy_column(store, member, "INBOX", "sealed_search")) == [2, 3]
+    assert copy_column(store, member, "Trash", "sealed_search") == {moved.uids[0][1]: before[1]}
+    assert copy_column(store, member, "Drafts", "sealed_search") == {copied.uids[0][1]: before[2]}
     counter = _CountingOpens(store)
     got = _fields(store, s, "Trash", [moved.uids[0][1]])
     assert counter.opened == 0  # the carried entry opens in its new folder
     assert isinstance(got[moved.uids[0][1]], Fields) and got[moved.uids[0][1]].has("subject", "x-ray")
     store.set_flags(s, "INBOX", [3], {"\\Deleted"}, "add")
     assert store.expunge(s, "INBOX") == [3]
-    assert sorted(_entries(store, member, "INBOX")) == [2]
+    assert sorted(copy_column(store, member, "INBOX", "sealed_search")) == [2]
 
 
 def test_metadata_tests_match_the_rows(store: Store, people: dict[str, str]) -> None:
@@ -210,7 +188,7 @@ def test_metadata_tests_match_the_rows(store: Store, people: dict[str, str]) -> 
 def test_append_writes_its_entry(store: Store, people: dict[str, str]) -> None:
     s = store.login(people["member"], PASSWORD)
     uid = store.append(s, "Drafts", CORPUS[1]).uid  # encoded-word From and Subject
-    assert _entries(store, people["member"], "Drafts")[uid]
+    assert copy_column(store, people["member"], "Drafts", "sealed_search")[uid]
     counter = _CountingOpens(store)
     got = _fields(store, s, "Drafts", [uid])[uid]
     assert counter.opened == 0
@@ -247,21 +225,18 @@ def test_a_background_fill_walks_up_the_uids_once(store: Store, people: dict[str
     for raw in CORPUS[:5]:
         store.deliver(raw, colleague, [member], save_sent=False)
     acct_id = store.accounts([member])[member].id
-    with unit_of_work(sessions(store.engine)) as db:
+    with sessions(store.engine)() as db:
         box_id = db.scalar(select(Mailbox.id).where(Mailbox.account_id == acct_id, Mailbox.name == "INBOX"))
-        # Message 2's content key damaged: it does not open.
-        db.execute(update(MessageCopy).where(MessageCopy.mailbox_id == box_id, MessageCopy.uid == 2)
-                   .values(wrapped_key=bytes(92)))
+    # Message 2's content key damaged: it does not open.
+    set_copy_column(store, member, "INBOX", "wrapped_key", bytes(92), uid=2)
     s = store.login(member, PASSWORD)
     assert store.fill_search_index(replace(s, read_only=True), "INBOX") == (box_id, 0, 0, None)
-    assert set(_entries(store, member, "INBOX").values()) == {None}  # emergency access writes nothing
+    assert set(copy_column(store, member, "INBOX", "sealed_search").values()) == {None}  # emergency access writes none
     assert store.fill_search_index(s, "INBOX", 0, 3) == (box_id, 3, 2, 3)
-    assert [u for u, e in sorted(_entries(store, member, "INBOX").items()) if e] == [1, 3]
+    assert [u for u, e in sorted(copy_column(store, member, "INBOX", "sealed_search").items()) if e] == [1, 3]
     assert store.fill_search_index(s, "INBOX", 3, 3) == (box_id, 2, 2, 5)
     assert store.fill_search_index(s, "INBOX", 5, 3) == (box_id, 0, 0, None)  # done: 2 is not tried again
-    with sessions(store.engine)() as db:
-        heads = dict(db.execute(select(MessageCopy.uid, MessageCopy.sealed_header)
-                                .where(MessageCopy.mailbox_id == box_id)).all())
+    heads = copy_column(store, member, "INBOX", "sealed_header")
     assert [u for u, h in sorted(heads.items()) if h] == [1, 3, 4, 5]  # the header cache too
     # A new fill (the next login) looks at the one left once more.
     assert store.fill_search_index(s, "INBOX", 0, 3) == (box_id, 1, 0, 2)
