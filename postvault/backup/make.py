@@ -46,6 +46,7 @@ from ..errors import BackupError, IntegrityError
 from ..home import open_store
 from ..progress import Progress
 from ..store.blobs import FileBlobStore, _fsync_dir
+from ..store.db import WRITE_LOCK_SUFFIX
 from . import archive
 from .archive import HashingReader, Manifest, member_info
 from .openpgp import encrypting_sink
@@ -142,7 +143,7 @@ def _write_archive(sink: BinaryIO, home: Path, config: Config, db_path: Path, wo
         if not path.is_relative_to(home):
             result.notes.append(f"tls.{key} is outside the home folder ({path}); back it up separately")
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_TAR_BUFFER) as tar:
-        skip_files = {db_path, *(db_path.with_name(db_path.name + s) for s in ("-wal", "-shm", "-journal")),
+        skip_files = {db_path, *(db_path.with_name(db_path.name + s) for s in ("-wal", "-shm", "-journal", WRITE_LOCK_SUFFIX)),
                       *outputs}
         skip_dirs = {work, *([blob_root] if blob_root is not None else [])}
         files = 0

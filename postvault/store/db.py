@@ -8,6 +8,9 @@ on disk, which is what lets us acknowledge a message only once it is stored.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE_OPTION = "postvault_write"
+# Beside the database file: the writers' lock (WriteLockedConnection); empty.
+WRITE_LOCK_SUFFIX = "-writelock"
 
 
 def make_engine(url: str) -> Engine:
@@ -28,7 +33,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30, "factory": WriteLockedConnection})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling is off (see _sqlite_pragmas);
         # a unit of work that writes starts with BEGIN IMMEDIATE so that two
@@ -54,7 +59,78 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
     immediate = conn.get_execution_options().get(WRITE_OPTION, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if not immediate:
+        conn.exec_driver_sql("BEGIN")
+        return
+    raw = conn.connection.driver_connection
+    locking = isinstance(raw, WriteLockedConnection)
+    if locking:
+        raw.lock_for_write()
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        if locking:
+            raw.unlock_write()
+        raise
+
+
+class WriteLockedConnection(sqlite3.Connection):
+    """A sqlite3 connection whose write transactions queue on a file lock.
+
+    SQLite admits one writer; a second one's ``BEGIN IMMEDIATE`` waits in
+    SQLite's busy handler, which sleeps in steps of 1, 2, 5, 10, ... ms and
+    looks again, so a waiting writer (another process's, with ``[smtp]
+    processes`` > 1, or another thread's) wakes up to several milliseconds
+    after the lock was free. Each write transaction here first takes an
+    exclusive ``flock`` on ``<database>-writelock`` (one open file per
+    connection, so threads of one process exclude each other too) and
+    releases it once ``commit`` or ``rollback`` returned: the kernel hands
+    the lock to the next waiter at once. SQLite's own lock still decides;
+    this only orders the writers that use it (a program that does not waits
+    in the busy handler as before). The lock goes with the open file: a
+    process that dies holding it releases it.
+    """
+
+    def __init__(self, database, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(database, *args, **kwargs)
+        name = os.fspath(database)
+        self._lock_path = None if name in ("", ":memory:") or name.startswith("file:") else name + WRITE_LOCK_SUFFIX
+        self._lock_fd: int | None = None
+        self._locked = False
+
+    def lock_for_write(self) -> None:
+        if self._lock_path is None or self._locked:
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._locked = True
+
+    def unlock_write(self) -> None:
+        if self._locked:
+            self._locked = False
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.unlock_write()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.unlock_write()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._locked = False
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
