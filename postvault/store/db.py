@@ -9,8 +9,11 @@ on disk, which is what lets us acknowledge a message only once it is stored.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +24,13 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE_OPTION = "postvault_write"
+# How long a writer waits for the database (SQLite's busy timeout, and the
+# writers' lock's; see WriteLockedConnection).
+BUSY_SECONDS = 30
 # Beside the database file: the writers' lock (WriteLockedConnection); empty.
 WRITE_LOCK_SUFFIX = "-writelock"
 
@@ -33,7 +41,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        engine = create_engine(url, connect_args={"timeout": 30, "factory": WriteLockedConnection})
+        engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS, "factory": WriteLockedConnection})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling is off (see _sqlite_pragmas);
         # a unit of work that writes starts with BEGIN IMMEDIATE so that two
@@ -51,7 +59,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
     # Freed pages are zeroed so deleted rows don't linger in the file.
     cur.execute("PRAGMA secure_delete=ON")
     cur.close()
@@ -74,6 +82,17 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
+_THREAD = threading.local()
+
+
+def _held_locks() -> dict[str, int]:
+    """Write locks this thread holds, by lock file (see lock_for_write)."""
+    held: dict[str, int] | None = getattr(_THREAD, "held", None)
+    if held is None:
+        held = _THREAD.held = {}
+    return held
+
+
 class WriteLockedConnection(sqlite3.Connection):
     """A sqlite3 connection whose write transactions queue on a file lock.
 
@@ -85,10 +104,11 @@ class WriteLockedConnection(sqlite3.Connection):
     exclusive ``flock`` on ``<database>-writelock`` (one open file per
     connection, so threads of one process exclude each other too) and
     releases it once ``commit`` or ``rollback`` returned: the kernel hands
-    the lock to the next waiter at once. SQLite's own lock still decides;
-    this only orders the writers that use it (a program that does not waits
-    in the busy handler as before). The lock goes with the open file: a
-    process that dies holding it releases it.
+    the lock to the next waiter at once, or within a millisecond: see
+    ``lock_for_write``. SQLite's own lock still decides; this only orders
+    the writers that use it (a program that does not waits in the busy
+    handler as before). The lock goes with the open file: a process that
+    dies holding it releases it.
     """
 
     def __init__(self, database, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -97,18 +117,51 @@ class WriteLockedConnection(sqlite3.Connection):
         self._lock_path = None if name in ("", ":memory:") or name.startswith("file:") else name + WRITE_LOCK_SUFFIX
         self._lock_fd: int | None = None
         self._locked = False
+        self._held_by: dict[str, int] = {}
 
     def lock_for_write(self) -> None:
+        """Take the writers' lock, waiting at most ``BUSY_SECONDS``.
+
+        Never a blocking ``flock`` without a limit: a writer that waits for
+        another thread's result inside its transaction would then hang for
+        good where SQLite alone gives up after the busy timeout. So: look,
+        then look again after 0.1, 0.2, 0.4, ... ms, at most 1 ms apart
+        (SQLite's handler: 1, 2, 5, 10, ... 100 ms). After ``BUSY_SECONDS``
+        the transaction goes on without the lock, into SQLite's busy
+        handler, as before this lock existed. A thread that holds the lock
+        through another connection does not wait for itself.
+        """
         if self._lock_path is None or self._locked:
+            return
+        held = _held_locks()
+        if held.get(self._lock_path):
             return
         if self._lock_fd is None:
             self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        delay, deadline = 0.0001, None
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + BUSY_SECONDS
+                elif now >= deadline:
+                    log.warning("the database write lock stayed taken for %d s; going on without it", BUSY_SECONDS)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 0.001)
         self._locked = True
+        held[self._lock_path] = held.get(self._lock_path, 0) + 1
+        self._held_by = held
 
     def unlock_write(self) -> None:
         if self._locked:
             self._locked = False
+            # The locking thread's count, whichever thread unlocks (a pool
+            # may close a connection from another thread).
+            self._held_by[self._lock_path] -= 1  # type: ignore[index]
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
 
     def commit(self) -> None:
@@ -127,7 +180,7 @@ class WriteLockedConnection(sqlite3.Connection):
         try:
             super().close()
         finally:
-            self._locked = False
+            self.unlock_write()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

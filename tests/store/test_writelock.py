@@ -132,3 +132,68 @@ def test_another_process_holding_the_lock_excludes_us_and_its_death_frees_it(eng
         with conn.begin():
             conn.execute(text("INSERT INTO t VALUES (8)"))
         assert conn.execute(text("SELECT x FROM t")).scalars().all() == [8]
+
+
+def test_a_lock_held_too_long_is_given_up_after_the_busy_timeout(tmp_path: Path, monkeypatch) -> None:
+    """A writer never waits for the lock forever: after BUSY_SECONDS it
+    goes on under SQLite's own locking, as before the lock existed."""
+    import time
+
+    import postvault.store.db as db
+
+    monkeypatch.setattr(db, "BUSY_SECONDS", 0.3)
+    path = tmp_path / "pv.db"
+    e = make_engine(f"sqlite:///{path}")
+    try:
+        with e.connect() as c:
+            c.execute(text("CREATE TABLE t (x INTEGER)"))
+            c.commit()
+        # Someone holds the lock file but not the database (say, a writer
+        # stuck outside its transaction).
+        fd = os.open(f"{path}{WRITE_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            started = time.monotonic()
+            with e.connect() as conn:
+                conn.execution_options(**{WRITE_OPTION: True})
+                with conn.begin():
+                    conn.execute(text("INSERT INTO t VALUES (1)"))
+            assert time.monotonic() - started >= 0.3
+        finally:
+            os.close(fd)
+        with e.connect() as conn:
+            assert conn.execute(text("SELECT x FROM t")).scalars().all() == [1]
+    finally:
+        e.dispose()
+
+
+def test_a_nested_writer_in_the_same_thread_does_not_wait_for_its_own_lock(tmp_path: Path, monkeypatch) -> None:
+    """Two write transactions at once in one thread cannot both go on in
+    SQLite; the inner one fails after SQLite's busy timeout (as without the
+    lock), not after a wait for the lock its own thread holds on top."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    import postvault.store.db as db
+
+    monkeypatch.setattr(db, "BUSY_SECONDS", 60)
+    e = make_engine(f"sqlite:///{tmp_path / 'pv.db'}")
+    try:
+        with e.connect() as c:
+            c.execute(text("CREATE TABLE t (x INTEGER)"))
+            c.commit()
+        with e.connect() as outer:
+            outer.execution_options(**{WRITE_OPTION: True})
+            with outer.begin():
+                outer.execute(text("INSERT INTO t VALUES (1)"))
+                with e.connect() as inner:
+                    # SQLite gives up after 0.2 s; the lock would make it wait 60 s.
+                    inner.connection.driver_connection.execute("PRAGMA busy_timeout=200")
+                    inner.execution_options(**{WRITE_OPTION: True})
+                    started = time.monotonic()
+                    with pytest.raises(OperationalError, match="locked"), inner.begin():
+                        pass
+                    assert time.monotonic() - started < 30
+    finally:
+        e.dispose()
