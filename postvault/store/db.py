@@ -41,9 +41,9 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        engine = create_engine(url, connect_args={"timeout": BUSY_SECONDS, "factory": WriteLockedConnection})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own transaction handling is off (see _sqlite_pragmas);
+        engine = create_engine(url, connect_args=sqlite_connect_args())
+        event.listen(engine, "connect", sqlite_pragmas)
+        # pysqlite's own transaction handling is off (see sqlite_pragmas);
         # a unit of work that writes starts with BEGIN IMMEDIATE so that two
         # writers serialize at the start instead of one failing at commit
         # (UID allocation relies on it); reads take a deferred BEGIN and never
@@ -53,7 +53,13 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def sqlite_connect_args() -> dict[str, object]:
+    """sqlite3.connect's arguments for every connection of ours (also the
+    kept read connections of fastread.py)."""
+    return {"timeout": BUSY_SECONDS, "factory": WriteLockedConnection}
+
+
+def sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see above)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

@@ -23,6 +23,8 @@ be plain values (strings, integers, bytes). An expanding ``IN`` parameter
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections import namedtuple
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -197,18 +199,131 @@ class FastWrite:
 
 @contextmanager
 def snapshot(engine: Engine) -> Iterator[Connection]:
-    """A connection in a read transaction (one snapshot) for ``rows``."""
-    with engine.connect() as conn:
-        if engine.dialect.name != "sqlite":
+    """A connection in a read transaction (one snapshot) for ``rows``.
+
+    On a SQLite file, the thread's kept read connection (``_KeptReads``)
+    when it is free, else one from the pool as on other databases."""
+    if engine.dialect.name != "sqlite":
+        with engine.connect() as conn:
             yield conn
-            return
-        # isolation_level is None on our SQLite connections (db.py): BEGIN
-        # is ours to send; a deferred one, as db.py's read transactions.
-        _raw(conn, "BEGIN", [])
-        try:
+        return
+    kept = _kept_reads(engine)
+    conn = kept.take() if kept is not None else None
+    if conn is None:
+        with engine.connect() as conn:
+            with _read_transaction(conn):
+                yield conn
+        return
+    try:
+        with _read_transaction(conn):
             yield conn
-        finally:
-            _raw(conn, "ROLLBACK", [])
+    except DBAPIError:
+        kept.drop(conn)  # a connection that failed is not kept
+        raise
+    finally:
+        kept.give_back(conn)
+
+
+@contextmanager
+def _read_transaction(conn: Connection) -> Iterator[None]:
+    # isolation_level is None on our SQLite connections (db.py): BEGIN is
+    # ours to send; a deferred one, as db.py's read transactions. Each
+    # snapshot is a transaction of its own: a kept connection sees every
+    # commit made before its BEGIN.
+    _raw(conn, "BEGIN", [])
+    try:
+        yield
+    finally:
+        _raw(conn, "ROLLBACK", [])
+
+
+class _KeptReads:
+    """One read connection per thread for one SQLite file, kept between
+    snapshots.
+
+    A snapshot through the pool checks a connection out and back in (the
+    pool's lock, the reset's ROLLBACK, SQLAlchemy's connection objects):
+    several times a message on the SMTP path and once or twice a FETCH,
+    under contention for the GIL. These connections come from an engine of
+    their own without a pool (``NullPool``), so they never take a place in
+    the main pool that other work waits for; the same pragmas and sqlite3
+    class (db.py). A thread uses its own only when it is not already in a
+    snapshot on it (a nested snapshot takes a pooled one). Kept connections
+    are closed when the main engine is disposed (``Store.close``), and those
+    of threads that have ended whenever a new one is made.
+    """
+
+    def __init__(self, url: Any) -> None:
+        from sqlalchemy import create_engine, event
+        from sqlalchemy.pool import NullPool
+
+        from .db import sqlite_connect_args, sqlite_pragmas
+
+        self._engine = create_engine(url, poolclass=NullPool,
+                                     connect_args={**sqlite_connect_args(), "check_same_thread": False})
+        event.listen(self._engine, "connect", sqlite_pragmas)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[weakref.ref[threading.Thread], Connection]] = []
+
+    def take(self) -> Connection | None:
+        local = self._local
+        if getattr(local, "busy", False):
+            return None
+        conn: Connection | None = getattr(local, "conn", None)
+        if conn is None:
+            conn = self._engine.connect()
+            with self._lock:
+                ended = [c for t, c in self._open if (th := t()) is None or not th.is_alive()]
+                self._open = [(t, c) for t, c in self._open if c not in ended]
+                self._open.append((weakref.ref(threading.current_thread()), conn))
+            for c in ended:
+                c.close()
+            local.conn = conn
+        local.busy = True
+        return conn
+
+    def give_back(self, conn: Connection) -> None:
+        self._local.busy = False
+
+    def drop(self, conn: Connection) -> None:
+        self._local.conn = None
+        with self._lock:
+            self._open = [(t, c) for t, c in self._open if c is not conn]
+        conn.close()
+
+    def close_all(self) -> None:
+        """Close every kept connection (the engine is being disposed; no
+        snapshot runs any more)."""
+        with self._lock:
+            conns, self._open = [c for _, c in self._open], []
+        for c in conns:
+            c.close()
+        self._local = threading.local()
+
+
+_KEPT: weakref.WeakKeyDictionary[Engine, _KeptReads | None] = weakref.WeakKeyDictionary()
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_reads(engine: Engine) -> _KeptReads | None:
+    """The kept read connections of a SQLite file engine (None: an
+    in-memory or URI database, where another connection is another
+    database)."""
+    try:
+        return _KEPT[engine]
+    except KeyError:
+        pass
+    with _KEPT_LOCK:
+        if engine not in _KEPT:
+            name = engine.url.database or ""
+            kept = None if name in ("", ":memory:") or name.startswith("file:") else _KeptReads(engine.url)
+            if kept is not None:
+                from sqlalchemy import event
+
+                event.listen(engine, "engine_disposed", lambda _engine: kept.close_all())
+            _KEPT[engine] = kept
+        return _KEPT[engine]
 
 
 def _raw(conn: Connection, sql: str, values: Sequence[Any]) -> list[Any]:
