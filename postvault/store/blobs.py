@@ -22,8 +22,8 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import stat
-import tempfile
 import weakref
 from pathlib import Path
 from types import TracebackType
@@ -122,10 +122,15 @@ class BlobWriter:
 
     def __init__(self, store: FileBlobStore) -> None:
         self._store = store
-        # mkstemp creates the file with mode 0600 and O_EXCL.
-        fd, self._tmp_path = tempfile.mkstemp(
-            prefix=_TMP_PREFIX, suffix=".blob", dir=store.root
-        )
+        # As tempfile.mkstemp (mode 0600, O_EXCL, a random name), without
+        # its per-call name generator and path handling: one blob per message.
+        while True:
+            self._tmp_path = os.path.join(store.root, f"{_TMP_PREFIX}{secrets.token_hex(8)}.blob")
+            try:
+                fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:  # 64 random bits: practically never
+                continue
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self._size = 0

@@ -232,3 +232,16 @@ def test_commit_fsyncs_root_once_per_fan_dir_even_when_it_exists(
         w.write(blob_in("ab", 4))
         w.commit()
     assert root in synced
+
+
+def test_a_writer_in_progress_is_a_private_temp_file_the_sweep_knows(tmp_path: Path) -> None:
+    from postvault.store.blobs import _TMP_PREFIX
+
+    store = FileBlobStore(tmp_path / "blobs")
+    first, second = store.writer(), store.writer()
+    temps = sorted(p for p in (tmp_path / "blobs").iterdir() if p.is_file())
+    assert len(temps) == 2 and all(p.name.startswith(_TMP_PREFIX) and p.name.endswith(".blob") for p in temps)
+    assert all(mode(p) == 0o600 for p in temps)
+    first.abort()
+    second.abort()
+    assert files_under(tmp_path / "blobs") == []
