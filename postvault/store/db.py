@@ -48,7 +48,7 @@ def make_engine(url: str) -> Engine:
         # writers serialize at the start instead of one failing at commit
         # (UID allocation relies on it); reads take a deferred BEGIN and never
         # block writers under WAL.
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True)
 
@@ -71,7 +71,7 @@ def sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     cur.close()
 
 
-def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+def sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
     immediate = conn.get_execution_options().get(WRITE_OPTION, False)
     if not immediate:
         conn.exec_driver_sql("BEGIN")

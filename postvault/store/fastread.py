@@ -34,6 +34,8 @@ from sqlalchemy import Connection, Engine, Select, Table, insert
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 
+from .db import WRITE_OPTION
+
 _SQLITE = sqlite.dialect(paramstyle="qmark")
 # SQLAlchemy's spelling of an expanding parameter in compiled SQL.
 _POSTCOMPILE = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
@@ -201,24 +203,34 @@ class FastWrite:
 def snapshot(engine: Engine) -> Iterator[Connection]:
     """A connection in a read transaction (one snapshot) for ``rows``.
 
-    On a SQLite file, the thread's kept read connection (``_KeptReads``)
+    On a SQLite file, the thread's kept connection (``kept_connection``)
     when it is free, else one from the pool as on other databases."""
     if engine.dialect.name != "sqlite":
         with engine.connect() as conn:
             yield conn
         return
-    kept = _kept_reads(engine)
+    with kept_connection(engine) as conn, _read_transaction(conn):
+        yield conn
+
+
+@contextmanager
+def kept_connection(engine: Engine) -> Iterator[Connection]:
+    """The thread's kept connection to a SQLite file (``_KeptReads``) while
+    it is free, else a pooled one; on other databases a pooled one. For
+    SQLAlchemy transactions too: ``WRITE_OPTION`` makes ``begin()`` a BEGIN
+    IMMEDIATE under the writers' lock, as on the main engine (db.py). A
+    connection that raised a database error is not kept."""
+    kept = _kept_reads(engine) if engine.dialect.name == "sqlite" else None
     conn = kept.take() if kept is not None else None
     if conn is None:
         with engine.connect() as conn:
-            with _read_transaction(conn):
-                yield conn
-        return
-    try:
-        with _read_transaction(conn):
             yield conn
+        return
+    assert kept is not None
+    try:
+        yield conn
     except DBAPIError:
-        kept.drop(conn)  # a connection that failed is not kept
+        kept.drop(conn)
         raise
     finally:
         kept.give_back(conn)
@@ -238,8 +250,8 @@ def _read_transaction(conn: Connection) -> Iterator[None]:
 
 
 class _KeptReads:
-    """One read connection per thread for one SQLite file, kept between
-    snapshots.
+    """One connection per thread for one SQLite file, kept between
+    snapshots (and the writer thread's transactions).
 
     A snapshot through the pool checks a connection out and back in (the
     pool's lock, the reset's ROLLBACK, SQLAlchemy's connection objects):
@@ -257,11 +269,12 @@ class _KeptReads:
         from sqlalchemy import create_engine, event
         from sqlalchemy.pool import NullPool
 
-        from .db import sqlite_connect_args, sqlite_pragmas
+        from .db import sqlite_begin, sqlite_connect_args, sqlite_pragmas
 
         self._engine = create_engine(url, poolclass=NullPool,
                                      connect_args={**sqlite_connect_args(), "check_same_thread": False})
         event.listen(self._engine, "connect", sqlite_pragmas)
+        event.listen(self._engine, "begin", sqlite_begin)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[weakref.ref[threading.Thread], Connection]] = []
@@ -284,6 +297,8 @@ class _KeptReads:
         return conn
 
     def give_back(self, conn: Connection) -> None:
+        if conn.get_execution_options().get(WRITE_OPTION):
+            conn.execution_options(**{WRITE_OPTION: False})  # the next user asks again
         self._local.busy = False
 
     def drop(self, conn: Connection) -> None:

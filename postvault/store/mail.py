@@ -1094,7 +1094,7 @@ class MailStore:
         return results
 
     def _write_events(self, batch: Sequence[audit.Event]) -> None:
-        with _full_disk(), self.engine.connect() as conn:
+        with _full_disk(), fastread.kept_connection(self.engine) as conn:
             conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
             with conn.begin():
                 audit.record_many(conn, batch)
@@ -1129,7 +1129,7 @@ class MailStore:
         return results
 
     def _write_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult]:
-        with _full_disk(), self.engine.connect() as conn:
+        with _full_disk(), fastread.kept_connection(self.engine) as conn:
             conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
             with conn.begin():
                 return delivery.write_deliveries(conn, batch)

@@ -121,3 +121,36 @@ def test_in_memory_databases_use_the_pool(tmp_path: Path) -> None:
             assert fastread._raw(conn, "SELECT 1", []) == [(1,)]
     finally:
         e.dispose()
+
+
+def test_a_write_on_the_kept_connection_takes_the_writers_lock_and_leaves_it_clean(engine: Engine,
+                                                                                   tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from postvault.store.db import WRITE_LOCK_SUFFIX, WRITE_OPTION
+
+    def lock_taken() -> bool:
+        fd = os.open(f"{tmp_path / 'pv.db'}{WRITE_LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    with fastread.snapshot(engine) as conn:
+        kept = _driver(conn)
+    with fastread.kept_connection(engine) as conn:
+        assert _driver(conn) is kept
+        conn.execution_options(**{WRITE_OPTION: True})
+        with conn.begin():
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+            assert lock_taken()
+        assert not lock_taken()
+    with fastread.kept_connection(engine) as conn:
+        assert not conn.get_execution_options().get(WRITE_OPTION)
+    with fastread.snapshot(engine) as conn:
+        assert _driver(conn) is kept and _count(conn) == 1
