@@ -1461,7 +1461,7 @@ class MailStore:
         # Core statements built once, reads on the sqlite3 connection: the
         # ORM's unit of work (a locked, refreshed Mailbox object and one
         # object per copy) was half of a STORE's CPU.
-        with self.engine.connect() as conn:
+        with fastread.kept_connection(self.engine) as conn:
             conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
             with conn.begin():
                 box = _BOX_FOR_WRITE.rows(conn, {"account": session.account_id, "name": _box_key(mailbox)})
