@@ -72,7 +72,9 @@ def sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
 
 
 def sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+    # A write: the execution option, or, on a kept connection (fastread),
+    # the flag its current user set (cheaper than changing options twice).
+    immediate = conn.get_execution_options().get(WRITE_OPTION, False) or conn.info.get(WRITE_OPTION, False)
     if not immediate:
         conn.exec_driver_sql("BEGIN")
         return

@@ -214,19 +214,22 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
 
 
 @contextmanager
-def kept_connection(engine: Engine) -> Iterator[Connection]:
+def kept_connection(engine: Engine, write: bool = False) -> Iterator[Connection]:
     """The thread's kept connection to a SQLite file (``_KeptReads``) while
-    it is free, else a pooled one; on other databases a pooled one. For
-    SQLAlchemy transactions too: ``WRITE_OPTION`` makes ``begin()`` a BEGIN
-    IMMEDIATE under the writers' lock, as on the main engine (db.py). A
-    connection that raised a database error is not kept."""
+    it is free, else a pooled one; on other databases a pooled one. With
+    ``write``, its ``begin()`` is a write transaction (BEGIN IMMEDIATE under
+    the writers' lock on SQLite, as ``WRITE_OPTION`` on the main engine,
+    db.py). A connection that raised a database error is not kept."""
     kept = _kept_reads(engine) if engine.dialect.name == "sqlite" else None
     conn = kept.take() if kept is not None else None
     if conn is None:
         with engine.connect() as conn:
+            if write:
+                conn.execution_options(**{WRITE_OPTION: True})
             yield conn
         return
     assert kept is not None
+    conn.info[WRITE_OPTION] = write
     try:
         yield conn
     except DBAPIError:
@@ -297,8 +300,6 @@ class _KeptReads:
         return conn
 
     def give_back(self, conn: Connection) -> None:
-        if conn.get_execution_options().get(WRITE_OPTION):
-            conn.execution_options(**{WRITE_OPTION: False})  # the next user asks again
         self._local.busy = False
 
     def drop(self, conn: Connection) -> None:

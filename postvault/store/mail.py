@@ -43,7 +43,7 @@ from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
 from . import delivery, fastread, headercache, searchindex
 from .fastread import FastSelect
-from .db import WRITE_OPTION, unit_of_work
+from .db import unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
 from .models import (
@@ -1094,8 +1094,7 @@ class MailStore:
         return results
 
     def _write_events(self, batch: Sequence[audit.Event]) -> None:
-        with _full_disk(), fastread.kept_connection(self.engine) as conn:
-            conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
+        with _full_disk(), fastread.kept_connection(self.engine, write=True) as conn:
             with conn.begin():
                 audit.record_many(conn, batch)
 
@@ -1129,8 +1128,7 @@ class MailStore:
         return results
 
     def _write_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult]:
-        with _full_disk(), fastread.kept_connection(self.engine) as conn:
-            conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
+        with _full_disk(), fastread.kept_connection(self.engine, write=True) as conn:
             with conn.begin():
                 return delivery.write_deliveries(conn, batch)
 
@@ -1461,8 +1459,7 @@ class MailStore:
         # Core statements built once, reads on the sqlite3 connection: the
         # ORM's unit of work (a locked, refreshed Mailbox object and one
         # object per copy) was half of a STORE's CPU.
-        with fastread.kept_connection(self.engine) as conn:
-            conn.execution_options(**{WRITE_OPTION: True})  # BEGIN IMMEDIATE on SQLite
+        with fastread.kept_connection(self.engine, write=True) as conn:
             with conn.begin():
                 box = _BOX_FOR_WRITE.rows(conn, {"account": session.account_id, "name": _box_key(mailbox)})
                 if not box:

@@ -143,14 +143,25 @@ def test_a_write_on_the_kept_connection_takes_the_writers_lock_and_leaves_it_cle
 
     with fastread.snapshot(engine) as conn:
         kept = _driver(conn)
-    with fastread.kept_connection(engine) as conn:
+    with fastread.kept_connection(engine, write=True) as conn:
         assert _driver(conn) is kept
-        conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
             conn.execute(text("INSERT INTO t VALUES (1)"))
-            assert lock_taken()
+            assert lock_taken() and _driver(conn).in_transaction
         assert not lock_taken()
+    # The next user of the connection reads: a deferred BEGIN, no lock.
     with fastread.kept_connection(engine) as conn:
-        assert not conn.get_execution_options().get(WRITE_OPTION)
+        assert _driver(conn) is kept and not conn.info[WRITE_OPTION]
+        with conn.begin():
+            assert _count(conn) == 1
+            assert not lock_taken()
     with fastread.snapshot(engine) as conn:
         assert _driver(conn) is kept and _count(conn) == 1
+    # A pooled connection (the thread's own is busy) writes the same way.
+    with fastread.kept_connection(engine) as outer, fastread.kept_connection(engine, write=True) as conn:
+        assert _driver(conn) is not _driver(outer)
+        with conn.begin():
+            conn.execute(text("INSERT INTO t VALUES (2)"))
+            assert lock_taken()
+    with fastread.snapshot(engine) as conn:
+        assert _count(conn) == 2
