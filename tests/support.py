@@ -35,7 +35,7 @@ def cheap_home_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def stored_blobs(store: "Store") -> list[str]:
+def stored_blobs(store: Store) -> list[str]:
     """Every blob the store holds, whichever kind of blob store it has:
     the files under a blob folder (temporary ones too, by name), or the
     blob ids in the database's chunk table."""
@@ -63,7 +63,7 @@ def set_policy(home: Path, **values: int) -> None:
     path.write_text(text, "utf-8")
 
 
-def copy_column(store: "Store", account: str, mailbox: str, column: str) -> dict[int, bytes | None]:
+def copy_column(store: Store, account: str, mailbox: str, column: str) -> dict[int, bytes | None]:
     """One column of ``message_copies`` (e.g. ``"sealed_search"``,
     ``"sealed_header"``) for each copy in the account's mailbox, by UID,
     read straight from the database."""
@@ -82,7 +82,7 @@ def copy_column(store: "Store", account: str, mailbox: str, column: str) -> dict
     return {uid: value for uid, value in rows}
 
 
-def set_copy_column(store: "Store", account: str, mailbox: str, column: str, value: bytes | None,
+def set_copy_column(store: Store, account: str, mailbox: str, column: str, value: bytes | None,
                     uid: int | None = None) -> None:
     """Write one column of ``message_copies`` straight into the database:
     for the copy with ``uid`` in the account's mailbox, or, with no

@@ -12,8 +12,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 from ..errors import InvalidInput

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from postvault.store.db import WRITE_LOCK_SUFFIX, WRITE_OPTION, WriteLockedConnection, make_engine
+from postvault.store.db import (
+    WRITE_LOCK_SUFFIX,
+    WRITE_OPTION,
+    WriteLockedConnection,
+    make_engine,
+)
 
 
 def _held(db: Path) -> bool:
@@ -139,7 +144,7 @@ def test_a_lock_held_too_long_is_given_up_after_the_busy_timeout(tmp_path: Path,
     goes on under SQLite's own locking, as before the lock existed."""
     import time
 
-    import postvault.store.db as db
+    from postvault.store import db
 
     monkeypatch.setattr(db, "BUSY_SECONDS", 0.3)
     path = tmp_path / "pv.db"
@@ -175,7 +180,7 @@ def test_a_nested_writer_in_the_same_thread_does_not_wait_for_its_own_lock(tmp_p
 
     from sqlalchemy.exc import OperationalError
 
-    import postvault.store.db as db
+    from postvault.store import db
 
     monkeypatch.setattr(db, "BUSY_SECONDS", 60)
     e = make_engine(f"sqlite:///{tmp_path / 'pv.db'}")
