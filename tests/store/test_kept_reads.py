@@ -16,16 +16,6 @@ from postvault.store import fastread
 from postvault.store.db import make_engine
 
 
-@pytest.fixture
-def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
-    e = make_engine(f"sqlite:///{tmp_path / 'pv.db'}")
-    with e.connect() as c:
-        c.execute(text("CREATE TABLE t (x INTEGER)"))
-        c.commit()
-    yield e
-    e.dispose()
-
-
 def _insert(engine: Engine, x: int) -> None:
     with engine.connect() as c:
         c.execute(text("INSERT INTO t VALUES (:x)"), {"x": x})

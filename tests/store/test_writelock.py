@@ -38,14 +38,6 @@ def _held(db: Path) -> bool:
         os.close(fd)
 
 
-@pytest.fixture
-def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
-    e = make_engine(f"sqlite:///{tmp_path / 'pv.db'}")
-    with e.connect() as c:
-        c.execute(text("CREATE TABLE t (x INTEGER)"))
-        c.commit()
-    yield e
-    e.dispose()
 
 
 def test_a_write_transaction_holds_the_lock_until_commit_or_rollback(engine, tmp_path: Path) -> None:
