@@ -230,13 +230,14 @@ def kept_connection(engine: Engine, write: bool = False) -> Iterator[Connection]
         return
     assert kept is not None
     conn.info[WRITE_OPTION] = write
+    failed = False
     try:
         yield conn
     except DBAPIError:
-        kept.drop(conn)
+        failed = True
         raise
     finally:
-        kept.give_back(conn)
+        kept.give_back(conn, failed)
 
 
 @contextmanager
@@ -297,10 +298,17 @@ class _KeptReads:
                 c.close()
             local.conn = conn
         local.busy = True
+        conn.info[_IN_USE] = True
         return conn
 
-    def give_back(self, conn: Connection) -> None:
+    def give_back(self, conn: Connection, failed: bool) -> None:
+        """The thread is done with ``conn``; one that ``failed`` (raised a
+        database error) or whose engine was disposed meanwhile is closed."""
         self._local.busy = False
+        if failed or conn.info.get(_CLOSE_AFTER_USE):
+            self.drop(conn)
+        else:
+            conn.info[_IN_USE] = False
 
     def drop(self, conn: Connection) -> None:
         self._local.conn = None
@@ -309,14 +317,20 @@ class _KeptReads:
         conn.close()
 
     def close_all(self) -> None:
-        """Close every kept connection (the engine is being disposed; no
-        snapshot runs any more)."""
+        """Close every kept connection (the engine is being disposed): one
+        in use by its thread right now is closed when that use ends."""
         with self._lock:
             conns, self._open = [c for _, c in self._open], []
-        for c in conns:
-            c.close()
         self._local = threading.local()
+        for c in conns:
+            c.info[_CLOSE_AFTER_USE] = True
+            if not c.info.get(_IN_USE):
+                c.close()
 
+
+# Keys of a kept connection's ``info`` (its own; SQLAlchemy's is not shared).
+_IN_USE = "postvault_kept_in_use"
+_CLOSE_AFTER_USE = "postvault_kept_close"
 
 _KEPT: weakref.WeakKeyDictionary[Engine, _KeptReads | None] = weakref.WeakKeyDictionary()
 _KEPT_LOCK = threading.Lock()

@@ -155,3 +155,25 @@ def test_a_write_on_the_kept_connection_takes_the_writers_lock_and_leaves_it_cle
             assert lock_taken()
     with fastread.snapshot(engine) as conn:
         assert _count(conn) == 2
+
+
+def test_disposing_while_another_thread_reads_closes_its_connection_after_the_read(engine: Engine) -> None:
+    inside, go_on = threading.Event(), threading.Event()
+    got: list[object] = []
+
+    def read() -> None:
+        with fastread.snapshot(engine) as conn:
+            got.append(_driver(conn))
+            inside.set()
+            go_on.wait(30)
+            got.append(_count(conn))  # still open: the dispose waited for this read
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert inside.wait(30)
+    engine.dispose()
+    go_on.set()
+    t.join(30)
+    assert got[1] == 0
+    with pytest.raises(sqlite3.ProgrammingError):
+        got[0].execute("SELECT 1")  # type: ignore[attr-defined]
