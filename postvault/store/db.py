@@ -111,10 +111,9 @@ class WriteLockedConnection(sqlite3.Connection):
     after the lock was free. Each write transaction here first takes an
     exclusive ``flock`` on ``<database>-writelock`` (one open file per
     connection, so threads of one process exclude each other too) and
-    releases it once ``commit`` or ``rollback`` returned: the kernel hands
-    the lock to the next waiter at once, or within a millisecond: see
-    ``lock_for_write``. SQLite's own lock still decides; this only orders
-    the writers that use it (a program that does not waits in the busy
+    releases it once ``commit`` or ``rollback`` returned; a waiter finds it
+    free within a millisecond (``lock_for_write``). SQLite's own lock still
+    decides; this only orders the writers that use it (a program that does not waits in the busy
     handler as before). The lock goes with the open file: a process that
     dies holding it releases it.
     """
