@@ -113,9 +113,9 @@ class WriteLockedConnection(sqlite3.Connection):
     connection, so threads of one process exclude each other too) and
     releases it once ``commit`` or ``rollback`` returned; a waiter finds it
     free within a millisecond (``lock_for_write``). SQLite's own lock still
-    decides; this only orders the writers that use it (a program that does not waits in the busy
-    handler as before). The lock goes with the open file: a process that
-    dies holding it releases it.
+    decides; this only orders the writers that use it (a program that does
+    not use it waits in the busy handler as before). The lock goes with the
+    open file: a process that dies holding it releases it.
     """
 
     def __init__(self, database, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
