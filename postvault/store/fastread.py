@@ -215,12 +215,12 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def kept_connection(engine: Engine, write: bool = False) -> Iterator[Connection]:
-    """The thread's kept connection to a SQLite file (``_KeptReads``) while
+    """The thread's kept connection to a SQLite file (``_KeptConnections``) while
     it is free, else a pooled one; on other databases a pooled one. With
     ``write``, its ``begin()`` is a write transaction (BEGIN IMMEDIATE under
     the writers' lock on SQLite, as ``WRITE_OPTION`` on the main engine,
     db.py). A connection that raised a database error is not kept."""
-    kept = _kept_reads(engine) if engine.dialect.name == "sqlite" else None
+    kept = _kept_connections(engine) if engine.dialect.name == "sqlite" else None
     conn = kept.take() if kept is not None else None
     if conn is None:
         with engine.connect() as conn:
@@ -253,7 +253,7 @@ def _read_transaction(conn: Connection) -> Iterator[None]:
         _raw(conn, "ROLLBACK", [])
 
 
-class _KeptReads:
+class _KeptConnections:
     """One connection per thread for one SQLite file, kept between
     snapshots (and the writer thread's transactions).
 
@@ -332,12 +332,12 @@ class _KeptReads:
 _IN_USE = "postvault_kept_in_use"
 _CLOSE_AFTER_USE = "postvault_kept_close"
 
-_KEPT: weakref.WeakKeyDictionary[Engine, _KeptReads | None] = weakref.WeakKeyDictionary()
+_KEPT: weakref.WeakKeyDictionary[Engine, _KeptConnections | None] = weakref.WeakKeyDictionary()
 _KEPT_LOCK = threading.Lock()
 
 
-def _kept_reads(engine: Engine) -> _KeptReads | None:
-    """The kept read connections of a SQLite file engine (None: an
+def _kept_connections(engine: Engine) -> _KeptConnections | None:
+    """The kept connections of a SQLite file engine (None: an
     in-memory or URI database, where another connection is another
     database)."""
     try:
@@ -347,7 +347,7 @@ def _kept_reads(engine: Engine) -> _KeptReads | None:
     with _KEPT_LOCK:
         if engine not in _KEPT:
             name = engine.url.database or ""
-            kept = None if name in ("", ":memory:") or name.startswith("file:") else _KeptReads(engine.url)
+            kept = None if name in ("", ":memory:") or name.startswith("file:") else _KeptConnections(engine.url)
             if kept is not None:
                 from sqlalchemy import event
 

@@ -1,5 +1,5 @@
 """Snapshots on a SQLite file read through one kept connection per thread
-(store/fastread._KeptReads): each snapshot still sees every commit made
+(store/fastread._KeptConnections): each snapshot still sees every commit made
 before it and none made during it, nested snapshots work, and the kept
 connections close with the engine and with their threads."""
 
@@ -106,7 +106,7 @@ def test_a_failed_read_drops_its_connection(engine: Engine) -> None:
 def test_in_memory_databases_use_the_pool(tmp_path: Path) -> None:
     e = make_engine("sqlite://")
     try:
-        assert fastread._kept_reads(e) is None
+        assert fastread._kept_connections(e) is None
         with fastread.snapshot(e) as conn:
             assert fastread._raw(conn, "SELECT 1", []) == [(1,)]
     finally:
