@@ -90,6 +90,12 @@ def sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
         raise
 
 
+def is_sqlite_file(database: str) -> bool:
+    """Whether a SQLite database name is a plain file (not in memory, not a
+    URI), so that other connections to it, and a file beside it, are its."""
+    return database not in ("", ":memory:") and not database.startswith("file:")
+
+
 _THREAD = threading.local()
 
 
@@ -121,7 +127,7 @@ class WriteLockedConnection(sqlite3.Connection):
     def __init__(self, database, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(database, *args, **kwargs)
         name = os.fspath(database)
-        self._lock_path = None if name in ("", ":memory:") or name.startswith("file:") else name + WRITE_LOCK_SUFFIX
+        self._lock_path = name + WRITE_LOCK_SUFFIX if is_sqlite_file(name) else None
         self._lock_fd: int | None = None
         self._locked = False
         self._held_by: dict[str, int] = {}

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, Select, Table, insert
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 
-from .db import WRITE_OPTION
+from .db import WRITE_OPTION, is_sqlite_file
 
 _SQLITE = sqlite.dialect(paramstyle="qmark")
 # SQLAlchemy's spelling of an expanding parameter in compiled SQL.
@@ -346,8 +346,7 @@ def _kept_connections(engine: Engine) -> _KeptConnections | None:
         pass
     with _KEPT_LOCK:
         if engine not in _KEPT:
-            name = engine.url.database or ""
-            kept = None if name in ("", ":memory:") or name.startswith("file:") else _KeptConnections(engine.url)
+            kept = _KeptConnections(engine.url) if is_sqlite_file(engine.url.database or "") else None
             if kept is not None:
                 from sqlalchemy import event
 
