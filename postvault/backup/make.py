@@ -143,8 +143,8 @@ def _write_archive(sink: BinaryIO, home: Path, config: Config, db_path: Path, wo
         if not path.is_relative_to(home):
             result.notes.append(f"tls.{key} is outside the home folder ({path}); back it up separately")
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_TAR_BUFFER) as tar:
-        skip_files = {db_path, *(db_path.with_name(db_path.name + s) for s in ("-wal", "-shm", "-journal", WRITE_LOCK_SUFFIX)),
-                      *outputs}
+        beside_db = ("-wal", "-shm", "-journal", WRITE_LOCK_SUFFIX)
+        skip_files = {db_path, *(db_path.with_name(db_path.name + s) for s in beside_db), *outputs}
         skip_dirs = {work, *([blob_root] if blob_root is not None else [])}
         files = 0
         for path, rel in _home_files(home, skip_files, skip_dirs, result):

@@ -461,12 +461,14 @@ def load_private_key(private: bytes) -> X25519PrivateKey:
     key once (``AccountSession.private_key_object``) and passes the object
     to the unwrapping functions below instead of the bytes.
     """
-    return X25519PrivateKey.from_private_bytes(_require_bytes("private", private, KEY_LEN))
+    return _private_key("private", private)
 
 
 def _private_key(name: str, value: bytes | X25519PrivateKey) -> X25519PrivateKey:
-    return value if isinstance(value, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(
-        _require_bytes(name, value, KEY_LEN))
+    """``value`` as a key object: as given, or loaded from its raw bytes."""
+    if isinstance(value, X25519PrivateKey):
+        return value
+    return X25519PrivateKey.from_private_bytes(_require_bytes(name, value, KEY_LEN))
 
 
 def unwrap_content_key(

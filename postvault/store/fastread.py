@@ -30,11 +30,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, Table, insert
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, insert
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
-from .db import WRITE_OPTION, is_sqlite_file
+from .db import WRITE_OPTION, is_sqlite_file, sqlite_begin, sqlite_connect_args, sqlite_pragmas
 
 _SQLITE = sqlite.dialect(paramstyle="qmark")
 # SQLAlchemy's spelling of an expanding parameter in compiled SQL.
@@ -270,11 +271,6 @@ class _KeptConnections:
     """
 
     def __init__(self, url: Any) -> None:
-        from sqlalchemy import create_engine, event
-        from sqlalchemy.pool import NullPool
-
-        from .db import sqlite_begin, sqlite_connect_args, sqlite_pragmas
-
         self._engine = create_engine(url, poolclass=NullPool,
                                      connect_args={**sqlite_connect_args(), "check_same_thread": False})
         event.listen(self._engine, "connect", sqlite_pragmas)
@@ -285,9 +281,9 @@ class _KeptConnections:
 
     def take(self) -> Connection | None:
         local = self._local
-        if getattr(local, "busy", False):
-            return None
         conn: Connection | None = getattr(local, "conn", None)
+        if conn is not None and conn.info[_IN_USE]:
+            return None  # a nested use: the caller takes a pooled one
         if conn is None:
             conn = self._engine.connect()
             with self._lock:
@@ -297,14 +293,12 @@ class _KeptConnections:
             for c in ended:
                 c.close()
             local.conn = conn
-        local.busy = True
         conn.info[_IN_USE] = True
         return conn
 
     def give_back(self, conn: Connection, failed: bool) -> None:
         """The thread is done with ``conn``; one that ``failed`` (raised a
         database error) or whose engine was disposed meanwhile is closed."""
-        self._local.busy = False
         if failed or conn.info.get(_CLOSE_AFTER_USE):
             self.drop(conn)
         else:
@@ -348,8 +342,6 @@ def _kept_connections(engine: Engine) -> _KeptConnections | None:
         if engine not in _KEPT:
             kept = _KeptConnections(engine.url) if is_sqlite_file(engine.url.database or "") else None
             if kept is not None:
-                from sqlalchemy import event
-
                 event.listen(engine, "engine_disposed", lambda _engine: kept.close_all())
             _KEPT[engine] = kept
         return _KEPT[engine]
