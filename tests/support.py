@@ -36,18 +36,21 @@ def cheap_home_env() -> Iterator[None]:
 
 
 def stored_blobs(store: Store) -> list[str]:
-    """Every blob the store holds, whichever kind of blob store it has:
-    the files under a blob folder (temporary ones too, by name), or the
-    blob ids in the database's chunk table."""
+    """Every blob the store holds: the blob ids in the database's chunk
+    table (every blob with ``blobs = "database"``, small messages' beside a
+    blob folder, store/smallblobs.py), and the files under a blob folder
+    (temporary ones too, by name)."""
     from sqlalchemy import select
 
-    from postvault.store.blobs import FileBlobStore
     from postvault.store.models import BlobChunk
+    from postvault.store.smallblobs import SplitBlobStore
 
-    if isinstance(store.blobs, FileBlobStore):
-        return sorted(str(p.relative_to(store.blobs.root)) for p in store.blobs.root.rglob("*") if p.is_file())
     with store._sessions() as s:
-        return sorted(s.scalars(select(BlobChunk.blob_id).distinct()))
+        found = list(s.scalars(select(BlobChunk.blob_id).distinct()))
+    if isinstance(store.blobs, SplitBlobStore):
+        root = store.blobs.files.root
+        found += [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return sorted(found)
 
 
 def set_policy(home: Path, **values: int) -> None:

@@ -238,11 +238,14 @@ def _snapshot_and_blobs(tar: tarfile.TarFile, db_path: Path, blob_root: Path | N
             return snapshot
         con = sqlite3.connect(snapshot)
         try:
+            # Blobs kept in the blob table (store/smallblobs.py) are in the
+            # snapshot already; only files are copied.
+            in_files = "blob_id NOT IN (SELECT blob_id FROM blob_chunks)"
             if previous is None:
-                new_ids = "SELECT DISTINCT blob_id FROM messages"
+                new_ids = f"SELECT DISTINCT blob_id FROM messages WHERE {in_files}"
             else:
                 con.execute("ATTACH DATABASE ? AS prev", (str(previous),))
-                new_ids = ("SELECT DISTINCT blob_id FROM messages WHERE blob_id NOT IN "
+                new_ids = (f"SELECT DISTINCT blob_id FROM messages WHERE {in_files} AND blob_id NOT IN "
                            "(SELECT blob_id FROM prev.messages)")
             total = int(con.execute(f"SELECT COUNT(*) FROM ({new_ids})").fetchone()[0])
             # A blob that vanished last round and is still referred to by

@@ -53,6 +53,7 @@ from .offices import OfficesStore
 from .recovery import RecoveryStore
 from .headercache import HeaderCacheStore
 from .searchindex import SearchIndexStore
+from .smallblobs import SplitBlobStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
 from .types import AccountSession, BlobStore, KdfSettings
 
@@ -71,7 +72,14 @@ class Store(AccountStore, MailStore, SearchIndexStore, HeaderCacheStore, Offices
     def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:
         self.engine = engine
         self._sessions = sessions(engine)
-        self.blobs: BlobStore = blobs if blobs is not None else DatabaseBlobStore(self._sessions)
+        # Small messages' blobs are rows of the database's blob table
+        # (smallblobs), so a blob folder always has that table beside it.
+        table = DatabaseBlobStore(self._sessions, engine)
+        if blobs is None:
+            blobs = table
+        elif isinstance(blobs, FileBlobStore):
+            blobs = SplitBlobStore(blobs, table)
+        self.blobs: BlobStore = blobs
         self.kdf = kdf or KdfSettings()
         # Committed mailbox changes, for IMAP IDLE (see notify.py).
         self.bus = ChangeBus()
@@ -81,15 +89,13 @@ class Store(AccountStore, MailStore, SearchIndexStore, HeaderCacheStore, Offices
         """Engine for ``url``, schema upgraded to the newest revision."""
         engine = make_engine(url)
         upgrade(engine)
-        store = cls(engine, None, kdf)
+        store = cls(engine, None if blobs == "database" else FileBlobStore(Path(blobs)), kdf)
         if engine.dialect.name == "postgresql":
             # Other processes on this database hear this one's changes, and
             # (once ``postvault serve`` starts it) the other way round.
             from .pgnotify import PgChangeBus
 
             store.bus = PgChangeBus(engine)
-        if blobs != "database":
-            store.blobs = FileBlobStore(Path(blobs))
         return store
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """The delivery path of ``MailStore.deliver``, in two halves.
 
 ``PreparedDelivery`` is everything that needs no write lock, made on the
-caller's thread: the accounts read once, the message sealed and its blob
-durably written, the content key wrapped for each owner, the Message-ID and
+caller's thread: the accounts read once, the message sealed (a large one's
+blob durably written; a small one's kept for the filing transaction,
+``smallblobs``), the content key wrapped for each owner, the Message-ID and
 the cited ids hashed for the thread index.
 
 ``write_deliveries`` files any number of prepared messages inside ONE write
@@ -17,6 +18,7 @@ statements (no ORM unit of work) and few round trips per message:
   strictly ascending and never reused (RFC 3501 §2.3.1.1) and each copy
   gets a modseq of its own, exactly as one transaction per message would;
   both engines support RETURNING (SQLite >= 3.35);
+- the blobs of the small messages, in one multi-row insert;
 - per message: the thread (the cited ids the sender holds, else a new
   thread row; the participants it lacks, in one multi-row insert) and the
   message row;
@@ -44,7 +46,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from ..errors import MailboxNotFound, NoSuchAccount
-from . import audit, threads
+from . import audit, smallblobs, threads
 from .fastread import FastSelect, FastWrite
 from .models import Account, Mailbox, Message, MessageCopy, Thread, ThreadParticipant
 from .notify import Change
@@ -134,7 +136,8 @@ AfterFiling = Callable[[Connection, "PreparedDelivery", DeliveryResult], object]
 
 @dataclass
 class PreparedDelivery:
-    """A sealed message whose blob is on disk, ready to be filed."""
+    """A sealed message, ready to be filed: its blob on disk, or in
+    ``inline`` for the filing transaction to write."""
 
     public_id: str
     blob_id: str
@@ -149,6 +152,9 @@ class PreparedDelivery:
     stamp: datetime
     client_ip: str | None
     protocol: str | None
+    # The sealed blob, for a small message: written as a row of the blob
+    # table by the transaction that files it (smallblobs).
+    inline: bytes | None = None
     changes: list[Change] = field(default_factory=list)
     # Run inside the transaction that files this message, after it is
     # filed (see the module docstring); what it writes commits with it.
@@ -236,6 +242,7 @@ def write_deliveries(conn: Connection, batch: Sequence[PreparedDelivery]) -> lis
     boxes = _allocate(conn, wanted)
     taken = {key: 0 for key in boxes}
 
+    smallblobs.write_rows(conn, [(p.blob_id, p.inline) for p in batch if p.inline is not None])
     results = []
     events = []
     copies = []

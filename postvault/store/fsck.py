@@ -92,8 +92,8 @@ def fsck(store: Store, blob_root: Path | None, *, quick: bool = False, repair: b
     _check_blobs(store, report, quick, progress_stream)
     if blob_root is not None:
         _check_blob_folder(store, blob_root, report, repair, orphan_age, progress_stream)
-    else:
-        _check_blob_table(store, report)
+    # Beside a blob folder too: small messages' blobs are rows (smallblobs).
+    _check_blob_table(store, report)
     return report
 
 

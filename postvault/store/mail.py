@@ -41,13 +41,14 @@ from ..errors import (
 )
 from ..mime.summary import summarize
 from . import audit, crypto, serverkeys, threads
-from . import delivery, fastread, headercache, searchindex
+from . import delivery, fastread, headercache, searchindex, smallblobs
 from .fastread import FastSelect
 from .db import unit_of_work
 from .delivery import PreparedDelivery
 from .groupcommit import GroupRunner
 from .models import (
     Account,
+    BlobChunk,
     Mailbox,
     Message,
     MessageCopy,
@@ -95,6 +96,20 @@ SUMMARY_LABEL = b"message-summary/v1"
 # Above this many UIDs one range query (filtered here) beats a huge IN list,
 # which SQLite also caps at 32766 parameters.
 _IN_LIST_MAX = 500
+
+
+class Sealed(NamedTuple):
+    """A message sealed by ``MailStore._seal``."""
+
+    public_id: str
+    blob_id: str
+    size: int
+    key: bytes
+    head: bytes
+    summary: bytes
+    # The sealed blob when it is to be written with the message row
+    # (smallblobs); None when it is in the blob store already.
+    inline: bytes | None
 
 
 class StoredCopy(NamedTuple):
@@ -863,19 +878,25 @@ class MailStore:
 
     # -- messages -------------------------------------------------------
 
-    def _seal(self, data: bytes) -> tuple[str, str, int, bytes, bytes, bytes]:
-        """Seal once; returns (public id, blob id, size, content key, head,
-        sealed summary). The summary is made here, from the same bytes, so a
+    def _seal(self, data: bytes) -> Sealed:
+        """Seal once. The summary is made here, from the same bytes, so a
         message is parsed once in its life; it is sealed under the content
-        key before it leaves this function."""
+        key before it leaves this function. A small message is sealed in
+        memory: its blob is written by the transaction that files it
+        (``smallblobs``); a larger one's is durably in the blob store when
+        this returns."""
         public_id = secrets.token_hex(16)
         key = crypto.new_content_key()
-        with _full_disk():
-            writer = self.blobs.writer()
-            with writer:
-                size = crypto.seal_stream(io.BytesIO(data), writer, key, public_id.encode())
-                blob_id = writer.commit()  # type: ignore[attr-defined]
-        return public_id, blob_id, size, key, _head(data), self._seal_summary(data, key, public_id)
+        inline: bytes | None = None
+        if len(data) <= smallblobs.SMALL_MAX:
+            blob_id, size, inline = smallblobs.seal_in_memory(data, key, public_id.encode())
+        else:
+            with _full_disk():
+                writer = self.blobs.writer()
+                with writer:
+                    size = crypto.seal_stream(io.BytesIO(data), writer, key, public_id.encode())
+                    blob_id = writer.commit()  # type: ignore[attr-defined]
+        return Sealed(public_id, blob_id, size, key, _head(data), self._seal_summary(data, key, public_id), inline)
 
     @staticmethod
     def _seal_summary(data: bytes, key: bytes, public_id: str) -> bytes:
@@ -1008,7 +1029,7 @@ class MailStore:
         protocol: str | None = None,
     ) -> PreparedDelivery:
         """The first half of ``deliver``, all of it outside the write lock:
-        the accounts read, the message sealed (its blob durably written),
+        the accounts read, the message sealed (a large one's blob durably written),
         the content key wrapped for each owner, the thread ids hashed. Hand
         the result to ``submit_delivery`` (or ``discard_delivery``)."""
         if not recipients:
@@ -1018,7 +1039,8 @@ class MailStore:
         sender_owner, rcpts = owners[0], {o.email.lower(): o for o in owners[1:]}
         data = _bytes_of(raw)
         thread_key = self._thread_key()
-        public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        sealed = self._seal(data)
+        public_id, blob_id, key, head = sealed.public_id, sealed.blob_id, sealed.key, sealed.head
         del data
         try:
             pid = public_id.encode()
@@ -1029,14 +1051,16 @@ class MailStore:
 
             own, refs = delivery.hash_thread_ids(thread_key, head)
             return delivery.PreparedDelivery(
-                public_id=public_id, blob_id=blob_id, size=size, sealed_summary=sealed_summary,
+                public_id=public_id, blob_id=blob_id, size=sealed.size, sealed_summary=sealed.summary,
+                inline=sealed.inline,
                 sender=sender_owner, inboxes=[copy(o, "INBOX", ()) for o in rcpts.values()],
                 sent=copy(sender_owner, "Sent", ("\\Seen",)) if save_sent else None,
                 participants=frozenset([sender_owner.email.lower(), *rcpts]), mid_hash=own, ref_hashes=refs,
                 stamp=now(), client_ip=client_ip, protocol=protocol,
             )
         except BaseException:
-            self._discard_blob(blob_id)
+            if sealed.inline is None:
+                self._discard_blob(blob_id)
             raise
 
     def submit_delivery(self, prepared: PreparedDelivery, then: delivery.AfterFiling | None = None
@@ -1100,7 +1124,8 @@ class MailStore:
 
     def discard_delivery(self, prepared: PreparedDelivery) -> None:
         """Drop a prepared message that will not be submitted (its blob)."""
-        self._discard_blob(prepared.blob_id)
+        if prepared.inline is None:
+            self._discard_blob(prepared.blob_id)
 
     def _commit_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult | BaseException]:
         """One write transaction for the whole batch; if it fails, each
@@ -1122,7 +1147,8 @@ class MailStore:
                         results.append(one)
         for p, r in zip(batch, results):
             if isinstance(r, BaseException):
-                self._discard_blob(p.blob_id)
+                if p.inline is None:  # else its row went with the rollback
+                    self._discard_blob(p.blob_id)
             else:
                 self._publish(*p.changes)
         return results
@@ -1179,7 +1205,8 @@ class MailStore:
                     detail="duplicate of the delivered copy in Sent; nothing stored",
                 )
             return AppendResult(box.uidvalidity, dup[0], dup[1], duplicate=True)
-        public_id, blob_id, size, key, head, sealed_summary = self._seal(data)
+        sealed = self._seal(data)
+        public_id, blob_id, size, key = sealed.public_id, sealed.blob_id, sealed.size, sealed.key
         sealed_search = searchindex.entry_for(session, public_id, data)
         sealed_header = headercache.entry_for(session, public_id, data)
         del data
@@ -1187,9 +1214,11 @@ class MailStore:
         try:
             with _full_disk(), unit_of_work(self._sessions) as s:
                 box = self._mailbox(s, session.account_id, mailbox, lock=True)
+                if sealed.inline is not None:
+                    smallblobs.write_rows(s.connection(), [(blob_id, sealed.inline)])
                 msg = Message(public_id=public_id, blob_id=blob_id, size=size, origin="append", created_at=now(),
-                              sealed_summary=sealed_summary)
-                msg.mid_hash, msg.thread_id = self._index_thread(s, head, [session.email], session.account_id)
+                              sealed_summary=sealed.summary)
+                msg.mid_hash, msg.thread_id = self._index_thread(s, sealed.head, [session.email], session.account_id)
                 s.add(msg)
                 s.flush()
                 wrapped = crypto.wrap_content_key(key, session.public_key, session.key_owner, public_id.encode())
@@ -1198,7 +1227,8 @@ class MailStore:
                              client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity
         except BaseException:
-            self._discard_blob(blob_id)
+            if sealed.inline is None:
+                self._discard_blob(blob_id)
             raise
         self._publish(Change(session.account_id, box.name, "exists", (uid,)))
         return AppendResult(validity, uid, public_id)
@@ -1586,11 +1616,18 @@ class MailStore:
 
     @staticmethod
     def _drop_orphans(s: Session, message_ids: set[int]) -> list[str]:
+        """Delete the messages no copy uses; a blob kept in the blob table
+        (``smallblobs``) goes in the same transaction, the others' ids are
+        returned for the caller to discard after the commit."""
         blobs = []
         for mid in message_ids:
             if s.scalar(select(MessageCopy.id).where(MessageCopy.message_id == mid).limit(1)) is None:
                 msg = s.get(Message, mid)
                 if msg is not None:
-                    blobs.append(msg.blob_id)
+                    blob_id = msg.blob_id
                     s.execute(delete(Message).where(Message.id == mid))
+                    if s.scalar(select(Message.id).where(Message.blob_id == blob_id).limit(1)) is not None:
+                        continue
+                    if not s.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id)).rowcount:  # type: ignore[attr-defined]
+                        blobs.append(blob_id)
         return blobs

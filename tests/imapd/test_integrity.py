@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from postvault.store.models import AuditEvent, Message
+from postvault.store.models import AuditEvent, BlobChunk, Message
 
 from .client import Client
 from .conftest import PASSWORD, Server
@@ -33,10 +33,25 @@ def flip(path: str, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
-def blob_path(server: Server, public_id: str) -> str:
+def blob_id_of(server: Server, public_id: str) -> str:
     with server.store._sessions() as s:
         blob_id = s.scalar(select(Message.blob_id).where(Message.public_id == public_id))
-    return str(server.store.blobs.root / blob_id[:2] / blob_id[2:])  # type: ignore[attr-defined]
+    assert blob_id
+    return blob_id
+
+
+def blob_path(server: Server, public_id: str) -> str:
+    blob_id = blob_id_of(server, public_id)
+    return str(server.store.blobs.files.root / blob_id[:2] / blob_id[2:])  # type: ignore[attr-defined]
+
+
+def flip_last_byte_in_table(server: Server, public_id: str) -> None:
+    """A small message's blob is a row of the blob table (store/smallblobs.py)."""
+    blob_id = blob_id_of(server, public_id)
+    with server.store.engine.begin() as conn:
+        sealed = bytearray(conn.scalar(select(BlobChunk.data).where(BlobChunk.blob_id == blob_id)))
+        sealed[-1] ^= 0x01
+        conn.execute(update(BlobChunk).where(BlobChunk.blob_id == blob_id).values(data=bytes(sealed)))
 
 
 def test_damaged_blob_is_refused_with_serverbug(server: Server, member: str) -> None:
@@ -51,8 +66,8 @@ def test_damaged_blob_is_refused_with_serverbug(server: Server, member: str) -> 
     # A middle chunk of the big one (its last chunk still opens, so the
     # damage is only found while reading), the last byte of the small one.
     flip(blob_path(server, big.message_id), HEADER + CHUNK + 100)
-    small_path = blob_path(server, small.message_id)
-    flip(small_path, os.path.getsize(small_path) - 1)
+    assert not os.path.exists(blob_path(server, small.message_id))
+    flip_last_byte_in_table(server, small.message_id)
 
     c = Client("127.0.0.1", server.imaps, server.context())
     try:

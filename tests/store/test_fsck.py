@@ -53,12 +53,18 @@ def test_fsck_clean_then_every_kind_of_damage(home: Path, config: Config, store:
         return root / blob_id[:2] / blob_id[2:]
 
     (missing_pid, missing_blob), (flipped_pid, flipped_blob), (index_pid, _), (dangling_pid, _) = msgs[:4]
-    path(missing_blob).unlink()
-    with open(path(flipped_blob), "r+b") as f:
-        f.seek(40)
-        byte = f.read(1)
-        f.seek(40)
-        f.write(bytes([byte[0] ^ 0x80]))
+    # Small messages' blobs are rows of the blob table (store/smallblobs.py),
+    # the big one's a file.
+    assert not path(missing_blob).exists() and path(big[1]).is_file()
+    db = sqlite3.connect(config.store.url.removeprefix("sqlite:///"))
+    with db:
+        assert db.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (missing_blob,)).rowcount == 1
+        sealed = bytearray(db.execute("SELECT data FROM blob_chunks WHERE blob_id = ?", (flipped_blob,)).fetchone()[0])
+        sealed[40] ^= 0x80
+        db.execute("UPDATE blob_chunks SET data = ? WHERE blob_id = ?", (bytes(sealed), flipped_blob))
+        table_orphan = "ab" * 32
+        db.execute("INSERT INTO blob_chunks (blob_id, seq, data) VALUES (?, 0, ?)", (table_orphan, b"x" * 77))
+    db.close()
     # Cut at a chunk boundary: the layout no longer gives the recorded size.
     os.truncate(path(big[1]), 25 + 65552)
     writer = store.blobs.writer()
@@ -91,6 +97,8 @@ def test_fsck_clean_then_every_kind_of_damage(home: Path, config: Config, store:
     assert any(line.startswith(f"damaged-blob: blob {big[1]} of message {big[0]}") for line in lines), out
     assert any(line.startswith(f"orphan-blob: blob {orphan} (3") for line in lines), out
     assert any(line.startswith(f"orphan-blob: blob {young_orphan} (") for line in lines), out
+    assert f"orphan-blob: blob {table_orphan} (77 bytes in 1 rows) is referred to by no message; kept (the " \
+           "database records no age for it)" in lines, out
     assert any(line.startswith("index: copy ") and "has UID 1003, outside 1..UIDNEXT-1" in line
                for line in lines), out
     assert any("points at message row 99999, which does not exist" in line for line in lines), out
@@ -114,7 +122,7 @@ def test_fsck_clean_then_every_kind_of_damage(home: Path, config: Config, store:
 
 
 def test_fsck_repairs_to_clean(home: Path, config: Config, store: Store, people: dict[str, str]) -> None:
-    deliver(store, people, 1)
+    deliver(store, people, 1, body=b"x" * 100_000)  # large enough for a blob file (store/smallblobs.py)
     root = config.store.blobs
     assert root is not None
     writer = store.blobs.writer()
