@@ -59,9 +59,12 @@ def body_of(token: str) -> bytes:
     return f"{CANARY} referral {token}\r\nPatient details for {token}.\r\n".encode()
 
 
-def raw_message(token: str) -> bytes:
+def raw_message(token: str, file_blob: bool = False) -> bytes:
+    """With ``file_blob``, over 64 KiB: its blob is a file of the blob
+    folder, not a row of the database (store/smallblobs.py)."""
+    padding = b"Scan notes, line for line.\r\n" * 2600 if file_blob else b""
     return (f"From: {SENDER}\r\nTo: {READER}\r\nSubject: {CANARY} {token}\r\nMessage-ID: <{token}@backup.test>\r\n"
-            "\r\n").encode() + body_of(token)
+            "\r\n").encode() + body_of(token) + padding
 
 
 def assert_no_plaintext(path: Path) -> None:
@@ -302,7 +305,7 @@ def test_restore_refuses_a_damaged_backup_and_leaves_nothing(tmp_path: Path, dam
     home = make_home(tmp_path / "home")
     store = open_store(load_config(home, environ={}))
     try:
-        store.deliver(raw_message("t8m000"), SENDER, [READER])
+        store.deliver(raw_message("t8m000", file_blob=True), SENDER, [READER])
     finally:
         store.close()
     out = tmp_path / "b.tar"
@@ -347,7 +350,7 @@ def test_blobs_expunged_between_snapshot_and_copy(tmp_path: Path) -> None:
     try:
         for n in range(6):
             # No Sent copy: expunging the INBOX copy deletes the blob.
-            store.deliver(raw_message(f"t7m{n:03d}"), SENDER, [READER], save_sent=False)
+            store.deliver(raw_message(f"t7m{n:03d}", file_blob=True), SENDER, [READER], save_sent=False)
         session = store.login(READER, PASSWORD)
         doomed = [m.uid for m in store.snapshot(session, "INBOX").messages[:3]]
 
@@ -373,7 +376,7 @@ def test_a_blob_already_missing_is_reported_not_fatal(tmp_path: Path) -> None:
     store = open_store(load_config(home, environ={}))
     try:
         kept = store.deliver(raw_message("t6m000"), SENDER, [READER])
-        lost = store.deliver(raw_message("t6m001"), SENDER, [READER])
+        lost = store.deliver(raw_message("t6m001", file_blob=True), SENDER, [READER])
         blob_root = load_config(home, environ={}).store.blobs
         assert blob_root is not None
         with store._sessions() as s:
