@@ -1,9 +1,17 @@
 """What the submission server decides: AUTH, MAIL, RCPT and DATA.
 
 aiosmtpd calls these hooks after its own parsing (``protocol.py``); each
-returns the reply. Every store call runs on a worker thread
-(``asyncio.to_thread``): bcrypt, SQLite and sealing would otherwise stop
-every other session on the loop.
+returns the reply. Slow work runs on a worker thread (``asyncio.to_thread``):
+bcrypt, sealing a large message, reads over the network (PostgreSQL),
+invitations (a key pair each), which would otherwise stop every other
+session on the loop. Small work runs on the loop itself: RCPT's lookups and
+DATA's checks and sealing of a message of at most ``smallblobs.SMALL_MAX``
+bytes, when the store's reads are local (``Store.local_reads``: a SQLite
+file). That is a millisecond or two of CPU, and a hop to a worker thread
+and back cost more than that on a loaded 2-core machine: the two threads
+hand the GIL to each other hundreds of times per message (futex calls and
+context switches, found with ``strace -c``), and the server's CPU per 10 KB
+message fell by about a fifth without them (docs/benchmarks.md).
 
 The order of checks follows maddy's per-stage checks:
 
@@ -31,7 +39,8 @@ The order of checks follows maddy's per-stage checks:
   future resolved after the commit that holds it), its recipients'
   notifications claimed and queued in that same transaction, and 250 2.0.0 names
   the queue id. A refusal stores nothing. All of DATA's checks and the
-  sealing run in one worker-thread call per message.
+  sealing run in one call per message (on the loop or a worker thread, as
+  above).
 
 Log lines carry the session id, the account and rule ids only.
 """
@@ -64,6 +73,7 @@ from ..policy.attachments import check_attachments
 from ..policy.decision import Decision
 from ..policy.recipients import Recipient, Role, Sender, ThreadFacts, check_conversation, check_recipient
 from ..store.delivery import PreparedDelivery
+from ..store.smallblobs import SMALL_MAX
 from ..store.types import MAX_HEADER_SCAN, AccountInfo, DeliveryResult
 from . import replies
 
@@ -100,6 +110,8 @@ class SubmissionHandler:
         self.runtime = runtime
         self.store = runtime.store
         self._queue = outbound_queue(runtime.store, runtime.config)
+        # Small work on the loop (see the module docstring).
+        self._small_on_loop = runtime.store.local_reads
         # Deliveries need no limit here: sealing runs on worker threads, and
         # the commits are one thread's (the store's group commit), so no
         # queue of writers sleeps in SQLite's busy handler. Notifications
@@ -206,8 +218,11 @@ class SubmissionHandler:
         if len(envelope.rcpt_tos) >= limit:
             await self.refused(server, "rcpt", "recipients.too-many", 452)
             return replies.TOO_MANY_RECIPIENTS.format(limit=limit)
-        book, found = await asyncio.to_thread(self._lookup, account.email, address,
-                                              envelope.sender is None)
+        with_book = envelope.sender is None
+        if self._small_on_loop:
+            book, found = self._lookup(account.email, address, with_book)
+        else:
+            book, found = await asyncio.to_thread(self._lookup, account.email, address, with_book)
         sender = envelope.sender
         if sender is None:
             assert book is not None
@@ -241,7 +256,7 @@ class SubmissionHandler:
         return replies.RECIPIENT_OK
 
     def _lookup(self, sender: str, address: str, with_book: bool) -> tuple[list[str] | None, AccountInfo | None]:
-        """RCPT's reads, on a worker thread: the recipient's account and, for
+        """RCPT's reads: the recipient's account and, for
         the transaction's first recipient, the sender's address book."""
         book = self.store.contacts(sender) if with_book else None
         return book, self.store.accounts([address]).get(address.lower())
@@ -263,20 +278,23 @@ class SubmissionHandler:
                     f"{MAX_HEADER_SCAN // 1024} KiB; the mail program sent a malformed message.")
         head_end = len(raw) if end < 0 else end + 2
         final = _stamp(server, session, envelope, raw, head_end)
-        # Every check, the invitations and sealing in one worker-thread
-        # call: one hop off the loop per message instead of five.
-        prepare = asyncio.ensure_future(asyncio.to_thread(self._check_and_prepare, account.email, envelope, raw,
-                                                          head_end, final, server.peer_ip or None))
-        try:
-            outcome = await asyncio.shield(prepare)
-        except asyncio.CancelledError:
-            # The session went away (client gone, server stopping) while
-            # the message was being sealed. The thread cannot be stopped and
-            # writes the sealed blob; nothing will submit it, so it is
-            # dropped when sealing ends, not left for the next start's sweep
-            # (found on a slow disk: fsck's orphan-blob, tests/crash/test_slow_disk.py).
-            prepare.add_done_callback(self._discard_abandoned)
-            raise
+        # Every check, the invitations and sealing in one call: one hop off
+        # the loop per message at most, none for a small one.
+        args = (account.email, envelope, raw, head_end, final, server.peer_ip or None)
+        if self._small_on_loop and len(final) <= SMALL_MAX and not envelope.to_invite:
+            outcome = self._check_and_prepare(*args)
+        else:
+            prepare = asyncio.ensure_future(asyncio.to_thread(self._check_and_prepare, *args))
+            try:
+                outcome = await asyncio.shield(prepare)
+            except asyncio.CancelledError:
+                # The session went away (client gone, server stopping) while
+                # the message was being sealed. The thread cannot be stopped and
+                # writes the sealed blob; nothing will submit it, so it is
+                # dropped when sealing ends, not left for the next start's sweep
+                # (found on a slow disk: fsck's orphan-blob, tests/crash/test_slow_disk.py).
+                prepare.add_done_callback(self._discard_abandoned)
+                raise
         if isinstance(outcome, _Refusal):
             await self.refused(server, "data", outcome.rule, outcome.code)
             return outcome.reply
@@ -306,7 +324,7 @@ class SubmissionHandler:
 
     def _check_and_prepare(self, email: str, envelope: SubmissionEnvelope, raw: bytes, head_end: int,
                            final: bytes, client_ip: str | None) -> _Refusal | PreparedDelivery:
-        """DATA's checks in order, on a worker thread: From, the
+        """DATA's checks in order (on the loop or a worker thread): From, the
         conversation rules, the attachments; then the invitations and the
         sealing (``Store.prepare_delivery``). A refusal stores nothing."""
         policy, sender = envelope.policy, envelope.sender
