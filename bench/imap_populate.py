@@ -52,9 +52,10 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
-from postvault.store import audit, crypto, threads
+from postvault.store import audit, crypto, smallblobs, threads
 from postvault.store.api import Store
 from postvault.store.blobs import FileBlobStore
+from postvault.store.smallblobs import SplitBlobStore
 from postvault.store.db import unit_of_work
 from postvault.store.mail import MailStore
 from postvault.store.models import (
@@ -294,6 +295,7 @@ class Sealed:
     sealed_summary: bytes
     wrapped: bytes
     mid_hash: bytes | None
+    inline: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -329,11 +331,14 @@ def seal_one(plan: Plan, sealer: Any, i: int, when: datetime) -> Sealed:
 def seal_raw(plan: Plan, sealer: Any, i: int, raw: bytes) -> Sealed:
     # The store's own sealing: summary made and sealed, message sealed,
     # blob written (MailStore._seal, as deliver and append call it).
-    public_id, blob_id, size, key, head, sealed_summary = sealer._seal(raw)
-    wrapped = crypto.wrap_content_key(key, plan.recipient_public, plan.recipient_owner, public_id.encode())
-    parsed = threads.parse_thread_headers(head)
+    # A small message's blob comes back in memory, to be written with its
+    # row (store/smallblobs.py), as deliver writes it.
+    sealed = sealer._seal(raw)
+    wrapped = crypto.wrap_content_key(sealed.key, plan.recipient_public, plan.recipient_owner,
+                                      sealed.public_id.encode())
+    parsed = threads.parse_thread_headers(sealed.head)
     mid = threads.mid_hash(plan.thread_key, parsed.message_id) if parsed.message_id else None
-    return Sealed(i, public_id, blob_id, size, sealed_summary, wrapped, mid)
+    return Sealed(i, sealed.public_id, sealed.blob_id, sealed.size, sealed.summary, wrapped, mid, sealed.inline)
 
 
 def _seal_range(args: tuple[int, int, float, float]) -> list[Sealed]:
@@ -365,7 +370,7 @@ class BulkFiler:
         with unit_of_work(store._sessions) as s:
             thread_key = threads.thread_key(s)  # made now if this is the first message
         blobs = store.blobs
-        self.blob_root = str(blobs.root) if isinstance(blobs, FileBlobStore) else None
+        self.blob_root = str(blobs.files.root) if isinstance(blobs, SplitBlobStore) else None
         self.plan = Plan(seed, acct.email, acct.public_key, acct.key_owner.encode(), tuple(senders), hostname,
                          thread_key, self.blob_root, mix)
 
@@ -449,6 +454,7 @@ class BulkFiler:
                 prev = h
             conn.execute(insert(Thread), thread_rows)
             conn.execute(insert(ThreadParticipant), part_rows)
+            smallblobs.write_rows(conn, [(it.blob_id, it.inline) for it in items if it.inline is not None])
             conn.execute(insert(Message), msg_rows)
             conn.execute(insert(MessageCopy), copy_rows)
             conn.execute(insert(AuditEvent), audit_rows)
