@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from typing import Any
 
 import pytest
+
+from postvault.store.smallblobs import SMALL_MAX
 
 from .client import message, stuff, transaction
 from .conftest import COLLEAGUE, MEMBER, MEMBER2, OUTSIDER, PENDING, Server, World
@@ -334,3 +338,34 @@ def test_mail_to_an_invited_colleague_waits_until_sign_up(server: Server, world:
     code, lines = send(server, PENDING, [MEMBER], message(PENDING, MEMBER, "Re: Welcome",
                                                           in_reply_to="<welcome@dental.test>"))
     assert code == 250, lines
+
+
+def test_a_small_message_is_sealed_on_the_loop_a_large_one_on_a_worker_thread(
+        server: Server, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """handler.py: with a store whose reads are local (SQLite), a message of
+    at most SMALL_MAX bytes is checked and sealed on the event loop itself,
+    a larger one on a worker thread; with PostgreSQL, both on a worker
+    thread. Either way both are stored whole."""
+    store = server.runtime.store
+    real = store.prepare_delivery
+    seen: list[str] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "prepare_delivery", recording)
+    small = message(MEMBER, MEMBER2, "sealed where (small)", msgid="<where-small@dental.test>")
+    large = message(MEMBER, MEMBER2, "sealed where (large)", msgid="<where-large@dental.test>",
+                    body="Scan notes, line for line.\n" * 3000)
+    assert len(small) < SMALL_MAX < len(large)
+    client = server.smtps()
+    for raw in (small, large):
+        assert client.sendmail(MEMBER, [MEMBER2], raw) == {}
+        assert world.read(MEMBER2).endswith(raw)
+    client.quit()
+    loop_thread = "smtpd-test-loop"
+    if store.local_reads:
+        assert seen[0] == loop_thread and seen[1] != loop_thread, seen
+    else:
+        assert loop_thread not in seen and len(seen) == 2, seen
