@@ -3,9 +3,9 @@
 The home's ``data/`` (the SQLite database and the blobs) is put on a FUSE
 passthrough file system made by the test (``slowfs.py``: every fsync takes
 ``FSYNC_DELAY`` seconds, every write a little), and the real ``postvault
-serve`` runs on it. SQLite runs with ``synchronous=FULL`` and the blob store
-fsyncs each file and its folder, so every delivery and APPEND waits for
-several slow fsyncs. Then, at once: two SMTP senders, an IMAP appender, a
+serve`` runs on it. SQLite runs with ``synchronous=FULL`` (these messages
+are small: their blobs are rows written by that commit, store/smallblobs.py),
+so every delivery and APPEND waits for at least one slow fsync. Then, at once: two SMTP senders, an IMAP appender, a
 reader FETCHing and NOOPing in another session, and two clients that give
 up (socket time-out) while their message is being committed.
 
@@ -240,7 +240,7 @@ def test_slow_disk_keeps_answering_and_loses_nothing(slow: tuple[Harness, Path])
         assert time.monotonic() < deadline, "slowfs.py wrote no counts"
         time.sleep(0.05)
     counts = json.loads(stats_path.read_text())
-    assert counts["fsync"] >= 12, counts  # at least one per acked message
+    assert counts["fsync"] >= 12, counts  # the slow fsyncs were in the path (a run does about 60)
 
     def summary(xs: list[float]) -> str:
         xs = sorted(xs)
