@@ -35,23 +35,23 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
 
-from .accounts import AccountStore
-from .blobs import FileBlobStore
 from . import audit
+from .accounts import AccountStore
 from .auditlog import AuditLog
+from .blobs import FileBlobStore
 from .db import is_sqlite_file, make_engine, sessions, unit_of_work, upgrade
 from .dbblobs import DatabaseBlobStore
 from .emergency import EmergencyStore
+from .headercache import HeaderCacheStore
 from .mail import MailStore
 from .models import Account
 from .notify import ChangeBus
 from .offices import OfficesStore
 from .recovery import RecoveryStore
-from .headercache import HeaderCacheStore
 from .searchindex import SearchIndexStore
 from .smallblobs import SplitBlobStore
 from .types import *  # noqa: F403  (the API's data types, re-exported)
@@ -69,17 +69,16 @@ def _login_fingerprint(a: Account) -> bytes:
 class Store(AccountStore, MailStore, SearchIndexStore, HeaderCacheStore, OfficesStore, AuditLog, RecoveryStore, EmergencyStore):
     """Accounts, mailboxes and sealed messages behind one API."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore | None = None, kdf: KdfSettings | None = None) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore | FileBlobStore | None = None,
+                 kdf: KdfSettings | None = None) -> None:
         self.engine = engine
         self._sessions = sessions(engine)
         # Small messages' blobs are rows of the database's blob table
         # (smallblobs), so a blob folder always has that table beside it.
         table = DatabaseBlobStore(self._sessions, engine)
-        if blobs is None:
-            blobs = table
-        elif isinstance(blobs, FileBlobStore):
-            blobs = SplitBlobStore(blobs, table)
-        self.blobs: BlobStore = blobs
+        chosen: Any = table if blobs is None else SplitBlobStore(blobs, table) if isinstance(blobs, FileBlobStore) \
+            else blobs
+        self.blobs: BlobStore = chosen
         self.kdf = kdf or KdfSettings()
         # Committed mailbox changes, for IMAP IDLE (see notify.py).
         self.bus = ChangeBus()

@@ -15,7 +15,6 @@ from postvault.errors import IntegrityError
 from postvault.store.api import Store
 from postvault.store.models import BlobChunk, Message
 from postvault.store.smallblobs import SMALL_MAX, SplitBlobStore
-
 from tests.conftest import PASSWORD
 from tests.support import stored_blobs
 
