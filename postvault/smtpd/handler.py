@@ -7,11 +7,12 @@ invitations (a key pair each), which would otherwise stop every other
 session on the loop. Small work runs on the loop itself: RCPT's lookups and
 DATA's checks and sealing of a message of at most ``smallblobs.SMALL_MAX``
 bytes, when the store's reads are local (``Store.local_reads``: a SQLite
-file). That is a millisecond or two of CPU, and a hop to a worker thread
-and back cost more than that on a loaded 2-core machine: the two threads
-hand the GIL to each other hundreds of times per message (futex calls and
-context switches, found with ``strace -c``), and the server's CPU per 10 KB
-message fell by about a fifth without them (docs/benchmarks.md).
+file). That is a millisecond or two of CPU, never a file fsync (a small
+message's blob is written by the commit), and a hop to a worker thread
+and back cost more than that on a loaded 2-core machine: the loop and the
+worker threads handing the GIL to each other took about 530 futex calls
+per message (``strace -c``; about 50 without the hops), and the server's
+CPU per 10 KB message fell by 10-20 % without them (docs/benchmarks.md).
 
 The order of checks follows maddy's per-stage checks:
 
@@ -112,8 +113,8 @@ class SubmissionHandler:
         self._queue = outbound_queue(runtime.store, runtime.config)
         # Small work on the loop (see the module docstring).
         self._small_on_loop = runtime.store.local_reads
-        # Deliveries need no limit here: sealing runs on worker threads, and
-        # the commits are one thread's (the store's group commit), so no
+        # Deliveries need no limit here: sealing runs on the loop or worker
+        # threads, and the commits are one thread's (the store's group commit), so no
         # queue of writers sleeps in SQLite's busy handler. Notifications
         # after delivery go through the same writer thread, batched too
         # (see _notify_batch).

@@ -992,6 +992,13 @@ class MailStore:
         )
         return uid
 
+    def _discard_unfiled(self, blob_id: str, inline: bytes | None) -> None:
+        """Drop the blob of a message sealed but not filed: a file goes; a
+        small message's row (``inline``) was never written, or went with
+        the rollback of the transaction that would have filed it."""
+        if inline is None:
+            self._discard_blob(blob_id)
+
     def _discard_blob(self, blob_id: str) -> None:
         with self._sessions() as s:
             used = s.scalar(select(Message.id).where(Message.blob_id == blob_id).limit(1))
@@ -1059,8 +1066,7 @@ class MailStore:
                 stamp=now(), client_ip=client_ip, protocol=protocol,
             )
         except BaseException:
-            if sealed.inline is None:
-                self._discard_blob(blob_id)
+            self._discard_unfiled(blob_id, sealed.inline)
             raise
 
     def submit_delivery(self, prepared: PreparedDelivery, then: delivery.AfterFiling | None = None
@@ -1124,8 +1130,7 @@ class MailStore:
 
     def discard_delivery(self, prepared: PreparedDelivery) -> None:
         """Drop a prepared message that will not be submitted (its blob)."""
-        if prepared.inline is None:
-            self._discard_blob(prepared.blob_id)
+        self._discard_unfiled(prepared.blob_id, prepared.inline)
 
     def _commit_deliveries(self, batch: Sequence[PreparedDelivery]) -> list[DeliveryResult | BaseException]:
         """One write transaction for the whole batch; if it fails, each
@@ -1147,8 +1152,7 @@ class MailStore:
                         results.append(one)
         for p, r in zip(batch, results):
             if isinstance(r, BaseException):
-                if p.inline is None:  # else its row went with the rollback
-                    self._discard_blob(p.blob_id)
+                self._discard_unfiled(p.blob_id, p.inline)
             else:
                 self._publish(*p.changes)
         return results
@@ -1227,8 +1231,7 @@ class MailStore:
                              client_ip=client_ip, protocol=protocol)
                 validity = box.uidvalidity
         except BaseException:
-            if sealed.inline is None:
-                self._discard_blob(blob_id)
+            self._discard_unfiled(blob_id, sealed.inline)
             raise
         self._publish(Change(session.account_id, box.name, "exists", (uid,)))
         return AppendResult(validity, uid, public_id)
